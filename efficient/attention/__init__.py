@@ -1,0 +1,23 @@
+"""Attention: the float32 oracle, the masking rule and the dispatcher."""
+
+from efficient.attention.dispatcher import (
+    DEFAULT_ORDER,
+    attention,
+    register_implementation,
+    registered_implementations,
+    resolve_order,
+)
+from efficient.attention.reference import attention_reference
+from efficient.attention.spec import AttentionSpec, default_positions, visibility_mask
+
+__all__ = [
+    "DEFAULT_ORDER",
+    "AttentionSpec",
+    "attention",
+    "attention_reference",
+    "default_positions",
+    "register_implementation",
+    "registered_implementations",
+    "resolve_order",
+    "visibility_mask",
+]

@@ -1,0 +1,85 @@
+"""The attention oracle: plain jnp, float32, any mask, GQA without repeats.
+
+Every kernel and variant in the project is tested against `attention_reference`.
+A fully masked query row returns zeros (and log-sum-exp -inf), never NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from efficient.attention.spec import (
+    AttentionSpec,
+    default_positions,
+    validate_inputs,
+    visibility_mask,
+)
+
+
+def masked_softmax_attention(
+    logits: Float[Array, "B K G T S"],
+    visible: Bool[Array, "B 1 1 T S"],
+    v: Float[Array, "B S K H"],
+) -> tuple[Float[Array, "B K G T H"], Float[Array, "B K G T"]]:
+    """Softmax over S restricted to visible keys, in float32; zeros for empty rows."""
+    logits = jnp.where(visible, logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    p = jnp.where(visible, jnp.exp(logits - row_max), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bskh->bkgth", p, v.astype(jnp.float32))
+    out = out / jnp.where(denom == 0, 1.0, denom)
+    lse = jnp.where(denom[..., 0] > 0, row_max[..., 0] + jnp.log(denom[..., 0]), -jnp.inf)
+    return out, lse
+
+
+def attention_reference(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K H"],
+    *,
+    spec: AttentionSpec = AttentionSpec(),
+    q_positions: Int[Array, "B T"] | None = None,
+    kv_positions: Int[Array, "B S"] | None = None,
+    q_segment_ids: Int[Array, "B T"] | None = None,
+    kv_segment_ids: Int[Array, "B S"] | None = None,
+    mask: Bool[Array, "B T S"] | None = None,
+    return_lse: bool = False,
+) -> Float[Array, "B T N H"] | tuple[Float[Array, "B T N H"], Float[Array, "B T N"]]:
+    """Exact attention (see `efficient.attention.spec` for the masking rule).
+
+    Returns output in q.dtype and, if `return_lse`, the float32 natural-log
+    log-sum-exp of the scaled (and soft-capped) logits per query head.
+    """
+    validate_inputs(q, k, v, q_positions, kv_positions, mask, q_segment_ids, kv_segment_ids)
+    b, t, n, h = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
+    g = n // kv_heads
+    if q_positions is None or kv_positions is None:
+        dq, dk = default_positions(b, t, s)
+        q_positions = dq if q_positions is None else q_positions
+        kv_positions = dk if kv_positions is None else kv_positions
+    visible = visibility_mask(
+        spec,
+        q_positions,
+        kv_positions,
+        q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        mask=mask,
+    )[:, None, None]  # B 1 1 T S
+
+    qg = q.astype(jnp.float32).reshape(b, t, kv_heads, g, h)
+    logits = jnp.einsum(
+        "btkgh,bskh->bkgts", qg, k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
+    logits = logits * spec.logit_scale(h)
+    if spec.softcap is not None:
+        logits = spec.softcap * jnp.tanh(logits / spec.softcap)
+    out, lse = masked_softmax_attention(logits, visible, v)
+    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(q.dtype)
+    if not return_lse:
+        return out
+    lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, n)
+    return out, lse

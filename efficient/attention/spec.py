@@ -1,0 +1,134 @@
+"""What an attention call computes, independent of how (the implementation).
+
+`AttentionSpec` holds the static switches (causal, window, soft-cap, scale);
+`AttentionInputs` validation lives in `validate_inputs`. Masking is defined by
+*positions*, not by slot indices, so caches that reorder or drop entries
+(evicting, paged, tree-compacted) keep exact semantics:
+
+    key s is visible to query t  iff  kv_positions[b, s] >= 0
+                                  and q_positions[b, t] >= 0
+                                  and (not causal  or kv_pos <= q_pos)
+                                  and (window None or q_pos - kv_pos < window)
+                                  and segment ids equal (when given)
+                                  and mask[b, t, s]     (when given)
+
+A negative position marks padding (an empty cache slot or a padded query).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """Static description of one attention call.
+
+    causal: keys at later positions than the query are hidden.
+    window: left window size W: a query sees keys with q_pos - kv_pos < W
+        (Mistral / Longformer-style sliding window; W includes the query itself).
+    softcap: logits become softcap * tanh(logits / softcap) (Gemma 2 style).
+    scale: logit scale; None means 1/sqrt(head_dim).
+    """
+
+    causal: bool = True
+    window: int | None = None
+    softcap: float | None = None
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+            raise ValueError(f"AttentionSpec.window must be a positive int or None, got {self.window!r}")
+        if self.softcap is not None and not self.softcap > 0:
+            raise ValueError(f"AttentionSpec.softcap must be > 0 or None, got {self.softcap!r}")
+        if self.scale is not None and not self.scale > 0:
+            raise ValueError(f"AttentionSpec.scale must be > 0 or None, got {self.scale!r}")
+
+    def logit_scale(self, head_dim: int) -> float:
+        return self.scale if self.scale is not None else head_dim**-0.5
+
+
+def default_positions(
+    batch: int, q_len: int, kv_len: int
+) -> tuple[Int[Array, "B T"], Int[Array, "B S"]]:
+    """Positions of the usual layout: the T queries are the last T of the S keys."""
+    q_pos = jnp.arange(kv_len - q_len, kv_len, dtype=jnp.int32)
+    kv_pos = jnp.arange(kv_len, dtype=jnp.int32)
+    return (
+        jnp.broadcast_to(q_pos, (batch, q_len)),
+        jnp.broadcast_to(kv_pos, (batch, kv_len)),
+    )
+
+
+def visibility_mask(
+    spec: AttentionSpec,
+    q_positions: Int[Array, "B T"],
+    kv_positions: Int[Array, "B S"],
+    *,
+    q_segment_ids: Int[Array, "B T"] | None = None,
+    kv_segment_ids: Int[Array, "B S"] | None = None,
+    mask: Bool[Array, "B T S"] | None = None,
+) -> Bool[Array, "B T S"]:
+    """The boolean mask of the module docstring, materialised (reference use)."""
+    qp = q_positions[:, :, None]
+    kp = kv_positions[:, None, :]
+    visible = (qp >= 0) & (kp >= 0)
+    if spec.causal:
+        visible &= kp <= qp
+    if spec.window is not None:
+        visible &= qp - kp < spec.window
+    if q_segment_ids is not None or kv_segment_ids is not None:
+        if q_segment_ids is None or kv_segment_ids is None:
+            raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+        visible &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    if mask is not None:
+        visible &= mask
+    return visible
+
+
+def validate_inputs(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array | None,
+    kv_positions: jax.Array | None,
+    mask: jax.Array | None,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+) -> None:
+    """Shape/dtype checks shared by every implementation; raises ValueError/TypeError."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have rank 4 [B, T|S, N|K, H], got shape {x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating dtype, got {x.dtype}")
+    b, t, n, h = q.shape
+    if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must agree on [B, S, K], got k {k.shape} and v {v.shape}")
+    if k.shape[0] != b or k.shape[3] != h:
+        raise ValueError(f"k shape {k.shape} does not match q shape {q.shape} on batch or head_dim")
+    kv_heads = k.shape[2]
+    if n % kv_heads:
+        raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kv_heads}")
+    s = k.shape[1]
+    checks = (
+        ("q_positions", q_positions, (b, t)),
+        ("kv_positions", kv_positions, (b, s)),
+        ("q_segment_ids", q_segment_ids, (b, t)),
+        ("kv_segment_ids", kv_segment_ids, (b, s)),
+        ("mask", mask, (b, t, s)),
+    )
+    for name, x, shape in checks:
+        if x is None:
+            continue
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+        want_bool = name == "mask"
+        if want_bool and x.dtype != jnp.bool_:
+            raise TypeError(f"mask must be bool, got {x.dtype}")
+        if not want_bool and not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(f"{name} must be an integer dtype, got {x.dtype}")

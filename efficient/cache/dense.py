@@ -1,0 +1,124 @@
+"""The dense KV cache: a fixed-capacity buffer per layer, lossless.
+
+Slot `i` of row `b` is the i-th token appended to that row; `lengths[b]` slots
+are in use. Rows advance independently (ragged batches, speculative rollback
+with a different accepted length per row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Self
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from efficient.cache.protocol import KVView, tree_nbytes
+
+
+def _rows(batch: int, width: int) -> Int[Array, "B W"]:
+    return jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[:, None], (batch, width))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DenseKVCache:
+    """Keys/values [L, B, S, K, H], slot positions [B, S] (-1 empty), lengths [B]."""
+
+    k: Float[Array, "L B S K H"]
+    v: Float[Array, "L B S K H"]
+    positions: Int[Array, "B S"]
+    lengths: Int[Array, " B"]
+
+    @classmethod
+    def init(
+        cls,
+        *,
+        num_layers: int,
+        batch_size: int,
+        capacity: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: jnp.dtype | str = jnp.float32,
+    ) -> DenseKVCache:
+        for name, value in (("num_layers", num_layers), ("batch_size", batch_size),
+                            ("capacity", capacity), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DenseKVCache.init: {name} must be a positive int, got {value!r}")
+        shape = (num_layers, batch_size, capacity, num_kv_heads, head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            positions=jnp.full((batch_size, capacity), -1, jnp.int32),
+            lengths=jnp.zeros((batch_size,), jnp.int32),
+        )
+
+    @classmethod
+    def for_model(cls, config, batch_size: int, capacity: int, dtype=None) -> DenseKVCache:  # noqa: ANN001
+        """A cache shaped for `config` (an `efficient.models.ModelConfig`)."""
+        return cls.init(
+            num_layers=config.num_layers,
+            batch_size=batch_size,
+            capacity=capacity,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            dtype=dtype or config.dtype,
+        )
+
+    # ----------------------------------------------------------- protocol
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def next_positions(self, num_tokens: int) -> Int[Array, "B T"]:
+        """Positions following the last one held in each row."""
+        last = jnp.max(self.positions, axis=1)  # -1 for an empty row
+        return last[:, None] + 1 + jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
+
+    def reserve(self, positions: Int[Array, "B T"]) -> tuple[Self, Int[Array, "B T"]]:
+        """Take the next T slots of every row for tokens at `positions` (-1: padding)."""
+        b, t = positions.shape
+        slots = self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        new_positions = self.positions.at[_rows(b, t), slots].set(positions.astype(jnp.int32), mode="drop")
+        return dataclasses.replace(self, positions=new_positions, lengths=self.lengths + t), slots
+
+    def update(
+        self, layer: int, k: Float[Array, "B T K H"], v: Float[Array, "B T K H"], slots: Int[Array, "B T"]
+    ) -> Self:
+        rows = _rows(*slots.shape)
+        new_k = self.k.at[layer, rows, slots].set(k.astype(self.k.dtype), mode="drop")
+        new_v = self.v.at[layer, rows, slots].set(v.astype(self.v.dtype), mode="drop")
+        return dataclasses.replace(self, k=new_k, v=new_v)
+
+    def view(self, layer: int) -> KVView:
+        return KVView(k=self.k[layer], v=self.v[layer], positions=self.positions)
+
+    def truncate(self, lengths: Int[Array, " B"]) -> Self:
+        """Keep the first `lengths[b]` slots of each row (rollback); never grows a row."""
+        lengths = jnp.minimum(jnp.asarray(lengths, jnp.int32), self.lengths)
+        keep = jnp.arange(self.capacity, dtype=jnp.int32)[None, :] < lengths[:, None]
+        return dataclasses.replace(self, positions=jnp.where(keep, self.positions, -1), lengths=lengths)
+
+    def select(
+        self, source_slots: Int[Array, "B C"], counts: Int[Array, " B"], start: Int[Array, " B"]
+    ) -> Self:
+        """Move `counts[b]` slots `source_slots[b, :counts[b]]` to `start[b] + i`, then
+        truncate the row there (compacts an accepted tree path)."""
+        b, c = source_slots.shape
+        rows = _rows(b, c)
+        valid = jnp.arange(c, dtype=jnp.int32)[None, :] < counts[:, None]
+        dest = jnp.where(valid, start[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :], self.capacity)
+        k = self.k.at[:, rows, dest].set(self.k[:, rows, source_slots], mode="drop")
+        v = self.v.at[:, rows, dest].set(self.v[:, rows, source_slots], mode="drop")
+        positions = self.positions.at[rows, dest].set(self.positions[rows, source_slots], mode="drop")
+        moved = dataclasses.replace(self, k=k, v=v, positions=positions, lengths=start + c)
+        return moved.truncate(start + counts)
+
+    def nbytes(self) -> int:
+        return tree_nbytes(self)

@@ -1,0 +1,67 @@
+"""The protocol every KV cache implements, as pure functions on a pytree.
+
+A cache holds per-layer keys and values in *slots*; each slot carries the
+token position it holds (-1 for an empty slot). Attention masks by positions,
+so a cache may reorder, drop, quantize or page its slots freely.
+
+Lifecycle of one forward over T new tokens (all layers):
+    cache, slots = cache.reserve(positions)          # once per forward
+    cache = cache.update(layer, k, v, slots)         # per layer
+    view = cache.view(layer)                         # per layer: what attention reads
+Speculative decoding rolls back with `truncate(lengths)` and compacts an
+accepted tree path with `select(source_slots, counts)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, Self, runtime_checkable
+
+import jax
+from jaxtyping import Array, Float, Int
+
+
+@dataclasses.dataclass(frozen=True)
+class KVView:
+    """What the attention dispatcher consumes for one layer.
+
+    k, v: [B, S, K, H] in the compute dtype; positions: [B, S] (-1 = empty).
+    """
+
+    k: Float[Array, "B S K H"]
+    v: Float[Array, "B S K H"]
+    positions: Int[Array, "B S"]
+
+
+@runtime_checkable
+class KVCache(Protocol):
+    """Structural protocol of a cache layout (dense, paged, quantized, ...)."""
+
+    @property
+    def capacity(self) -> int: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    lengths: Int[Array, " B"]
+
+    def reserve(self, positions: Int[Array, "B T"]) -> tuple[Self, Int[Array, "B T"]]: ...
+
+    def update(
+        self, layer: int, k: Float[Array, "B T K H"], v: Float[Array, "B T K H"], slots: Int[Array, "B T"]
+    ) -> Self: ...
+
+    def view(self, layer: int) -> KVView: ...
+
+    def next_positions(self, num_tokens: int) -> Int[Array, "B T"]: ...
+
+    def truncate(self, lengths: Int[Array, " B"]) -> Self: ...
+
+    def select(self, source_slots: Int[Array, "B C"], counts: Int[Array, " B"], start: Int[Array, " B"]) -> Self: ...
+
+    def nbytes(self) -> int: ...
+
+
+def tree_nbytes(tree: object) -> int:
+    """Bytes held by every array leaf of a pytree."""
+    return int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree) if hasattr(leaf, "nbytes")))

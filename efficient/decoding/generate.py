@@ -1,0 +1,226 @@
+"""Autoregressive generation: one jitted prefill, then a jitted `lax.while_loop`.
+
+    out = generate(model, prompts, max_new_tokens=64, sampling=Sample(0.8, top_p=0.9))
+    out.tokens[b, :out.lengths[b]]   # the generated continuation of prompt b
+
+Ragged prompts share a batch (right-padded to a bucketed length). Each row
+stops at a stop token or its own max length and then stops changing. The same
+key gives the same output. Shapes are bucketed (prompt length and capacity to
+powers of two), so new prompts of a similar length do not recompile.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Int
+
+from efficient.cache.dense import DenseKVCache
+from efficient.cache.protocol import KVCache
+from efficient.decoding.prompts import bucket_length, make_prompt_batch
+from efficient.decoding.sampling import Greedy, SamplingRule, sample_tokens
+from efficient.models.config import ModelConfig
+from efficient.models.forward import forward
+from efficient.models.llama import LlamaModel
+
+CacheFactory = Callable[[ModelConfig, int, int], KVCache]
+
+# Number of times each jitted stage was traced (a test asserts on it).
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateStats:
+    target_forwards: int  # prefill + one per decode step
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_seconds: float  # = time to first token
+    decode_seconds: float
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / max(self.prefill_seconds, 1e-9)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens produced by the decode loop (all but each row's first) per second."""
+        return self.generated_tokens / max(self.decode_seconds, 1e-9)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / max(self.prefill_seconds + self.decode_seconds, 1e-9)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+    tokens: np.ndarray  # [B, max_new] generated ids, pad_id after each row's length
+    lengths: np.ndarray  # [B] tokens generated per row (a final stop token included)
+    stopped: np.ndarray  # [B] bool: the row ended on a stop token
+    stats: GenerateStats
+
+    def sequences(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths, strict=True)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    graphdef: nnx.GraphDef
+    rule: SamplingRule
+    implementation: str | tuple[str, ...] | None
+    pad_id: int
+    out_len: int  # static width of the generated-token buffer
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    out: Int[Array, "B N"]  # generated tokens
+    num_generated: Int[Array, " B"]
+    done: jax.Array  # bool[B]
+    cache: KVCache
+    key: jax.Array
+    steps: jax.Array  # int32[]: decode forwards run
+
+
+def _stop_hit(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
+    return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
+
+
+@jax.jit(static_argnums=0, donate_argnums=4)
+def _prefill(static: _Static, params: nnx.State, tokens, prompt_lengths, cache, key):  # noqa: ANN001, ANN202
+    TRACE_COUNTS["prefill"] += 1
+    model = nnx.merge(static.graphdef, params)
+    t = tokens.shape[1]
+    index = jnp.arange(t, dtype=jnp.int32)[None, :]
+    positions = jnp.where(index < prompt_lengths[:, None], index, -1)
+    logits, cache = forward(model, tokens, positions=positions, cache=cache,
+                            logits_indices=(prompt_lengths - 1)[:, None],
+                            implementation=static.implementation)
+    key, sub = jax.random.split(key)
+    return sample_tokens(static.rule, logits[:, 0], sub), cache, key
+
+
+@jax.jit(static_argnums=0, donate_argnums=5)
+def _decode_loop(static: _Static, params, first, prompt_lengths, max_new, cache, key, stop_ids):  # noqa: ANN001, ANN202
+    TRACE_COUNTS["decode"] += 1
+    model = nnx.merge(static.graphdef, params)
+    b = first.shape[0]
+    out = jnp.full((b, static.out_len), static.pad_id, jnp.int32).at[:, 0].set(first)
+    ones = jnp.ones((b,), jnp.int32)
+    state = DecodeState(out=out, num_generated=ones, done=_stop_hit(first, stop_ids) | (ones >= max_new),
+                        cache=cache, key=key, steps=jnp.zeros((), jnp.int32))
+
+    def cond(s: DecodeState) -> jax.Array:
+        return ~jnp.all(s.done) & (s.steps < static.out_len - 1)
+
+    def body(s: DecodeState) -> DecodeState:
+        last = jnp.take_along_axis(s.out, (s.num_generated - 1)[:, None], axis=1)  # B 1
+        positions = jnp.where(s.done, -1, prompt_lengths + s.num_generated - 1)[:, None]
+        logits, cache = forward(model, last, positions=positions, cache=s.cache,
+                                implementation=static.implementation)
+        key, sub = jax.random.split(s.key)
+        token = sample_tokens(static.rule, logits[:, 0], sub)
+        token = jnp.where(s.done, static.pad_id, token)
+        rows = jnp.arange(b)
+        out = s.out.at[rows, jnp.where(s.done, static.out_len, s.num_generated)].set(token, mode="drop")
+        num_generated = s.num_generated + (~s.done).astype(jnp.int32)
+        done = s.done | _stop_hit(token, stop_ids) | (num_generated >= max_new)
+        return DecodeState(out=out, num_generated=num_generated, done=done, cache=cache, key=key,
+                           steps=s.steps + 1)
+
+    final = jax.lax.while_loop(cond, body, state)
+    stopped = _stop_hit(jnp.take_along_axis(final.out, (final.num_generated - 1)[:, None], axis=1)[:, 0],
+                        stop_ids)
+    return final.out, final.num_generated, stopped, final.steps, final.cache
+
+
+def _as_key(key: jax.Array | int | None) -> jax.Array:
+    if key is None:
+        return jax.random.key(0)
+    if isinstance(key, int):
+        return jax.random.key(key)
+    if not isinstance(key, jax.Array):
+        raise TypeError(f"key must be a jax PRNG key, an int seed or None, got {type(key).__name__}")
+    return key
+
+
+def generate(
+    model: LlamaModel,
+    prompts: Sequence[Sequence[int]] | np.ndarray,
+    *,
+    max_new_tokens: int | Sequence[int],
+    sampling: SamplingRule = Greedy(),
+    cache: CacheFactory | None = None,
+    capacity: int | None = None,
+    key: jax.Array | int | None = None,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int | None = None,
+    prompt_lengths: Sequence[int] | np.ndarray | None = None,
+    implementation: str | tuple[str, ...] | None = None,
+) -> GenerateOutput:
+    """Generate up to `max_new_tokens` (an int, or one per row) after each prompt.
+
+    cache: a factory `(config, batch, capacity) -> cache` (default: dense).
+    capacity: cache slots per row; default: the prompt bucket + max_new_tokens,
+        rounded up to a power of two. A prompt that cannot fit raises ValueError.
+    key: PRNG key or int seed (sampling only; deterministic for a given key).
+    stop_tokens: ids that end a row (the stop token is kept in the output).
+    """
+    config = model.config
+    pad = config.pad_token_id if pad_id is None else pad_id
+    pad = 0 if pad is None else pad
+    batch = make_prompt_batch(prompts, config.vocab_size, pad_id=pad, lengths=prompt_lengths)
+    b = batch.batch_size
+    max_new = np.broadcast_to(np.asarray(max_new_tokens), (b,)).astype(np.int64)
+    if not np.issubdtype(np.asarray(max_new_tokens).dtype, np.integer) or max_new.min() < 1:
+        raise ValueError(f"max_new_tokens must be integers >= 1, got {max_new_tokens!r}")
+    for stop in stop_tokens:
+        if not isinstance(stop, int | np.integer) or not 0 <= stop < config.vocab_size:
+            raise ValueError(f"stop token {stop!r} is outside the vocabulary [0, {config.vocab_size})")
+    needed = batch.bucket + int(max_new.max())
+    if capacity is None:
+        capacity = bucket_length(needed, 64)
+    elif not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+    if needed > capacity:
+        worst = int(np.argmax(batch.lengths + max_new))
+        raise ValueError(
+            f"prompt {worst} ({int(batch.lengths[worst])} tokens, padded to {batch.bucket}) + "
+            f"max_new_tokens {int(max_new[worst])} needs {needed} cache slots, beyond capacity {capacity}"
+        )
+    factory = cache or DenseKVCache.for_model
+    kv_cache = factory(config, b, capacity)
+    graphdef, params = nnx.split(model)
+    static = _Static(graphdef=graphdef, rule=sampling, implementation=implementation, pad_id=pad,
+                     out_len=capacity - batch.bucket)
+    stop_ids = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
+    lengths = jnp.asarray(batch.lengths)
+
+    start = time.perf_counter()
+    first, kv_cache, rng = _prefill(static, params, jnp.asarray(batch.tokens), lengths, kv_cache,
+                                    _as_key(key))
+    first.block_until_ready()
+    prefill_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    out, num_generated, stopped, steps, _ = _decode_loop(
+        static, params, first, lengths, jnp.asarray(max_new, jnp.int32), kv_cache, rng, stop_ids
+    )
+    out, num_generated, stopped, steps = jax.device_get((out, num_generated, stopped, steps))
+    decode_seconds = time.perf_counter() - start
+    width = int(max_new.max())
+    stats = GenerateStats(
+        target_forwards=1 + int(steps),
+        prompt_tokens=int(batch.lengths.sum()),
+        generated_tokens=int(num_generated.sum()),
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds,
+    )
+    return GenerateOutput(tokens=np.asarray(out)[:, :width], lengths=np.asarray(num_generated),
+                          stopped=np.asarray(stopped), stats=stats)

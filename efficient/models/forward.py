@@ -1,0 +1,86 @@
+"""The pure forward every other module uses: prefill of a chunk, or decode.
+
+    logits, cache = forward(model, tokens, positions=..., cache=...)
+
+`positions[b, t] < 0` marks a padded token: it is written to the cache with
+position -1 (never attended) and its logits are meaningless. Without a cache
+the call attends within `tokens` only; with one, it appends the T tokens to
+each row and attends over everything the row holds.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from efficient.cache.protocol import KVCache
+from efficient.models.llama import LlamaModel
+from efficient.models.rope import rotary_cos_sin
+
+
+def _is_concrete(x: object) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def validate_tokens(tokens: jax.Array | np.ndarray, vocab_size: int, name: str = "tokens") -> None:
+    """Rank, dtype and (when concrete) id range of a token array."""
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must have rank 2 [B, T], got shape {tuple(tokens.shape)}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer array, got dtype {tokens.dtype}")
+    if tokens.shape[1] == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(tokens.shape)}")
+    if _is_concrete(tokens):
+        arr = np.asarray(tokens)
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} holds id {bad} outside the vocabulary [0, {vocab_size})")
+
+
+def forward(
+    model: LlamaModel,
+    tokens: Int[Array, "B T"],
+    *,
+    positions: Int[Array, "B T"] | None = None,
+    cache: KVCache | None = None,
+    mask: Bool[Array, "B T S"] | None = None,
+    logits_indices: Int[Array, "B I"] | None = None,
+    implementation: str | tuple[str, ...] | None = None,
+) -> tuple[Float[Array, "B I V"], KVCache | None]:
+    """Run the decoder over `tokens`; returns float32 logits and the updated cache.
+
+    positions: per-token positions (default: following the cache's last
+        position, or 0..T-1 without a cache). Negative = padding.
+    mask: extra visibility over [B, T, S] where S is the cache capacity (or T
+        without a cache), e.g. a tree mask for speculative verification.
+    logits_indices: compute logits only at these token indices (e.g. the last
+        real token of each prompt); default every token.
+    """
+    config = model.config
+    validate_tokens(tokens, config.vocab_size)
+    b, t = tokens.shape
+    if positions is None:
+        if cache is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        else:
+            positions = cache.next_positions(t)
+    positions = jnp.asarray(positions, jnp.int32)
+    if positions.shape != (b, t):
+        raise ValueError(f"positions must have shape {(b, t)}, got {tuple(positions.shape)}")
+    slots = None
+    if cache is not None:
+        if cache.batch_size != b:
+            raise ValueError(f"cache batch size {cache.batch_size} != tokens batch size {b}")
+        cache, slots = cache.reserve(positions)
+
+    x = model.embed_tokens(tokens)
+    cos, sin = rotary_cos_sin(config.rope, config.head_dim, config.max_position_embeddings,
+                              jnp.maximum(positions, 0))
+    for layer in model.layers:
+        x, cache = layer(x, cos, sin, positions, cache, slots, mask, implementation)
+    if logits_indices is not None:
+        x = jnp.take_along_axis(x, logits_indices[:, :, None], axis=1)
+    return model.logits(model.norm(x)), cache

@@ -1,0 +1,1 @@
+"""Shared test helpers (importable as `helpers.*` via pytest's pythonpath)."""
