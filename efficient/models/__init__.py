@@ -1,7 +1,7 @@
 """Llama-family models: config, NNX modules (parameters only), HF loading, forward."""
 
 from efficient.models.config import ModelConfig, RopeConfig
-from efficient.models.forward import forward, validate_tokens
+from efficient.models.forward import forward, jit_forward, validate_tokens
 from efficient.models.llama import LlamaModel
 from efficient.models.loading import (
     CheckpointError,
@@ -17,6 +17,7 @@ __all__ = [
     "ModelConfig",
     "RopeConfig",
     "forward",
+    "jit_forward",
     "from_pretrained",
     "load_config",
     "save_pretrained",

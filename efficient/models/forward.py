@@ -10,9 +10,12 @@ each row and attends over everything the row holds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from efficient.cache.protocol import KVCache
@@ -84,3 +87,29 @@ def forward(
     if logits_indices is not None:
         x = jnp.take_along_axis(x, logits_indices[:, :, None], axis=1)
     return model.logits(model.norm(x)), cache
+
+
+def jit_forward(
+    model: LlamaModel, *, implementation: str | tuple[str, ...] | None = None, donate_cache: bool = True
+) -> Callable[..., tuple[jax.Array, KVCache | None]]:
+    """A compiled `forward` for this model: `fn(tokens, positions=None, cache=None,
+    mask=None, logits_indices=None) -> (logits, cache)`.
+
+    The module is split once into (graphdef, params); params are a jit argument,
+    never static, and the cache buffer is donated (do not reuse the cache you
+    pass in).
+    """
+    graphdef, params = nnx.split(model)
+
+    def run(params, tokens, positions, cache, mask, logits_indices):  # noqa: ANN001, ANN202
+        merged = nnx.merge(graphdef, params)
+        return forward(merged, tokens, positions=positions, cache=cache, mask=mask,
+                       logits_indices=logits_indices, implementation=implementation)
+
+    compiled = jax.jit(run, donate_argnums=(3,) if donate_cache else ())
+
+    def call(tokens, positions=None, cache=None, mask=None, logits_indices=None):  # noqa: ANN001, ANN202
+        validate_tokens(tokens, model.config.vocab_size)
+        return compiled(params, tokens, positions, cache, mask, logits_indices)
+
+    return call

@@ -55,8 +55,11 @@ def build_hf_model(family: str, seed: int = 0) -> torch.nn.Module:
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     # Random weights with a larger scale than the init so the test is not trivial.
     with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.2)
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(1.0, 0.1)
+            else:
+                param.normal_(0.0, 0.25)
     return model.float().eval()
 
 
