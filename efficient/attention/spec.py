@@ -41,7 +41,9 @@ class AttentionSpec:
     scale: float | None = None
 
     def __post_init__(self) -> None:
-        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+        if self.window is not None and (
+            not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1
+        ):
             raise ValueError(f"AttentionSpec.window must be a positive int or None, got {self.window!r}")
         if self.softcap is not None and not self.softcap > 0:
             raise ValueError(f"AttentionSpec.softcap must be > 0 or None, got {self.softcap!r}")
@@ -107,8 +109,8 @@ def validate_inputs(
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"{name} must be a floating dtype, got {x.dtype}")
     b, t, n, h = q.shape
-    if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"k and v must agree on [B, S, K], got k {k.shape} and v {v.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must agree on [B, S, K, H], got k {k.shape} and v {v.shape}")
     if k.shape[0] != b or k.shape[3] != h:
         raise ValueError(f"k shape {k.shape} does not match q shape {q.shape} on batch or head_dim")
     kv_heads = k.shape[2]

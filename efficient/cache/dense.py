@@ -82,7 +82,10 @@ class DenseKVCache:
         return last[:, None] + 1 + jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
 
     def reserve(self, positions: Int[Array, "B T"]) -> tuple[Self, Int[Array, "B T"]]:
-        """Take the next T slots of every row for tokens at `positions` (-1: padding)."""
+        """Take the next T slots of every row for tokens at `positions` (-1: padding).
+
+        The caller sizes the capacity (`forward` checks it outside jit; writes past
+        the capacity inside jit would be dropped)."""
         b, t = positions.shape
         slots = self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         new_positions = self.positions.at[_rows(b, t), slots].set(positions.astype(jnp.int32), mode="drop")

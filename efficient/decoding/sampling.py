@@ -42,7 +42,7 @@ class Sample:
     min_p: float = 0.0  # 0.0: off
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, int | float) or self.temperature < 0:
+        if not isinstance(self.temperature, int | float) or not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")

@@ -43,6 +43,18 @@ def validate_tokens(tokens: jax.Array | np.ndarray, vocab_size: int, name: str =
             raise ValueError(f"{name} holds id {bad} outside the vocabulary [0, {vocab_size})")
 
 
+def check_capacity(cache: KVCache, num_tokens: int) -> None:
+    """Raise if appending `num_tokens` would overflow a concrete cache (inside jit the
+    lengths are traced; callers such as `generate` check capacity up front)."""
+    if _is_concrete(cache.lengths):
+        longest = int(np.max(np.asarray(cache.lengths)))
+        if longest + num_tokens > cache.capacity:
+            raise ValueError(
+                f"appending {num_tokens} tokens to a cache row holding {longest} exceeds its "
+                f"capacity {cache.capacity}"
+            )
+
+
 def forward(
     model: LlamaModel,
     tokens: Int[Array, "B T"],
@@ -77,6 +89,7 @@ def forward(
     if cache is not None:
         if cache.batch_size != b:
             raise ValueError(f"cache batch size {cache.batch_size} != tokens batch size {b}")
+        check_capacity(cache, t)
         cache, slots = cache.reserve(positions)
 
     x = model.embed_tokens(tokens)
@@ -110,6 +123,8 @@ def jit_forward(
 
     def call(tokens, positions=None, cache=None, mask=None, logits_indices=None):  # noqa: ANN001, ANN202
         validate_tokens(tokens, model.config.vocab_size)
+        if cache is not None:
+            check_capacity(cache, tokens.shape[1])
         return compiled(params, tokens, positions, cache, mask, logits_indices)
 
     return call

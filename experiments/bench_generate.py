@@ -1,0 +1,104 @@
+"""Benchmark `generate`: prefill tokens/s, decode tokens/s, and loop overhead.
+
+The overhead ratio compares one step of the jitted `lax.while_loop` decode
+(measured as the time difference between running N and 2N steps, divided by
+N) with one plain jitted forward of a single token against the same cache:
+the loop should add almost nothing (target <= 1.15). Writes
+results/bench_generate/<run>/{config.json, metrics.json} and prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from flax import nnx
+from ml_collections import config_flags
+
+from efficient.cache import DenseKVCache
+from efficient.decoding import generate
+from efficient.eval import median_seconds
+from efficient.models import LlamaModel, ModelConfig, jit_forward
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_generate.py")
+
+
+def _generate_seconds(model: LlamaModel, prompts: np.ndarray, new_tokens: int, capacity: int,
+                      warmup: int, iters: int) -> tuple[float, float]:
+    """Median (prefill seconds, decode seconds) of `generate` over `iters` runs."""
+    for _ in range(warmup):
+        generate(model, prompts, max_new_tokens=new_tokens, capacity=capacity)
+    runs = [generate(model, prompts, max_new_tokens=new_tokens, capacity=capacity).stats
+            for _ in range(iters)]
+    return (float(np.median([r.prefill_seconds for r in runs])),
+            float(np.median([r.decode_seconds for r in runs])))
+
+
+def _plain_step_seconds(model: LlamaModel, batch: int, prompt_length: int, capacity: int,
+                        warmup: int, iters: int) -> float:
+    """One jitted single-token forward against a cache holding the prompt."""
+    step = jit_forward(model, donate_cache=False)
+    cache = DenseKVCache.for_model(model.config, batch, capacity)
+    tokens = jnp.ones((batch, prompt_length), jnp.int32)
+    _, cache = step(tokens, cache=cache)
+    one = jnp.ones((batch, 1), jnp.int32)
+    return median_seconds(lambda: step(one, cache=cache), warmup=warmup, iters=iters)
+
+
+def run(config) -> dict:  # noqa: ANN001
+    model_config = ModelConfig(**config.model.to_dict(), dtype=config.dtype)
+    model = LlamaModel(model_config, rngs=nnx.Rngs(config.seed))
+    rng = np.random.default_rng(config.seed)
+    rows = []
+    for batch in config.batch_sizes:
+        prompts = rng.integers(3, model_config.vocab_size, (batch, config.prompt_length)).astype(np.int32)
+        capacity = config.prompt_length + 2 * config.new_tokens + 64
+        args = (capacity, config.warmup, config.iters)
+        prefill_s, decode_n = _generate_seconds(model, prompts, config.new_tokens, *args)
+        _, decode_2n = _generate_seconds(model, prompts, 2 * config.new_tokens, *args)
+        loop_step = (decode_2n - decode_n) / config.new_tokens
+        plain_step = _plain_step_seconds(model, batch, config.prompt_length, *args)
+        rows.append(dict(
+            batch=batch,
+            prefill_tokens_per_s=batch * config.prompt_length / prefill_s,
+            decode_tokens_per_s=batch / loop_step,
+            loop_step_ms=1e3 * loop_step,
+            plain_step_ms=1e3 * plain_step,
+            loop_overhead_ratio=loop_step / plain_step,
+        ))
+    return dict(
+        parameters=model_config.num_parameters(),
+        machine=dict(platform=platform.platform(), processor=platform.processor(),
+                     backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
+                     cpu_count=__import__("os").cpu_count(), jax=jax.__version__),
+        prompt_length=config.prompt_length,
+        new_tokens=config.new_tokens,
+        rows=rows,
+    )
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    metrics = run(config)
+    out = Path(config.out_dir) / (config.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(config.to_json(indent=2))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"{metrics['parameters'] / 1e6:.1f}M parameters on {metrics['machine']['device']}, "
+          f"prompt {metrics['prompt_length']}, {metrics['new_tokens']} new tokens")
+    print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'loop ms':>8} {'plain ms':>9} {'ratio':>6}")
+    for r in metrics["rows"]:
+        print(f"{r['batch']:>5} {r['prefill_tokens_per_s']:>14.1f} {r['decode_tokens_per_s']:>13.1f} "
+              f"{r['loop_step_ms']:>8.2f} {r['plain_step_ms']:>9.2f} {r['loop_overhead_ratio']:>6.3f}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
