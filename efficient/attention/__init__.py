@@ -1,5 +1,6 @@
 """Attention: the float32 oracle, the masking rule and the dispatcher."""
 
+import efficient.attention.backends  # noqa: F401  (registers "pallas_tpu", "cudnn")
 from efficient.attention.dispatcher import (
     DEFAULT_ORDER,
     attention,
