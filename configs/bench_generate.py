@@ -28,7 +28,7 @@ def get_config(size: str = "full") -> ml_collections.ConfigDict:
     ))
     c.batch_sizes = (1, 2) if tiny else (1, 8)
     c.prompt_length = 32 if tiny else 256
-    c.new_tokens = 16 if tiny else 128
+    c.new_tokens = 64 if tiny else 128
     c.warmup = 1
     c.iters = 2 if tiny else 5
     c.lock()
