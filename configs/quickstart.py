@@ -1,0 +1,50 @@
+"""Quickstart: compare every registered decoder x cache on the embedded default model.
+
+    python -m experiments.run --config configs/quickstart.py
+    python -m experiments.run --config configs/quickstart.py --config.model.path=<any HF folder>
+Smoke size (seconds, for tests and notebooks):
+    python -m experiments.run --config configs/quickstart.py:tiny --config.model.path=<folder>
+
+Loads the model (and its tokenizer: the folder's tokenizer.json, else bytes),
+generates completions of held-out stdlib code with every (decoder, cache)
+pair, and reports quality (bits/byte through each cache, agreement with
+greedy+dense, passkey retrieval), speed (time to first token, decode
+tokens/s) and memory (cache bytes). Writes results/quickstart/<timestamp>/.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config(size: str = "default") -> ml_collections.ConfigDict:
+    if size not in ("default", "tiny"):
+        raise ValueError(f"config variant must be 'default' or 'tiny', got {size!r}")
+    tiny = size == "tiny"
+    c = ml_collections.ConfigDict()
+    c.experiment = "quickstart"
+    c.results_dir = "results"
+    c.run_name = ""  # empty: a timestamp
+    c.seed = 0
+    # tokenizer: "auto" (the folder's tokenizer.json, else bytes), "byte", or a folder.
+    c.model = ml_collections.ConfigDict(dict(path="checkpoints/target", tokenizer="auto", dtype="float32"))
+    # Loaded only for decoders that need a draft model (speculative decoding).
+    c.draft = ml_collections.ConfigDict(dict(path="checkpoints/draft", dtype="float32"))
+    # source: "stdlib" or a folder of text files; split: train / validation / test / all.
+    c.data = ml_collections.ConfigDict(dict(source="stdlib", suffixes=(".py",), split="test"))
+    c.generation = ml_collections.ConfigDict(dict(
+        num_prompts=2 if tiny else 4, prompt_tokens=64 if tiny else 256,
+        max_new_tokens=8 if tiny else 64, repeats=1 if tiny else 3,
+    ))
+    c.perplexity = ml_collections.ConfigDict(dict(
+        seq_len=64 if tiny else 512, max_windows=2 if tiny else 8, batch_size=2 if tiny else 4,
+        chunk=32 if tiny else 128,
+    ))
+    # tiny: the retrieval batch has the generation batch's shapes, so it reuses its compilation.
+    c.retrieval = ml_collections.ConfigDict(dict(
+        task="passkey", context_tokens=64 if tiny else 512, depths=(0.25, 0.75) if tiny else (0.1, 0.5, 0.9),
+        samples=1, batch_size=3, max_new_tokens=8,
+    ))
+    # Registered names, comma-separated, or "all" (see efficient/variants.py).
+    c.variants = ml_collections.ConfigDict(dict(decoders="all", caches="all"))
+    return c

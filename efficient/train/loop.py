@@ -1,0 +1,228 @@
+"""The training loop: AdamW on next-token loss, periodic eval and checkpoints, export.
+
+    result = train(model_config, train_config, train_docs, val_docs, tokenizer,
+                   workdir="workdirs/target", output_dir="checkpoints/target")
+
+A run resumes from the latest checkpoint in `workdir` when there is one: the
+parameters, optimizer state and step are restored and the batch stream (a
+function of `data_seed`) is replayed to the batch where the run stopped, so an
+interrupted run ends with the same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from efficient.data import Document, Tokenizer, check_vocab, iter_batches
+from efficient.models import LlamaModel, ModelConfig
+from efficient.train.checkpoint import Checkpointer
+from efficient.train.config import TrainConfig
+from efficient.train.export import export_model, machine_info, write_record
+from efficient.train.optimizer import lr_schedule, make_optimizer
+from efficient.train.step import make_train_fns
+from efficient.train.validation import evaluate, validation_set
+
+Logger = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a (possibly partial) run ended with."""
+
+    params: Any  # float32 nnx.State
+    step: int
+    tokens_seen: int
+    final_train_loss: float  # mean over the last log interval (nats/token)
+    validation: dict[str, float] | None  # of the final eval, when the run reached `steps`
+    wall_time_s: float  # summed over resumed segments
+    record: dict[str, Any]
+
+
+def _batches(docs: Sequence[Document | str], tokenizer: Tokenizer, config: TrainConfig,
+             skip: int) -> Iterator[np.ndarray]:
+    """The run's batch stream, advanced past the `skip` batches already drawn."""
+    stream = iter_batches(docs, tokenizer, config.batch_size, config.seq_len, config.data_seed)
+    for _ in range(skip):
+        next(stream)
+    return stream
+
+
+def _check_resume(meta: dict[str, Any], config: TrainConfig, model_config: ModelConfig) -> None:
+    saved = meta.get("train", {})
+    for name in ("batch_size", "seq_len", "data_seed", "steps", "peak_lr", "warmup_steps"):
+        if name in saved and saved[name] != getattr(config, name):
+            raise ValueError(
+                f"train.{name}={getattr(config, name)!r} differs from the checkpoint's "
+                f"{saved[name]!r}; use a fresh workdir or the checkpoint's value"
+            )
+    if meta.get("model") and meta["model"] != _model_dict(model_config):
+        raise ValueError("model config differs from the checkpoint's; use a fresh workdir")
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled(model_config: ModelConfig, config: TrainConfig) -> tuple[Any, Any, Any]:
+    """(optimizer, train fns, jitted init) of a run; cached so repeated runs in one process reuse
+    the compiled programs."""
+    optimizer = make_optimizer(config)
+    fns = make_train_fns(model_config, optimizer, config.compute_dtype, config.microbatches)
+
+    def init() -> tuple[Any, Any]:
+        params = nnx.split(LlamaModel(model_config, rngs=nnx.Rngs(config.seed)))[1]
+        return params, optimizer.init(params)
+
+    return optimizer, fns, jax.jit(init)
+
+
+def _model_dict(config: ModelConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config.replace(dtype="float32"))))
+
+
+def train(
+    model_config: ModelConfig,
+    config: TrainConfig,
+    train_docs: Sequence[Document | str],
+    val_docs: Sequence[Document | str],
+    tokenizer: Tokenizer,
+    *,
+    workdir: str | Path,
+    output_dir: str | Path | None = None,
+    stop_at_step: int | None = None,
+    name: str = "model",
+    command: str = "",
+    extra_record: dict[str, Any] | None = None,
+    log: Logger = _stderr,
+) -> TrainResult:
+    """Trains (or resumes) to `config.steps`, or stops early at `stop_at_step`.
+
+    Checkpoints go to `workdir`; when the run reaches `config.steps` and
+    `output_dir` is given, the bf16 HF folder and TRAINING.md/training.json go there.
+    """
+    check_vocab(tokenizer, model_config.vocab_size)
+    if config.seq_len > model_config.max_position_embeddings:
+        raise ValueError(f"seq_len={config.seq_len} exceeds the model's "
+                         f"max_position_embeddings={model_config.max_position_embeddings}")
+    stop = config.steps if stop_at_step is None else stop_at_step
+    if not 0 <= stop <= config.steps:
+        raise ValueError(f"stop_at_step must be in [0, steps={config.steps}], got {stop_at_step}")
+    model_config = model_config.replace(dtype="float32")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    _, fns, init = _compiled(model_config, config)
+    schedule = lr_schedule(config)
+    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+
+    step, wall_before = 0, 0.0
+    if ckpt.latest_step() is not None:
+        params_like, opt_state_like = jax.eval_shape(init)
+        restored = ckpt.restore(params_like, opt_state_like)
+        _check_resume(restored.meta, config, model_config)
+        params, opt_state, step = restored.params, restored.opt_state, restored.step
+        wall_before = float(restored.meta.get("wall_time_s", 0.0))
+        log(f"resumed from {ckpt.directory}/{step} (batches drawn: {restored.meta['batches_drawn']})")
+    else:
+        params, opt_state = init()
+
+    val = validation_set(val_docs, tokenizer, config.seq_len, config.eval_max_windows)
+    batches = _batches(train_docs, tokenizer, config, skip=step)
+    base_meta = {"train": config.to_dict(), "model": _model_dict(model_config),
+                 "data_seed": config.data_seed, "name": name}
+    metrics_file = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
+
+    def emit(record: dict[str, Any]) -> None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+    def save(at: int) -> None:
+        meta = {**base_meta, "batches_drawn": at, "wall_time_s": wall_before + time.time() - t0}
+        ckpt.save(at, params, opt_state, meta)
+
+    log(f"{name}: {model_config.num_parameters():,} params, steps {step}->{stop}/{config.steps}, "
+        f"{config.batch_size}x{config.seq_len} tokens/step, compute {config.compute_dtype}, "
+        f"{len(val.windows.tokens)} validation windows")
+    t0 = time.time()
+    recent: collections.deque[jax.Array] = collections.deque(maxlen=max(config.log_every, 1))
+    interval_start, interval_step = time.time(), step
+    last_saved = step
+    validation: dict[str, float] | None = None
+    try:
+        while step < stop:
+            params, opt_state, metrics = fns.step(params, opt_state, next(batches))
+            step += 1
+            recent.append(metrics["loss"])
+            if config.log_every and (step % config.log_every == 0 or step == stop):
+                loss = float(np.mean(jax.device_get(list(recent))))
+                now = time.time()
+                rate = (step - interval_step) * config.tokens_per_step / max(now - interval_start, 1e-9)
+                eta = (stop - step) * config.tokens_per_step / rate
+                lr = float(np.asarray(schedule(np.int32(step - 1))))
+                log(f"step {step}/{config.steps} loss {loss:.4f} lr {lr:.2e} "
+                    f"grad_norm {float(metrics['grad_norm']):.3f} tok/s {rate:,.0f} ETA {eta / 60:.1f} min")
+                emit({"step": step, "loss": loss, "lr": lr, "tokens_per_s": rate,
+                      "grad_norm": float(metrics["grad_norm"])})
+                interval_start, interval_step = time.time(), step
+            if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                ev = evaluate(fns.eval_sums, params, val, config.eval_batch_size)
+                log(f"step {step} validation loss {ev['loss']:.4f} bits/byte {ev['bits_per_byte']:.4f}")
+                emit({"step": step, "val_loss": ev["loss"], "val_bits_per_byte": ev["bits_per_byte"]})
+                interval_start = time.time()
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < stop:
+                save(step)
+                last_saved = step
+                interval_start = time.time()
+    except KeyboardInterrupt:
+        log(f"interrupted at step {step}; saving a checkpoint")
+        try:
+            save(step)
+        finally:
+            metrics_file.close()
+            ckpt.close()
+        raise
+    if step != last_saved or ckpt.latest_step() is None:
+        save(step)
+    final_loss = float(np.mean(jax.device_get(list(recent)))) if recent else float("nan")
+    if step == config.steps:
+        validation = evaluate(fns.eval_sums, params, val, config.eval_batch_size)
+        log(f"final validation loss {validation['loss']:.4f} bits/byte {validation['bits_per_byte']:.4f}")
+        emit({"step": step, "val_loss": validation["loss"],
+              "val_bits_per_byte": validation["bits_per_byte"]})
+    wall = wall_before + time.time() - t0
+    metrics_file.close()
+    ckpt.close()
+    record = {
+        "name": name,
+        "command": command,
+        "step": step,
+        "tokens_seen": step * config.tokens_per_step,
+        "final_train_loss": final_loss,
+        "validation": validation,
+        "wall_time_s": wall,
+        "num_parameters": model_config.num_parameters(),
+        "export_dtype": "bfloat16",
+        "model": _model_dict(model_config),
+        "train": config.to_dict(),
+        "machine": machine_info(),
+        "workdir": str(workdir),
+        **(extra_record or {}),
+    }
+    if output_dir is not None and step == config.steps:
+        export_model(params, model_config, output_dir, dtype="bfloat16")
+        write_record(output_dir, record)
+        log(f"exported {output_dir}")
+    return TrainResult(params, step, record["tokens_seen"], final_loss, validation, wall, record)

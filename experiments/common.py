@@ -1,0 +1,149 @@
+"""What every experiment shares: loading models, tokenizers and corpora from config
+values with clear errors, held-out prompts, tables, and the result an experiment
+hands to `experiments.run`.
+
+These functions take plain values (paths, names, numbers), never a ConfigDict:
+each experiment reads its config and calls them with the fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from efficient.data import ByteTokenizer, Corpus, Document, Tokenizer, check_vocab, load_tokenizer
+from efficient.models import LlamaModel, ModelConfig, from_pretrained, save_pretrained
+
+TRAIN_HINT = "train one with `python -m experiments.train --config configs/train_target.py`"
+
+
+@dataclasses.dataclass
+class ExperimentResult:
+    """What an experiment's `run(config)` returns; `experiments.run` writes it out.
+
+    metrics: JSON-serialisable; table: printed to the terminal; figures: name ->
+    matplotlib Figure, saved as <name>.png.
+    """
+
+    metrics: dict[str, Any]
+    table: str
+    figures: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def load_model(path: str | Path, *, dtype: str | None = None, key: str = "config.model.path") -> LlamaModel:
+    """An HF checkpoint folder as a model; FileNotFoundError naming the config key and path."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{key}: checkpoint folder {str(folder)!r} does not exist "
+                                f"({TRAIN_HINT}, or pass --{key}=<HF checkpoint folder>)")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{key}: {str(folder)!r} has no config.json: not an HF checkpoint folder")
+    return from_pretrained(folder, dtype=dtype or None)
+
+
+def load_tokenizer_for(model_path: str | Path, spec: str, vocab_size: int,
+                       key: str = "config.model.tokenizer") -> Tokenizer:
+    """The tokenizer of a checkpoint, checked against the model's vocabulary.
+
+    spec "auto": the folder's tokenizer.json if it has one, else `ByteTokenizer`;
+    "byte": `ByteTokenizer`; anything else: a folder holding tokenizer.json.
+    ValueError naming both sizes if the tokenizer has ids the model cannot embed.
+    """
+    folder = Path(model_path)
+    if spec == "auto":
+        tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else ByteTokenizer()
+    elif spec == "byte":
+        tokenizer = ByteTokenizer()
+    else:
+        if not Path(spec).is_dir():
+            raise FileNotFoundError(f"{key}: {spec!r} is neither 'auto', 'byte' nor a folder")
+        tokenizer = load_tokenizer(spec)
+    try:
+        check_vocab(tokenizer, vocab_size)
+    except ValueError as err:
+        raise ValueError(
+            f"{key}: tokenizer {tokenizer!r} has {tokenizer.vocab_size} ids but the model at "
+            f"{str(folder)!r} has vocab_size {vocab_size}; they do not belong together "
+            f"(set --{key} to the checkpoint's tokenizer)"
+        ) from err
+    return tokenizer
+
+
+def load_documents(source: str, suffixes: Sequence[str] | None, split: str,
+                   key: str = "config.data") -> list[Document]:
+    """Documents of one split ("train", "validation", "test" or "all") of the stdlib
+    ("stdlib") or of a folder of text files; errors name the folder and split."""
+    if source == "stdlib":
+        corpus = Corpus.from_stdlib()
+    else:
+        if not Path(source).is_dir():
+            raise FileNotFoundError(f"{key}.source: corpus folder {source!r} does not exist")
+        corpus = Corpus.from_folder(source, suffixes=tuple(suffixes) if suffixes else None)
+    docs = list(corpus.documents) if split == "all" else corpus.split(split)
+    if not docs:
+        raise ValueError(f"{key}.split: the {split!r} split of {corpus!r} is empty "
+                         f"(a small folder may have no held-out module; use --{key}.split=all)")
+    return docs
+
+
+def code_prompts(documents: Sequence[Document], tokenizer: Tokenizer, count: int, length: int,
+                 seed: int) -> list[list[int]]:
+    """`count` prompts of `length` tokens, each starting at a seeded line of a
+    different document (documents shorter than that are skipped)."""
+    rng = np.random.default_rng(seed)
+    prompts: list[list[int]] = []
+    for i in rng.permutation(len(documents)):
+        text = documents[i].text
+        starts = [0] + [j + 1 for j, ch in enumerate(text) if ch == "\n"]
+        start = starts[int(rng.integers(len(starts)))]
+        ids = tokenizer.encode(text[start:])
+        if len(ids) < length:
+            ids = tokenizer.encode(text)
+        if len(ids) >= length:
+            prompts.append(ids[:length])
+        if len(prompts) == count:
+            return prompts
+    raise ValueError(f"prompt_tokens: only {len(prompts)} of the documents hold {length} tokens, "
+                     f"{count} prompts asked for")
+
+
+RANDOM_SIZES = {
+    # vocab 259 = ByteTokenizer; "target" matches configs/train_target.py (~12.7M parameters).
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                 max_position_embeddings=512),
+    "target": dict(hidden_size=384, intermediate_size=1024, num_layers=8, num_heads=6, num_kv_heads=2,
+                   head_dim=64, max_position_embeddings=2048, tie_embeddings=True),
+}
+
+
+def save_random_model(folder: str | Path, *, size: str = "tiny", seed: int = 0) -> Path:
+    """A randomly initialised byte-level model saved as an HF folder (smoke tests, notebooks)."""
+    if size not in RANDOM_SIZES:
+        raise ValueError(f"size: expected one of {sorted(RANDOM_SIZES)}, got {size!r}")
+    tok = ByteTokenizer()
+    config = ModelConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_ids=(tok.eos_id,),
+                         pad_token_id=tok.pad_id, **RANDOM_SIZES[size])
+    save_pretrained(LlamaModel(config, rngs=nnx.Rngs(seed)), folder)
+    return Path(folder)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """Rows as a fixed-width table; columns are (key, header, format spec)."""
+    def cell(row: dict[str, Any], key: str, spec: str) -> str:
+        value = row.get(key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        return format(value, spec)
+
+    cells = [[cell(r, k, s) for k, _, s in columns] for r in rows]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (_, h, _) in enumerate(columns)]
+    lines = ["  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
