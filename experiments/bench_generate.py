@@ -25,9 +25,6 @@ from efficient.cache import DenseKVCache
 from efficient.decoding import generate
 from efficient.models import LlamaModel, ModelConfig, jit_forward
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_generate.py")
-
-
 def _generate_seconds(model: LlamaModel, prompts: np.ndarray, new_tokens: int, capacity: int,
                       warmup: int, iters: int) -> tuple[float, float]:
     """Median (prefill seconds, decode seconds) of `generate` over `iters` runs."""
@@ -96,7 +93,7 @@ def run(config) -> dict:  # noqa: ANN001
 
 def main(argv: list[str]) -> None:
     del argv
-    config = _CONFIG.value
+    config = _CONFIG.value  # defined under __main__ so importing this module defines no flag
     metrics = run(config)
     out = Path(config.out_dir) / (config.run_name or time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
@@ -112,4 +109,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_generate.py")
     app.run(main)

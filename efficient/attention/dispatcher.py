@@ -3,7 +3,8 @@
 Implementations register under a name. `implementation` is a name, an ordered
 sequence of names, or None (the default order for the current backend). Each
 candidate is tried in order; one that cannot serve the case raises
-`NotImplementedError` and the next is tried. `"xla"` always works.
+`NotImplementedError` and the next is tried. `"xla"` always works;
+`"reference"` is the float32 oracle.
 Model layers call only this function.
 """
 
@@ -17,6 +18,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from efficient.attention.reference import attention_reference
 from efficient.attention.spec import AttentionSpec, validate_inputs
+from efficient.attention.xla import attention_xla
 
 class AttentionImplementation(Protocol):
     def __call__(
@@ -51,10 +53,9 @@ def register_implementation(name: str, fn: AttentionImplementation) -> None:
 def registered_implementations() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
-def _xla(q, k, v, **kwargs):  # noqa: ANN001, ANN003, ANN202 - same signature as the reference
-    return attention_reference(q, k, v, **kwargs)
-
-register_implementation("xla", _xla)
+register_implementation("xla", attention_xla)
+# The float32 oracle itself, selectable by name (never chosen automatically).
+register_implementation("reference", attention_reference)
 
 def resolve_order(implementation: str | Sequence[str] | None) -> tuple[str, ...]:
     """The candidate names to try, validated against the registry."""

@@ -44,6 +44,7 @@ class Capabilities:
 
 CAPABILITIES = {
     "xla": Capabilities(backends=("cpu", "gpu", "tpu"), dtypes=(F32, BF16, F16)),
+    "reference": Capabilities(backends=("cpu", "gpu", "tpu"), dtypes=(F32, BF16, F16)),
     "pallas_tpu": Capabilities(backends=("cpu", "tpu"), dtypes=(F32, BF16), head_dims=(64, 128, 256), mask_max_t=16),
     "cudnn": Capabilities(
         backends=("gpu",), dtypes=(BF16, F16), head_dims=(64, 128), softcap=False, segments=False,
