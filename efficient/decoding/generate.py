@@ -41,17 +41,19 @@ class GenerateStats:
     target_forwards: int  # prefill + one per decode step
     prompt_tokens: int
     generated_tokens: int
-    prefill_seconds: float  # = time to first token
-    decode_seconds: float
+    prefill_seconds: float  # = time to first token (includes compilation on a new bucket)
+    decode_seconds: float  # includes compilation on a new bucket
 
     @property
     def prefill_tokens_per_second(self) -> float:
         return self.prompt_tokens / max(self.prefill_seconds, 1e-9)
 
+    batch_size: int = 1
+
     @property
     def decode_tokens_per_second(self) -> float:
         """Tokens produced by the decode loop (all but each row's first) per second."""
-        return self.generated_tokens / max(self.decode_seconds, 1e-9)
+        return (self.generated_tokens - self.batch_size) / max(self.decode_seconds, 1e-9)
 
     @property
     def tokens_per_second(self) -> float:
@@ -103,6 +105,8 @@ def _prefill(static: _Static, params: nnx.State, tokens, prompt_lengths, cache, 
     logits, cache = forward(model, tokens, positions=positions, cache=cache,
                             logits_indices=(prompt_lengths - 1)[:, None],
                             implementation=static.implementation)
+    # Drop the padded slots: each row continues at its own length.
+    cache = cache.truncate(prompt_lengths)
     key, sub = jax.random.split(key)
     return sample_tokens(static.rule, logits[:, 0], sub), cache, key
 
@@ -144,8 +148,8 @@ def _decode_loop(static: _Static, params, first, prompt_lengths, max_new, cache,
 def _as_key(key: jax.Array | int | None) -> jax.Array:
     if key is None:
         return jax.random.key(0)
-    if isinstance(key, int):
-        return jax.random.key(key)
+    if isinstance(key, int | np.integer):
+        return jax.random.key(int(key))
     if not isinstance(key, jax.Array):
         raise TypeError(f"key must be a jax PRNG key, an int seed or None, got {type(key).__name__}")
     return key
@@ -160,7 +164,7 @@ def generate(
     cache: CacheFactory | None = None,
     capacity: int | None = None,
     key: jax.Array | int | None = None,
-    stop_tokens: Sequence[int] = (),
+    stop_tokens: Sequence[int] | None = None,
     pad_id: int | None = None,
     prompt_lengths: Sequence[int] | np.ndarray | None = None,
     implementation: str | tuple[str, ...] | None = None,
@@ -171,24 +175,36 @@ def generate(
     capacity: cache slots per row; default: the prompt bucket + max_new_tokens,
         rounded up to a power of two. A prompt that cannot fit raises ValueError.
     key: PRNG key or int seed (sampling only; deterministic for a given key).
-    stop_tokens: ids that end a row (the stop token is kept in the output).
+    stop_tokens: ids that end a row (the stop token is kept in the output);
+        None: the model config's eos_token_ids; () disables stopping.
     """
     config = model.config
     pad = config.pad_token_id if pad_id is None else pad_id
     pad = 0 if pad is None else pad
     batch = make_prompt_batch(prompts, config.vocab_size, pad_id=pad, lengths=prompt_lengths)
     b = batch.batch_size
-    max_new = np.broadcast_to(np.asarray(max_new_tokens), (b,)).astype(np.int64)
-    if not np.issubdtype(np.asarray(max_new_tokens).dtype, np.integer) or max_new.min() < 1:
+    requested = np.asarray(max_new_tokens)
+    if requested.ndim > 1 or (requested.ndim == 1 and requested.shape[0] != b):
+        raise ValueError(f"max_new_tokens must be an int or one per prompt ({b}), got {max_new_tokens!r}")
+    if not np.issubdtype(requested.dtype, np.integer) or requested.min() < 1:
         raise ValueError(f"max_new_tokens must be integers >= 1, got {max_new_tokens!r}")
+    max_new = np.broadcast_to(requested, (b,)).astype(np.int64)
+    if stop_tokens is None:
+        stop_tokens = config.eos_token_ids
+    if isinstance(stop_tokens, int | np.integer | str) or not isinstance(stop_tokens, Sequence | np.ndarray):
+        raise TypeError(f"stop_tokens must be a sequence of token ids, got {stop_tokens!r}")
     for stop in stop_tokens:
         if not isinstance(stop, int | np.integer) or not 0 <= stop < config.vocab_size:
             raise ValueError(f"stop token {stop!r} is outside the vocabulary [0, {config.vocab_size})")
-    needed = batch.bucket + int(max_new.max())
+    if isinstance(implementation, list):
+        implementation = tuple(implementation)
+    # Prefill takes the padded bucket; decode then continues each row at its own length.
+    needed = max(batch.bucket, int((batch.lengths + max_new).max()))
     if capacity is None:
         capacity = bucket_length(needed, 64)
-    elif not isinstance(capacity, int) or capacity < 1:
+    elif not isinstance(capacity, int | np.integer) or isinstance(capacity, bool) or capacity < 1:
         raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+    capacity = int(capacity)
     if needed > capacity:
         worst = int(np.argmax(batch.lengths + max_new))
         raise ValueError(
@@ -199,7 +215,7 @@ def generate(
     kv_cache = factory(config, b, capacity)
     graphdef, params = nnx.split(model)
     static = _Static(graphdef=graphdef, rule=sampling, implementation=implementation, pad_id=pad,
-                     out_len=capacity - batch.bucket)
+                     out_len=bucket_length(int(max_new.max()), 16))
     stop_ids = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
     lengths = jnp.asarray(batch.lengths)
 
@@ -221,6 +237,7 @@ def generate(
         generated_tokens=int(num_generated.sum()),
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
+        batch_size=b,
     )
     return GenerateOutput(tokens=np.asarray(out)[:, :width], lengths=np.asarray(num_generated),
                           stopped=np.asarray(stopped), stats=stats)

@@ -15,6 +15,8 @@ import numpy as np
 
 def bucket_length(n: int, minimum: int = 16) -> int:
     """The smallest power of two >= max(n, minimum)."""
+    if minimum < 1:
+        raise ValueError(f"minimum bucket must be >= 1, got {minimum}")
     size = minimum
     while size < n:
         size *= 2
@@ -57,6 +59,10 @@ def make_prompt_batch(
                        else np.asarray(lengths))
         if row_lengths.shape != (array.shape[0],):
             raise ValueError(f"lengths must have shape ({array.shape[0]},), got {row_lengths.shape}")
+        if not np.issubdtype(row_lengths.dtype, np.integer):
+            raise TypeError(f"lengths must be integers, got dtype {row_lengths.dtype}")
+        if row_lengths.min() < 1 or row_lengths.max() > array.shape[1]:
+            raise ValueError(f"lengths must lie in [1, {array.shape[1]}], got {row_lengths.tolist()}")
         rows = [array[i, : int(n)] for i, n in enumerate(row_lengths)]
     else:
         if lengths is not None:

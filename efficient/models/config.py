@@ -35,6 +35,15 @@ class RopeConfig:
     truncate: bool = True  # yarn
 
     def __post_init__(self) -> None:
+        if self.rope_type in ("llama3", "yarn") and not self.original_max_position_embeddings:
+            raise ValueError(
+                f"rope_type {self.rope_type!r} needs original_max_position_embeddings, got "
+                f"{self.original_max_position_embeddings!r}"
+            )
+        if self.rope_type == "llama3" and self.high_freq_factor == self.low_freq_factor:
+            raise ValueError(
+                f"llama3 rope needs high_freq_factor != low_freq_factor, both are {self.low_freq_factor}"
+            )
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise NotImplementedError(
                 f"rope_type {self.rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
@@ -76,12 +85,19 @@ class ModelConfig:
     attention_implementation: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        # Sequences become tuples: the config is part of the (hashable) graphdef.
+        for name in ("sliding_layers", "eos_token_ids"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.attention_implementation, list):
+            object.__setattr__(self, "attention_implementation", tuple(self.attention_implementation))
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                     "num_kv_heads", "head_dim", "max_position_embeddings")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"ModelConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}"
@@ -91,6 +107,11 @@ class ModelConfig:
         if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
             raise ValueError(
                 f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers"
+            )
+        if self.sliding_window and not self.sliding_layers:
+            raise ValueError(
+                f"sliding_window={self.sliding_window} is set but sliding_layers is empty: "
+                "say which layers use it (e.g. (True,) * num_layers)"
             )
         if any(self.sliding_layers) and not (self.sliding_window and self.sliding_window > 0):
             raise ValueError(f"sliding layers need sliding_window > 0, got {self.sliding_window!r}")
@@ -116,9 +137,11 @@ class ModelConfig:
         attn = d * n * h + 2 * d * k * h + n * h * d
         if self.qkv_bias:
             attn += n * h + 2 * k * h
+        if self.o_bias:
+            attn += d
         if self.qk_norm:
             attn += 2 * h
-        layer = attn + 3 * d * f + 2 * d
+        layer = attn + 3 * d * f + 2 * d + (2 * f + d if self.mlp_bias else 0)
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.num_layers * layer + embed + d
 
@@ -182,6 +205,9 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     params = dict(hf.get("rope_parameters") or {})
     legacy = hf.get("rope_scaling") or {}
     params = {**legacy, **params}
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise NotImplementedError(f"partial_rotary_factor={partial} is not supported (only 1.0)")
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     original = params.get("original_max_position_embeddings")

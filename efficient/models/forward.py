@@ -98,6 +98,12 @@ def forward(
     for layer in model.layers:
         x, cache = layer(x, cos, sin, positions, cache, slots, mask, implementation)
     if logits_indices is not None:
+        if logits_indices.ndim != 2 or logits_indices.shape[0] != b:
+            raise ValueError(f"logits_indices must have shape [{b}, I], got {tuple(logits_indices.shape)}")
+        if _is_concrete(logits_indices) and logits_indices.size and (
+            int(np.min(logits_indices)) < 0 or int(np.max(logits_indices)) >= t
+        ):
+            raise ValueError(f"logits_indices must lie in [0, {t}), got {np.asarray(logits_indices).tolist()}")
         x = jnp.take_along_axis(x, logits_indices[:, :, None], axis=1)
     return model.logits(model.norm(x)), cache
 

@@ -186,6 +186,9 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
     if config.sliding_layers:
         hf["sliding_window"] = config.sliding_window
         hf["layer_types"] = ["sliding_attention" if s else "full_attention" for s in config.sliding_layers]
+        if config.model_type in ("qwen2", "qwen3"):  # their configs drop the window without this
+            hf["use_sliding_window"] = True
+            hf["max_window_layers"] = config.sliding_layers.index(True)
     return hf
 
 

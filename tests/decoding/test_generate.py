@@ -75,6 +75,19 @@ def test_stop_token_ends_a_row_and_the_row_stops_changing() -> None:
         assert out.sequences()[i] == expect
 
 
+def test_stop_tokens_default_to_the_model_eos_ids() -> None:
+    free = generate(tiny_model(), PROMPTS, max_new_tokens=12).sequences()
+    eos = free[1][3]
+    model = tiny_model(eos_token_ids=(eos,))
+    assert generate(model, PROMPTS, max_new_tokens=12).sequences()[1] == free[1][: free[1].index(eos) + 1]
+    assert generate(model, PROMPTS, max_new_tokens=12, stop_tokens=()).sequences() == free
+
+
+def test_capacity_counts_real_prompt_lengths_not_the_padded_bucket() -> None:
+    out = generate(tiny_model(), [[5, 6, 7]], max_new_tokens=5, capacity=16)
+    assert out.sequences() == generate(tiny_model(), [[5, 6, 7]], max_new_tokens=5).sequences()
+
+
 def test_per_row_max_new_tokens() -> None:
     model = tiny_model()
     out = generate(model, PROMPTS, max_new_tokens=[2, 9, 5])
@@ -140,6 +153,8 @@ def test_greedy_rule_object_is_default() -> None:
         ([[1, 2]], {"capacity": 8, "max_new_tokens": 20}, ValueError, "beyond capacity 8"),
         ([[1, 2]], {"stop_tokens": [99]}, ValueError, "stop token 99"),
         ([[1, 2]], {"key": "seed"}, TypeError, "key"),
+        ([[1, 2]], {"stop_tokens": 5}, TypeError, "stop_tokens"),
+        ([[1, 2]], {"max_new_tokens": [3, 4]}, ValueError, "one per prompt"),
         ("hello", {}, TypeError, "prompts"),
     ],
 )

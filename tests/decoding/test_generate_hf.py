@@ -17,7 +17,7 @@ def test_greedy_generate_matches_transformers(tmp_path, family: str) -> None:  #
     hf = save_hf_model(family, tmp_path)
     ours = from_pretrained(tmp_path, dtype="float32")
     new = 16
-    out = generate(ours, PROMPTS, max_new_tokens=new)
+    out = generate(ours, PROMPTS, max_new_tokens=new, stop_tokens=())
     for prompt, seq in zip(PROMPTS, out.sequences(), strict=True):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new,

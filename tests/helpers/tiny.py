@@ -10,7 +10,7 @@ from flax import nnx
 from efficient.models import LlamaModel, ModelConfig
 
 TINY = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                   num_kv_heads=2, head_dim=8, eos_token_ids=(2,), pad_token_id=0)
+                   num_kv_heads=2, head_dim=8, pad_token_id=0)
 
 
 @functools.cache
