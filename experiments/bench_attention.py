@@ -11,7 +11,6 @@ bench_attention.png} and prints a table. See configs/bench_attention.py.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from ml_collections import config_flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import efficient.attention.backends  # noqa: E402, F401  (registers pallas_tpu, cudnn)
 from efficient.attention import attention  # noqa: E402
+from efficient.eval.timing import median_seconds  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_attention.py")
 
@@ -37,22 +37,10 @@ def peak_flops(kind: str) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
 
 
-def timed(fn: Callable, *args, warmup: int, iters: int) -> float:  # noqa: ANN002
-    """Median wall seconds of a jitted call (compiled by the warm-up)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def copy_bandwidth(mib: int, warmup: int, iters: int) -> float:
     """Bytes/s of reading and writing one array (x + 1)."""
     x = jnp.zeros((mib * 2**18,), jnp.float32)
-    seconds = timed(jax.jit(lambda a: a + 1.0), x, warmup=warmup, iters=iters)
+    seconds = median_seconds(jax.jit(lambda a: a + 1.0), x, warmup=warmup, iters=iters)
     return 2 * x.nbytes / seconds
 
 
@@ -108,7 +96,7 @@ def _measure(make: Callable, args: tuple, grad: bool, cfg) -> tuple[float | None
         if grad:
             inner = fn
             fn = jax.grad(lambda q, k, v: inner(q, k, v).astype(jnp.float32).sum(), (0, 1, 2))
-        return timed(jax.jit(fn), *args, warmup=cfg.warmup, iters=cfg.iters), "ok"
+        return median_seconds(jax.jit(fn), *args, warmup=cfg.warmup, iters=cfg.iters), "ok"
     except NotImplementedError as err:
         return None, f"skipped: {err}"
 

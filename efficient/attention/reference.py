@@ -22,14 +22,17 @@ def masked_softmax_attention(
     logits: Float[Array, "B K G T S"],
     visible: Bool[Array, "B 1 1 T S"],
     v: Float[Array, "B S K H"],
+    pv_dtype: jnp.dtype = jnp.float32,
 ) -> tuple[Float[Array, "B K G T H"], Float[Array, "B K G T"]]:
-    """Softmax over S restricted to visible keys, in float32; zeros for empty rows."""
+    """Softmax over S restricted to visible keys, statistics in float32; zeros for
+    empty rows. The P.V product runs in `pv_dtype` with float32 accumulation."""
     logits = jnp.where(visible, logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     p = jnp.where(visible, jnp.exp(logits - row_max), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgts,bskh->bkgth", p, v.astype(jnp.float32))
+    out = jnp.einsum("bkgts,bskh->bkgth", p.astype(pv_dtype), v.astype(pv_dtype),
+                     preferred_element_type=jnp.float32)
     out = out / jnp.where(denom == 0, 1.0, denom)
     lse = jnp.where(denom[..., 0] > 0, row_max[..., 0] + jnp.log(denom[..., 0]), -jnp.inf)
     return out, lse

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from efficient.attention.reference import masked_softmax_attention
 from efficient.attention.spec import AttentionSpec, default_positions, visibility_mask
 
 
@@ -44,18 +45,10 @@ def attention_xla(
     logits = logits * spec.logit_scale(h)
     if spec.softcap is not None:
         logits = spec.softcap * jnp.tanh(logits / spec.softcap)
-    logits = jnp.where(visible, logits, -jnp.inf)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    p = jnp.where(visible, jnp.exp(logits - row_max), 0.0)  # B K G T S, float32
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgts,bskh->bkgth", p.astype(v.dtype), v.astype(q.dtype),
-                     preferred_element_type=jnp.float32)
-    out = out / jnp.where(denom == 0, 1.0, denom)
+    out, lse = masked_softmax_attention(logits, visible, v, pv_dtype=q.dtype)
     out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(q.dtype)
     if not return_lse:
         return out
-    lse = jnp.where(denom[..., 0] > 0, row_max[..., 0] + jnp.log(denom[..., 0]), -jnp.inf)
     return out, jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, n)
 
 
