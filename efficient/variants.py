@@ -27,16 +27,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
 
-from efficient.cache import DenseKVCache, KVCache
+from efficient.cache import DenseKVCache
 from efficient.decoding import GenerateOutput, Greedy, Sample, generate
-from efficient.models import LlamaModel, ModelConfig
+from efficient.decoding.generate import CacheFactory
+from efficient.models import LlamaModel
 
-CacheFactory = Callable[[ModelConfig, int, int], KVCache]
 
 
 class Decoder(Protocol):

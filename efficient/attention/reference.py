@@ -38,6 +38,58 @@ def masked_softmax_attention(
     return out, lse
 
 
+def grouped_attention(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K H"],
+    *,
+    spec: AttentionSpec,
+    q_positions: Int[Array, "B T"] | None,
+    kv_positions: Int[Array, "B S"] | None,
+    q_segment_ids: Int[Array, "B T"] | None,
+    kv_segment_ids: Int[Array, "B S"] | None,
+    mask: Bool[Array, "B T S"] | None,
+    return_lse: bool,
+    exact: bool,
+) -> Float[Array, "B T N H"] | tuple[Float[Array, "B T N H"], Float[Array, "B T N"]]:
+    """Materialised GQA attention shared by the oracle and the "xla" implementation.
+
+    exact: matmuls in float32 at HIGHEST precision (the oracle); otherwise in the
+    input dtype with float32 accumulation, K/V never upcast.
+    """
+    b, t, n, h = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
+    g = n // kv_heads
+    if q_positions is None or kv_positions is None:
+        dq, dk = default_positions(b, t, s)
+        q_positions = dq if q_positions is None else q_positions
+        kv_positions = dk if kv_positions is None else kv_positions
+    visible = visibility_mask(
+        spec,
+        q_positions,
+        kv_positions,
+        q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        mask=mask,
+    )[:, None, None]  # B 1 1 T S
+
+    compute = jnp.float32 if exact else q.dtype
+    qg = q.astype(compute).reshape(b, t, kv_heads, g, h)
+    logits = jnp.einsum(
+        "btkgh,bskh->bkgts", qg, k.astype(compute), preferred_element_type=jnp.float32,
+        precision=jax.lax.Precision.HIGHEST if exact else None,
+    )
+    logits = logits * spec.logit_scale(h)
+    if spec.softcap is not None:
+        logits = spec.softcap * jnp.tanh(logits / spec.softcap)
+    out, lse = masked_softmax_attention(logits, visible, v, pv_dtype=compute)
+    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(q.dtype)
+    if not return_lse:
+        return out
+    lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, n)
+    return out, lse
+
+
 def attention_reference(
     q: Float[Array, "B T N H"],
     k: Float[Array, "B S K H"],
@@ -57,32 +109,8 @@ def attention_reference(
     log-sum-exp of the scaled (and soft-capped) logits per query head.
     """
     validate_inputs(q, k, v, q_positions, kv_positions, mask, q_segment_ids, kv_segment_ids)
-    b, t, n, h = q.shape
-    s, kv_heads = k.shape[1], k.shape[2]
-    g = n // kv_heads
-    if q_positions is None or kv_positions is None:
-        dq, dk = default_positions(b, t, s)
-        q_positions = dq if q_positions is None else q_positions
-        kv_positions = dk if kv_positions is None else kv_positions
-    visible = visibility_mask(
-        spec,
-        q_positions,
-        kv_positions,
-        q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids,
-        mask=mask,
-    )[:, None, None]  # B 1 1 T S
-
-    qg = q.astype(jnp.float32).reshape(b, t, kv_heads, g, h)
-    logits = jnp.einsum(
-        "btkgh,bskh->bkgts", qg, k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    return grouped_attention(
+        q, k, v, spec=spec, q_positions=q_positions, kv_positions=kv_positions,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, mask=mask,
+        return_lse=return_lse, exact=True,
     )
-    logits = logits * spec.logit_scale(h)
-    if spec.softcap is not None:
-        logits = spec.softcap * jnp.tanh(logits / spec.softcap)
-    out, lse = masked_softmax_attention(logits, visible, v)
-    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(q.dtype)
-    if not return_lse:
-        return out
-    lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, n)
-    return out, lse

@@ -9,12 +9,10 @@ precision). It still materialises the [B, K, G, T, S] logits.
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from efficient.attention.reference import masked_softmax_attention
-from efficient.attention.spec import AttentionSpec, default_positions, visibility_mask
+from efficient.attention.reference import grouped_attention
+from efficient.attention.spec import AttentionSpec
 
 
 def attention_xla(
@@ -30,25 +28,8 @@ def attention_xla(
     mask: Bool[Array, "B T S"] | None = None,
     return_lse: bool = False,
 ) -> Float[Array, "B T N H"] | tuple[Float[Array, "B T N H"], Float[Array, "B T N"]]:
-    b, t, n, h = q.shape
-    s, kv_heads = k.shape[1], k.shape[2]
-    g = n // kv_heads
-    if q_positions is None or kv_positions is None:
-        dq, dk = default_positions(b, t, s)
-        q_positions = dq if q_positions is None else q_positions
-        kv_positions = dk if kv_positions is None else kv_positions
-    visible = visibility_mask(spec, q_positions, kv_positions, q_segment_ids=q_segment_ids,
-                              kv_segment_ids=kv_segment_ids, mask=mask)[:, None, None]  # B 1 1 T S
-    qg = q.reshape(b, t, kv_heads, g, h)
-    k = k.astype(q.dtype)
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * spec.logit_scale(h)
-    if spec.softcap is not None:
-        logits = spec.softcap * jnp.tanh(logits / spec.softcap)
-    out, lse = masked_softmax_attention(logits, visible, v, pv_dtype=q.dtype)
-    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(q.dtype)
-    if not return_lse:
-        return out
-    return out, jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, n)
-
-
+    return grouped_attention(
+        q, k, v, spec=spec, q_positions=q_positions, kv_positions=kv_positions,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, mask=mask,
+        return_lse=return_lse, exact=False,
+    )
