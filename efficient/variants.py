@@ -179,3 +179,5 @@ register_decoder("greedy", greedy_decoder, lossless=True,
                  description="Autoregressive greedy decoding (the baseline)")
 register_decoder("sample", sample_decoder, lossless=True, sampling=True,
                  description="Autoregressive sampling from the model's distribution (temperature 1)")
+
+import efficient.variants_speculative  # noqa: E402, F401  (registers the speculative decoders)

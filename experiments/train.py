@@ -26,6 +26,7 @@ from efficient.train import TrainConfig, TrainResult, train
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Orbax checkpoint folder (default: config.workdir).")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Exported HF folder (default: config.output_dir).")
+_INIT = flags.DEFINE_string("init_from", None, "HF folder whose weights start a fresh run (warm restart).")
 _STOP = flags.DEFINE_integer("stop_at_step", None, "Stop (and checkpoint) at this step; resume later.")
 
 
@@ -61,7 +62,7 @@ def documents_from(cfg: ml_collections.ConfigDict) -> tuple[list[Document], list
 
 
 def run(config: ml_collections.ConfigDict, *, workdir: str | None = None, output_dir: str | None = None,
-        stop_at_step: int | None = None, command: str = "") -> TrainResult:
+        stop_at_step: int | None = None, command: str = "", init_from: str | None = None) -> TrainResult:
     """Builds the typed objects from `config` and trains; the script's whole job."""
     tokenizer = tokenizer_from(config.data.tokenizer)
     model_config = model_config_from(config.model, tokenizer)
@@ -77,6 +78,7 @@ def run(config: ml_collections.ConfigDict, *, workdir: str | None = None, output
         stop_at_step=stop_at_step,
         name=config.name,
         command=command,
+        init_from=init_from,
         extra_record={"data": config.data.to_dict()},
     )
 
@@ -86,7 +88,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     command = "python -m experiments.train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result = run(_CONFIG.value, workdir=_WORKDIR.value, output_dir=_OUTPUT.value,
-                 stop_at_step=_STOP.value, command=command)
+                 stop_at_step=_STOP.value, command=command, init_from=_INIT.value)
     summary = {k: result.record[k] for k in ("step", "tokens_seen", "final_train_loss", "validation",
                                               "wall_time_s")}
     print(json.dumps(summary, indent=2, default=str))

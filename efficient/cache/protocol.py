@@ -8,6 +8,11 @@ Lifecycle of one forward over T new tokens (all layers):
     cache, slots = cache.reserve(positions)          # once per forward
     cache = cache.update(layer, k, v, slots)         # per layer
     view = cache.view(layer)                         # per layer: what attention reads
+`reserve` appends: the new tokens of row b take the logical slots
+lengths[b] + t, t = 0..T-1 (a paged layout maps logical slots to pages), so
+a caller can name the slots of what it just wrote (the speculative verifier
+commits an accepted tree path with `select` this way). The view is indexed by slot: entry s of `view(layer)` is slot s (what
+`reserve` returned), so a mask over new tokens can be placed by their slots.
 Speculative decoding rolls back with `truncate(lengths)` and compacts an
 accepted tree path with `select(source_slots, counts)`.
 """

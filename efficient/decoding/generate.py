@@ -24,7 +24,7 @@ from jaxtyping import Array, Int
 
 from efficient.cache.dense import DenseKVCache
 from efficient.cache.protocol import KVCache
-from efficient.decoding.prompts import bucket_length, make_prompt_batch
+from efficient.decoding.prompts import PromptBatch, bucket_length, make_prompt_batch
 from efficient.decoding.sampling import Greedy, SamplingRule, sample_tokens
 from efficient.models.config import ModelConfig
 from efficient.models.forward import forward
@@ -155,6 +155,80 @@ def _as_key(key: jax.Array | int | None) -> jax.Array:
     return key
 
 
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A validated generation request (shared by `generate` and speculative decoding)."""
+
+    batch: PromptBatch
+    max_new: np.ndarray  # [B] int64
+    stop_ids: jax.Array  # int32[S] (-1 when stopping is disabled)
+    pad_id: int
+    capacity: int
+    implementation: str | tuple[str, ...] | None
+
+
+def prepare_request(
+    config: ModelConfig,
+    prompts: Sequence[Sequence[int]] | np.ndarray,
+    *,
+    max_new_tokens: int | Sequence[int],
+    capacity: int | None,
+    stop_tokens: Sequence[int] | None,
+    pad_id: int | None,
+    prompt_lengths: Sequence[int] | np.ndarray | None,
+    implementation: str | tuple[str, ...] | None,
+    extra_slots: int = 0,
+) -> Request:
+    """Validate the arguments of a generation call; `extra_slots` are cache slots needed
+    beyond prompt + max_new_tokens (a speculative tree written past the end)."""
+    pad = config.pad_token_id if pad_id is None else pad_id
+    pad = 0 if pad is None else pad
+    batch = make_prompt_batch(prompts, config.vocab_size, pad_id=pad, lengths=prompt_lengths)
+    b = batch.batch_size
+    requested = np.asarray(max_new_tokens)
+    if requested.ndim > 1 or (requested.ndim == 1 and requested.shape[0] != b):
+        raise ValueError(f"max_new_tokens must be an int or one per prompt ({b}), got {max_new_tokens!r}")
+    if not np.issubdtype(requested.dtype, np.integer) or requested.min() < 1:
+        raise ValueError(f"max_new_tokens must be integers >= 1, got {max_new_tokens!r}")
+    max_new = np.broadcast_to(requested, (b,)).astype(np.int64)
+    if stop_tokens is None:
+        stop_tokens = config.eos_token_ids
+    if isinstance(stop_tokens, int | np.integer | str) or not isinstance(stop_tokens, Sequence | np.ndarray):
+        raise TypeError(f"stop_tokens must be a sequence of token ids, got {stop_tokens!r}")
+    for stop in stop_tokens:
+        if not isinstance(stop, int | np.integer) or not 0 <= stop < config.vocab_size:
+            raise ValueError(f"stop token {stop!r} is outside the vocabulary [0, {config.vocab_size})")
+    if isinstance(implementation, list):
+        implementation = tuple(implementation)
+    # Prefill takes the padded bucket; decode then continues each row at its own length.
+    needed = max(batch.bucket, int((batch.lengths + max_new).max()) + extra_slots)
+    if capacity is None:
+        capacity = bucket_length(needed, 64)
+    elif not isinstance(capacity, int | np.integer) or isinstance(capacity, bool) or capacity < 1:
+        raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+    capacity = int(capacity)
+    if needed > capacity:
+        worst = int(np.argmax(batch.lengths + max_new))
+        extra = f" + {extra_slots} draft-tree slots" if extra_slots else ""
+        raise ValueError(
+            f"prompt {worst} ({int(batch.lengths[worst])} tokens, padded to {batch.bucket}) + "
+            f"max_new_tokens {int(max_new[worst])}{extra} needs {needed} cache slots, beyond capacity {capacity}"
+        )
+    stop_ids = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
+    return Request(batch=batch, max_new=max_new, stop_ids=stop_ids, pad_id=pad, capacity=capacity,
+                   implementation=implementation)
+
+
+def run_prefill(static: _Static, params: nnx.State, request: Request, cache: KVCache,
+                key: jax.Array | int | None) -> tuple[jax.Array, KVCache, jax.Array, float]:
+    """The jitted prefill; returns (first tokens, cache, key, seconds)."""
+    start = time.perf_counter()
+    first, cache, rng = _prefill(static, params, jnp.asarray(request.batch.tokens),
+                                 jnp.asarray(request.batch.lengths), cache, _as_key(key))
+    first.block_until_ready()
+    return first, cache, rng, time.perf_counter() - start
+
+
 def generate(
     model: LlamaModel,
     prompts: Sequence[Sequence[int]] | np.ndarray,
@@ -179,54 +253,21 @@ def generate(
         None: the model config's eos_token_ids; () disables stopping.
     """
     config = model.config
-    pad = config.pad_token_id if pad_id is None else pad_id
-    pad = 0 if pad is None else pad
-    batch = make_prompt_batch(prompts, config.vocab_size, pad_id=pad, lengths=prompt_lengths)
+    request = prepare_request(config, prompts, max_new_tokens=max_new_tokens, capacity=capacity,
+                              stop_tokens=stop_tokens, pad_id=pad_id, prompt_lengths=prompt_lengths,
+                              implementation=implementation)
+    batch, max_new = request.batch, request.max_new
     b = batch.batch_size
-    requested = np.asarray(max_new_tokens)
-    if requested.ndim > 1 or (requested.ndim == 1 and requested.shape[0] != b):
-        raise ValueError(f"max_new_tokens must be an int or one per prompt ({b}), got {max_new_tokens!r}")
-    if not np.issubdtype(requested.dtype, np.integer) or requested.min() < 1:
-        raise ValueError(f"max_new_tokens must be integers >= 1, got {max_new_tokens!r}")
-    max_new = np.broadcast_to(requested, (b,)).astype(np.int64)
-    if stop_tokens is None:
-        stop_tokens = config.eos_token_ids
-    if isinstance(stop_tokens, int | np.integer | str) or not isinstance(stop_tokens, Sequence | np.ndarray):
-        raise TypeError(f"stop_tokens must be a sequence of token ids, got {stop_tokens!r}")
-    for stop in stop_tokens:
-        if not isinstance(stop, int | np.integer) or not 0 <= stop < config.vocab_size:
-            raise ValueError(f"stop token {stop!r} is outside the vocabulary [0, {config.vocab_size})")
-    if isinstance(implementation, list):
-        implementation = tuple(implementation)
-    # Prefill takes the padded bucket; decode then continues each row at its own length.
-    needed = max(batch.bucket, int((batch.lengths + max_new).max()))
-    if capacity is None:
-        capacity = bucket_length(needed, 64)
-    elif not isinstance(capacity, int | np.integer) or isinstance(capacity, bool) or capacity < 1:
-        raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-    capacity = int(capacity)
-    if needed > capacity:
-        worst = int(np.argmax(batch.lengths + max_new))
-        raise ValueError(
-            f"prompt {worst} ({int(batch.lengths[worst])} tokens, padded to {batch.bucket}) + "
-            f"max_new_tokens {int(max_new[worst])} needs {needed} cache slots, beyond capacity {capacity}"
-        )
     factory = cache or DenseKVCache.for_model
-    kv_cache = factory(config, b, capacity)
+    kv_cache = factory(config, b, request.capacity)
     graphdef, params = nnx.split(model)
-    static = _Static(graphdef=graphdef, rule=sampling, implementation=implementation, pad_id=pad,
-                     out_len=bucket_length(int(max_new.max()), 16))
-    stop_ids = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
+    static = _Static(graphdef=graphdef, rule=sampling, implementation=request.implementation,
+                     pad_id=request.pad_id, out_len=bucket_length(int(max_new.max()), 16))
     lengths = jnp.asarray(batch.lengths)
-
-    start = time.perf_counter()
-    first, kv_cache, rng = _prefill(static, params, jnp.asarray(batch.tokens), lengths, kv_cache,
-                                    _as_key(key))
-    first.block_until_ready()
-    prefill_seconds = time.perf_counter() - start
+    first, kv_cache, rng, prefill_seconds = run_prefill(static, params, request, kv_cache, key)
     start = time.perf_counter()
     out, num_generated, stopped, steps, _ = _decode_loop(
-        static, params, first, lengths, jnp.asarray(max_new, jnp.int32), kv_cache, rng, stop_ids
+        static, params, first, lengths, jnp.asarray(max_new, jnp.int32), kv_cache, rng, request.stop_ids
     )
     out, num_generated, stopped, steps = jax.device_get((out, num_generated, stopped, steps))
     decode_seconds = time.perf_counter() - start

@@ -55,6 +55,23 @@ def check_capacity(cache: KVCache, num_tokens: int) -> None:
             )
 
 
+def _with_new_token_mask(
+    mask: Bool[Array, "B T S"] | None, tree_mask: Bool[Array, "B T T"], slots: Int[Array, "B T"] | None,
+    cache: KVCache | None, b: int, t: int,
+) -> Bool[Array, "B T S"]:
+    """Scatter the [B, T, T] visibility among new tokens into the [B, T, S] mask (the
+    cache's view is indexed by slot; older slots stay visible, positions decide)."""
+    if tree_mask.shape != (b, t, t) or tree_mask.dtype != jnp.bool_:
+        raise ValueError(f"tree_mask must be bool with shape {(b, t, t)}, got {tree_mask.dtype}{tuple(tree_mask.shape)}")
+    if cache is None:
+        return tree_mask if mask is None else mask & tree_mask
+    full = jnp.ones((b, t, cache.capacity), jnp.bool_)
+    rows = jnp.arange(b)[:, None, None]
+    queries = jnp.arange(t)[None, :, None]
+    full = full.at[rows, queries, slots[:, None, :]].set(tree_mask, mode="drop")
+    return full if mask is None else mask & full
+
+
 def forward(
     model: LlamaModel,
     tokens: Int[Array, "B T"],
@@ -62,15 +79,20 @@ def forward(
     positions: Int[Array, "B T"] | None = None,
     cache: KVCache | None = None,
     mask: Bool[Array, "B T S"] | None = None,
+    tree_mask: Bool[Array, "B T T"] | None = None,
     logits_indices: Int[Array, "B I"] | None = None,
     implementation: str | tuple[str, ...] | None = None,
+    skip_layers: tuple[int, ...] = (),
 ) -> tuple[Float[Array, "B I V"], KVCache | None]:
     """Run the decoder over `tokens`; returns float32 logits and the updated cache.
 
     positions: per-token positions (default: following the cache's last
         position, or 0..T-1 without a cache). Negative = padding.
     mask: extra visibility over [B, T, S] where S is the cache capacity (or T
-        without a cache), e.g. a tree mask for speculative verification.
+        without a cache).
+    tree_mask: visibility among the T new tokens themselves ([b, t, j]: token t
+        sees new token j), e.g. a draft tree's ancestor mask for speculative
+        verification; what the cache held before is governed by positions alone.
     logits_indices: compute logits only at these token indices (e.g. the last
         real token of each prompt); default every token.
     """
@@ -91,11 +113,18 @@ def forward(
             raise ValueError(f"cache batch size {cache.batch_size} != tokens batch size {b}")
         check_capacity(cache, t)
         cache, slots = cache.reserve(positions)
+    if tree_mask is not None:
+        mask = _with_new_token_mask(mask, tree_mask, slots, cache, b, t)
+    bad = [i for i in skip_layers if not 0 <= i < config.num_layers]
+    if bad:
+        raise ValueError(f"skip_layers: layer ids {bad} outside [0, {config.num_layers})")
 
     x = model.embed_tokens(tokens)
     cos, sin = rotary_cos_sin(config.rope, config.head_dim, config.max_position_embeddings,
                               jnp.maximum(positions, 0))
-    for layer in model.layers:
+    for index, layer in enumerate(model.layers):
+        if index in skip_layers:
+            continue
         x, cache = layer(x, cos, sin, positions, cache, slots, mask, implementation)
     if logits_indices is not None:
         if logits_indices.ndim != 2 or logits_indices.shape[0] != b:
@@ -112,7 +141,7 @@ def jit_forward(
     model: LlamaModel, *, implementation: str | tuple[str, ...] | None = None, donate_cache: bool = True
 ) -> Callable[..., tuple[jax.Array, KVCache | None]]:
     """A compiled `forward` for this model: `fn(tokens, positions=None, cache=None,
-    mask=None, logits_indices=None) -> (logits, cache)`.
+    mask=None, logits_indices=None, tree_mask=None) -> (logits, cache)`.
 
     The module is split once into (graphdef, params); params are a jit argument,
     never static, and the cache buffer is donated (do not reuse the cache you
@@ -120,17 +149,17 @@ def jit_forward(
     """
     graphdef, params = nnx.split(model)
 
-    def run(params, tokens, positions, cache, mask, logits_indices):  # noqa: ANN001, ANN202
+    def run(params, tokens, positions, cache, mask, logits_indices, tree_mask):  # noqa: ANN001, ANN202
         merged = nnx.merge(graphdef, params)
-        return forward(merged, tokens, positions=positions, cache=cache, mask=mask,
+        return forward(merged, tokens, positions=positions, cache=cache, mask=mask, tree_mask=tree_mask,
                        logits_indices=logits_indices, implementation=implementation)
 
     compiled = jax.jit(run, donate_argnums=(3,) if donate_cache else ())
 
-    def call(tokens, positions=None, cache=None, mask=None, logits_indices=None):  # noqa: ANN001, ANN202
+    def call(tokens, positions=None, cache=None, mask=None, logits_indices=None, tree_mask=None):  # noqa: ANN001, ANN202
         validate_tokens(tokens, model.config.vocab_size)
         if cache is not None:
             check_capacity(cache, tokens.shape[1])
-        return compiled(params, tokens, positions, cache, mask, logits_indices)
+        return compiled(params, tokens, positions, cache, mask, logits_indices, tree_mask)
 
     return call

@@ -67,6 +67,8 @@ def _markdown(r: dict[str, Any]) -> str:
         f"| parameters | {r.get('num_parameters', '?'):,} |",
         f"| steps | {r.get('step')} / {r.get('train', {}).get('steps')} |",
         f"| tokens seen | {r.get('tokens_seen', 0):,} |",
+        *([f"| warm start from | `{r['init_from']}` (tokens seen in all: {r.get('tokens_seen_total', 0):,}) |"]
+          if r.get("init_from") else []),
         f"| final train loss (nats/token) | {r.get('final_train_loss', float('nan')):.4f} |",
         f"| validation loss (nats/token) | {val.get('loss', float('nan')):.4f} |",
         f"| validation bits/byte | {val.get('bits_per_byte', float('nan')):.4f} "

@@ -89,6 +89,27 @@ def _compiled(model_config: ModelConfig, config: TrainConfig) -> tuple[Any, Any,
     return optimizer, fns, jax.jit(init)
 
 
+def _warm_start(folder: str | Path, model_config: ModelConfig, init: Callable[[], Any],
+                optimizer: Any) -> tuple[Any, Any]:
+    """Parameters of an HF folder (float32) and a fresh optimizer state for them."""
+    from efficient.models import from_pretrained  # noqa: PLC0415 (loading pulls safetensors)
+
+    loaded = from_pretrained(folder, dtype="float32")
+    if _model_dict(loaded.config.replace(attention_implementation=None)) != _model_dict(model_config):
+        raise ValueError(f"init_from: {str(folder)!r} holds another architecture than the configured model")
+    params_like, _ = jax.eval_shape(init)
+    params = jax.tree_util.tree_map(lambda like, x: x.astype(like.dtype), params_like, nnx.split(loaded)[1])
+    return params, optimizer.init(params)
+
+
+def _prior_tokens(folder: str | Path | None) -> int:
+    """Tokens recorded in `folder`/training.json (0 without one)."""
+    if folder is None or not (Path(folder) / "training.json").is_file():
+        return 0
+    record = json.loads((Path(folder) / "training.json").read_text())
+    return int(record.get("tokens_seen_total", record.get("tokens_seen", 0)))
+
+
 def _model_dict(config: ModelConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config.replace(dtype="float32"))))
 
@@ -106,9 +127,14 @@ def train(
     name: str = "model",
     command: str = "",
     extra_record: dict[str, Any] | None = None,
+    init_from: str | Path | None = None,
     log: Logger = _stderr,
 ) -> TrainResult:
     """Trains (or resumes) to `config.steps`, or stops early at `stop_at_step`.
+
+    init_from: an HF checkpoint folder whose weights start a fresh run (a warm
+    restart: new optimizer state and schedule); ignored when `workdir` holds a
+    checkpoint to resume. Its recorded tokens are added to `tokens_seen_total`.
 
     Checkpoints go to `workdir`; when the run reaches `config.steps` and
     `output_dir` is given, the bf16 HF folder and TRAINING.md/training.json go there.
@@ -124,7 +150,7 @@ def train(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
 
-    _, fns, init = _compiled(model_config, config)
+    optimizer, fns, init = _compiled(model_config, config)
     schedule = lr_schedule(config)
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
 
@@ -136,6 +162,9 @@ def train(
         params, opt_state, step = restored.params, restored.opt_state, restored.step
         wall_before = float(restored.meta.get("wall_time_s", 0.0))
         log(f"resumed from {ckpt.directory}/{step} (batches drawn: {restored.meta['batches_drawn']})")
+    elif init_from is not None:
+        params, opt_state = _warm_start(init_from, model_config, init, optimizer)
+        log(f"warm start from {init_from}")
     else:
         params, opt_state = init()
 
@@ -205,11 +234,14 @@ def train(
     wall = wall_before + time.time() - t0
     metrics_file.close()
     ckpt.close()
+    prior = _prior_tokens(init_from)
     record = {
         "name": name,
         "command": command,
         "step": step,
         "tokens_seen": step * config.tokens_per_step,
+        "init_from": None if init_from is None else str(init_from),
+        "tokens_seen_total": prior + step * config.tokens_per_step,
         "final_train_loss": final_loss,
         "validation": validation,
         "wall_time_s": wall,

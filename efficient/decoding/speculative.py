@@ -1,0 +1,257 @@
+"""Speculative decoding: any drafter, one verifier, one jitted `lax.while_loop`.
+
+    out = speculative_generate(model, prompts, drafter=DraftModelDrafter.create(draft, model.config),
+                               max_new_tokens=64, sampling=Greedy())
+
+Each step: the drafter proposes a token tree below the last committed token;
+the target scores root + tree in one forward with the tree's ancestor mask
+(positions = root position + depth); `accept_tree` picks the accepted path and
+the next token (greedy: identical to greedy decoding; sampling: the target's
+law exactly; typical acceptance: lossy); the cache keeps root + accepted path
+(`truncate` for chains, `select` for trees) and each row advances by its own
+number of tokens. Stops, ragged prompts and shape buckets work as in
+`generate`; no recompilation per step or per prompt of the same bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Int
+
+from efficient.cache.dense import DenseKVCache
+from efficient.cache.protocol import KVCache
+from efficient.decoding.drafters.base import DraftContext, Drafter, PromptContext, VerifyOutcome
+from efficient.decoding.generate import (
+    TRACE_COUNTS,
+    CacheFactory,
+    GenerateOutput,
+    GenerateStats,
+    _stop_hit,
+    prepare_request,
+    run_prefill,
+)
+from efficient.decoding.generate import _Static as PrefillStatic
+from efficient.decoding.prompts import bucket_length
+from efficient.decoding.sampling import Greedy, SamplingRule
+from efficient.decoding.tree import check_tree_size, verification_inputs
+from efficient.decoding.verify import TypicalAcceptance, accept_tree
+from efficient.models.forward import forward
+from efficient.models.llama import LlamaModel
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeStats(GenerateStats):
+    draft_tokens_accepted: int = 0  # summed over rows
+    row_steps: int = 0  # verification steps summed over rows (a row counts while active)
+    proposed_by_depth: tuple[int, ...] = ()  # row-steps that proposed a node at depth d + 1
+    accepted_by_depth: tuple[int, ...] = ()  # row-steps that accepted a node at depth d + 1
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """Tokens appended per verification forward per row (accepted drafts + 1)."""
+        return (self.draft_tokens_accepted + self.row_steps) / max(self.row_steps, 1)
+
+    @property
+    def acceptance_by_depth(self) -> tuple[float, ...]:
+        """P(depth d accepted | a node at depth d was proposed), d = 1, 2, ..."""
+        return tuple(a / p if p else float("nan")
+                     for a, p in zip(self.accepted_by_depth, self.proposed_by_depth, strict=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SpecState:
+    out: Int[Array, "B N"]
+    num_generated: Int[Array, " B"]
+    done: jax.Array  # bool[B]
+    cache: KVCache
+    history: Int[Array, "B C"]
+    drafter_state: object
+    key: jax.Array
+    steps: jax.Array  # int32[]: verification forwards
+    accepted: Int[Array, " B"]  # draft tokens accepted per row
+    row_steps: Int[Array, " B"]
+    proposed_by_depth: Int[Array, " D"]
+    accepted_by_depth: Int[Array, " D"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _SpecStatic:
+    graphdef: nnx.GraphDef
+    rule: SamplingRule
+    implementation: str | tuple[str, ...] | None
+    pad_id: int
+    out_len: int
+    typical: TypicalAcceptance | None
+
+
+def _initial_history(tokens: jax.Array, lengths: jax.Array, first: jax.Array, capacity: int,
+                     pad_id: int) -> jax.Array:
+    b, t = tokens.shape
+    index = jnp.arange(t)[None, :]
+    history = jnp.full((b, capacity), pad_id, jnp.int32)
+    history = history.at[:, :t].set(jnp.where(index < lengths[:, None], tokens, pad_id))
+    return history.at[jnp.arange(b), lengths].set(first, mode="drop")
+
+
+@jax.jit(static_argnums=0, donate_argnums=(7,))
+def _speculative_loop(static: _SpecStatic, params, drafter: Drafter, tokens, first, prompt_lengths,  # noqa: ANN001, ANN202
+                      max_new, cache, key, stop_ids):
+    TRACE_COUNTS["speculative"] += 1
+    model = nnx.merge(static.graphdef, params)
+    b = first.shape[0]
+    w = drafter.tree_size
+    depth_slots = drafter.max_depth
+    history = _initial_history(tokens, prompt_lengths, first, cache.capacity, static.pad_id)
+    drafter_state = drafter.init(PromptContext(tokens=tokens, lengths=prompt_lengths, history=history,
+                                               first_token=first, target=model, rule=static.rule))
+    out = jnp.full((b, static.out_len), static.pad_id, jnp.int32).at[:, 0].set(first)
+    ones = jnp.ones((b,), jnp.int32)
+    zeros_d = jnp.zeros((depth_slots,), jnp.int32)
+    state = SpecState(out=out, num_generated=ones, done=_stop_hit(first, stop_ids) | (ones >= max_new),
+                      cache=cache, history=history, drafter_state=drafter_state, key=key,
+                      steps=jnp.zeros((), jnp.int32), accepted=jnp.zeros((b,), jnp.int32),
+                      row_steps=jnp.zeros((b,), jnp.int32), proposed_by_depth=zeros_d,
+                      accepted_by_depth=zeros_d)
+    rows = jnp.arange(b)
+
+    def cond(s: SpecState) -> jax.Array:
+        return ~jnp.all(s.done) & (s.steps < static.out_len - 1)
+
+    def body(s: SpecState) -> SpecState:
+        active = ~s.done
+        last_position = prompt_lengths + s.num_generated - 1
+        last_token = jnp.take_along_axis(s.out, (s.num_generated - 1)[:, None], axis=1)[:, 0]
+        key, draft_key, accept_key = jax.random.split(s.key, 3)
+        ctx = DraftContext(history=s.history, last_position=last_position, last_token=last_token,
+                           active=active, key=draft_key, target=model, cache=s.cache, rule=static.rule)
+        tree, drafter_state, cache = drafter.propose(s.drafter_state, ctx)
+        committed = s.cache.lengths
+        cache = cache.truncate(committed)
+        verify_tokens, positions, tree_mask, depths, valid = verification_inputs(
+            tree, last_token, last_position, active)
+        logits, cache = forward(model, verify_tokens, positions=positions, cache=cache, tree_mask=tree_mask,
+                                implementation=static.implementation)
+        verdict = accept_tree(static.rule, logits, tree, valid, accept_key, static.typical)
+        count = jnp.where(active, verdict.num_accepted, 0)
+        # Keep the root and the accepted path (slot of verify token t = committed + t).
+        path_t = jnp.where(verdict.path >= 0, verdict.path + 1, 0)
+        if drafter.is_chain:
+            cache = cache.truncate(committed + jnp.where(active, 1 + count, 0))
+        else:
+            source = committed[:, None] + jnp.concatenate([jnp.zeros((b, 1), jnp.int32), path_t], axis=1)
+            cache = cache.select(source, jnp.where(active, 1 + count, 0), committed)
+        # New tokens: the accepted path, then the target's next token.
+        path_tokens = jnp.take_along_axis(verify_tokens, path_t, axis=1)  # B W
+        index = jnp.arange(w + 1)[None, :]
+        new_tokens = jnp.concatenate([path_tokens, jnp.zeros((b, 1), jnp.int32)], axis=1)
+        new_tokens = jnp.where(index == count[:, None], verdict.next_token[:, None], new_tokens)
+        num_new = count + 1
+        is_stop = jnp.any(new_tokens[:, :, None] == stop_ids[None, None, :], axis=-1) & (index < num_new[:, None])
+        first_stop = jnp.min(jnp.where(is_stop, index, w + 1), axis=1)
+        num_new = jnp.minimum(jnp.minimum(num_new, first_stop + 1), max_new - s.num_generated)
+        num_new = jnp.where(active, num_new, 0)
+        keep = index < num_new[:, None]
+        out_cols = jnp.where(keep, s.num_generated[:, None] + index, static.out_len)
+        out = s.out.at[rows[:, None], out_cols].set(new_tokens, mode="drop")
+        hist_cols = jnp.where(keep, last_position[:, None] + 1 + index, s.history.shape[1])
+        history = s.history.at[rows[:, None], hist_cols].set(new_tokens, mode="drop")
+        num_generated = s.num_generated + num_new
+        done = s.done | (first_stop < num_new) | (num_generated >= max_new)
+        outcome = VerifyOutcome(tree=tree, valid=valid, logits=logits, path=verdict.path,
+                                num_accepted=count, new_tokens=new_tokens, num_new=num_new, history=history,
+                                last_position=last_position + num_new)
+        drafter_state = drafter.update(drafter_state, ctx, outcome)
+        # Statistics by depth: proposed = a node existed at depth d; accepted = path reached d.
+        depth_index = jnp.arange(1, depth_slots + 1)
+        proposed = jnp.any(valid[:, :, None] & (depths[:, :, None] == depth_index[None, None, :]), axis=1)
+        reached = depth_index[None, :] <= count[:, None]
+        proposed_d = jnp.sum(proposed & active[:, None], axis=0, dtype=jnp.int32)
+        accepted_d = jnp.sum(reached & active[:, None], axis=0, dtype=jnp.int32)
+        return SpecState(out=out, num_generated=num_generated, done=done, cache=cache, history=history,
+                         drafter_state=drafter_state, key=key, steps=s.steps + 1,
+                         accepted=s.accepted + count, row_steps=s.row_steps + active.astype(jnp.int32),
+                         proposed_by_depth=s.proposed_by_depth + proposed_d,
+                         accepted_by_depth=s.accepted_by_depth + accepted_d)
+
+    final = jax.lax.while_loop(cond, body, state)
+    stopped = _stop_hit(jnp.take_along_axis(final.out, (final.num_generated - 1)[:, None], axis=1)[:, 0],
+                        stop_ids)
+    counters = (final.steps, final.accepted, final.row_steps, final.proposed_by_depth, final.accepted_by_depth)
+    return final.out, final.num_generated, stopped, counters, final.cache
+
+
+def speculative_generate(
+    model: LlamaModel,
+    prompts: Sequence[Sequence[int]] | np.ndarray,
+    *,
+    drafter: Drafter,
+    max_new_tokens: int | Sequence[int],
+    sampling: SamplingRule = Greedy(),
+    typical: TypicalAcceptance | None = None,
+    cache: CacheFactory | None = None,
+    capacity: int | None = None,
+    key: jax.Array | int | None = None,
+    stop_tokens: Sequence[int] | None = None,
+    pad_id: int | None = None,
+    prompt_lengths: Sequence[int] | np.ndarray | None = None,
+    implementation: str | tuple[str, ...] | None = None,
+) -> GenerateOutput:
+    """Generate like `generate`, drafting with `drafter` and verifying with the target.
+
+    sampling: Greedy() reproduces greedy decoding exactly; a Sample rule draws
+        from the target's filtered law exactly (lossless rejection sampling),
+        unless `typical` (Medusa's typical acceptance, lossy) is given.
+    capacity: default prompt bucket + max_new_tokens + the drafter's tree size,
+        rounded up to a power of two.
+    Returns a GenerateOutput whose `stats` is a `SpeculativeStats`.
+    """
+    if not isinstance(drafter, Drafter):
+        raise TypeError(f"drafter must implement efficient.decoding.drafters.Drafter, got {type(drafter).__name__}")
+    if typical is not None and not isinstance(typical, TypicalAcceptance):
+        raise TypeError(f"typical must be a TypicalAcceptance or None, got {type(typical).__name__}")
+    config = model.config
+    check_tree_size(drafter.tree_size, "drafter.tree_size")
+    drafter.check(config)
+    request = prepare_request(config, prompts, max_new_tokens=max_new_tokens, capacity=capacity,
+                              stop_tokens=stop_tokens, pad_id=pad_id, prompt_lengths=prompt_lengths,
+                              implementation=implementation, extra_slots=drafter.tree_size + 1)
+    batch, max_new = request.batch, request.max_new
+    b = batch.batch_size
+    kv_cache = (cache or DenseKVCache.for_model)(config, b, request.capacity)
+    graphdef, params = nnx.split(model)
+    out_len = bucket_length(int(max_new.max()), 16)
+    prefill_static = PrefillStatic(graphdef=graphdef, rule=sampling, implementation=request.implementation,
+                                   pad_id=request.pad_id, out_len=out_len)
+    first, kv_cache, rng, prefill_seconds = run_prefill(prefill_static, params, request, kv_cache, key)
+    static = _SpecStatic(graphdef=graphdef, rule=sampling, implementation=request.implementation,
+                         pad_id=request.pad_id, out_len=out_len, typical=typical)
+    start = time.perf_counter()
+    out, num_generated, stopped, counters, _ = _speculative_loop(
+        static, params, drafter, jnp.asarray(batch.tokens), first, jnp.asarray(batch.lengths),
+        jnp.asarray(max_new, jnp.int32), kv_cache, rng, request.stop_ids)
+    out, num_generated, stopped, counters = jax.device_get((out, num_generated, stopped, counters))
+    decode_seconds = time.perf_counter() - start
+    steps, accepted, row_steps, proposed_d, accepted_d = counters
+    stats = SpeculativeStats(
+        target_forwards=1 + int(steps),
+        prompt_tokens=int(batch.lengths.sum()),
+        generated_tokens=int(num_generated.sum()),
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds,
+        batch_size=b,
+        draft_tokens_accepted=int(accepted.sum()),
+        row_steps=int(row_steps.sum()),
+        proposed_by_depth=tuple(int(x) for x in proposed_d),
+        accepted_by_depth=tuple(int(x) for x in accepted_d),
+    )
+    width = int(max_new.max())
+    return GenerateOutput(tokens=np.asarray(out)[:, :width], lengths=np.asarray(num_generated),
+                          stopped=np.asarray(stopped), stats=stats)

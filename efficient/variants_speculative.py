@@ -1,0 +1,73 @@
+"""Speculative decoders in the variant registry (imported at the end of `efficient.variants`).
+
+Each entry builds its drafter from the harness's resources and options, then
+runs `speculative_generate`: greedy entries reproduce greedy decoding exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from efficient.decoding import GenerateOutput, Greedy
+from efficient.decoding.drafters import Drafter, DraftModelDrafter, LayerSkipDrafter, calibrate_skip_layers
+from efficient.decoding.generate import CacheFactory
+from efficient.decoding.speculative import speculative_generate
+from efficient.models import LlamaModel
+from efficient.variants import Decoder, register_decoder
+
+DrafterBuilder = Callable[..., Drafter]  # (target model, **options) -> Drafter
+
+
+def speculative_decoder(build: DrafterBuilder) -> Decoder:
+    """A registry decoder that drafts with `build(model, **options)` and verifies greedily."""
+
+    def decode(model: LlamaModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+               cache: CacheFactory | None = None, key: jax.Array | int | None = None,
+               stop_tokens: Sequence[int] = (), **options: Any) -> GenerateOutput:
+        drafter = build(model, **options)
+        return speculative_generate(model, prompts, drafter=drafter, max_new_tokens=max_new_tokens,
+                                    sampling=Greedy(), cache=cache, key=key, stop_tokens=stop_tokens)
+
+    decode.__doc__ = build.__doc__
+    return decode
+
+
+def _draft_model(model: LlamaModel, *, draft_model: LlamaModel, length: int = 4) -> Drafter:
+    """Chain of `length` tokens from the draft model."""
+    return DraftModelDrafter.create(draft_model, model.config, length=length)
+
+
+def _draft_adaptive(model: LlamaModel, *, draft_model: LlamaModel, length: int = 8,
+                    stop_threshold: float = 0.6) -> Drafter:
+    """Draft-model chain of up to `length` tokens, stopped by SpecDec++'s rule."""
+    return DraftModelDrafter.create(draft_model, model.config, length=length, stop_threshold=stop_threshold)
+
+
+register_decoder("spec_draft", speculative_decoder(_draft_model), lossless=True, needs=("draft_model",),
+                 description="Speculative decoding: draft model chain of 4, greedy verification",
+                 paper="Leviathan et al. 2023; Chen et al. 2023")
+register_decoder("spec_adaptive", speculative_decoder(_draft_adaptive), lossless=True, needs=("draft_model",),
+                 description="Draft model with SpecDec++ adaptive length (stop at P(reject) > 0.6, at most 8)",
+                 paper="Huang et al. 2024 (SpecDec++)")
+
+
+_CALIBRATIONS: dict[tuple[int, bytes, int], tuple[int, ...]] = {}
+
+
+def _layer_skip(model: LlamaModel, *, calibration_tokens: np.ndarray, length: int = 4) -> Drafter:
+    """The target drafts with the layers a short calibration chose (SWIFT); the choice is
+    cached per (model, calibration text, length)."""
+    tokens = np.asarray(calibration_tokens, np.int32)
+    key = (id(model), tokens.tobytes(), length)
+    if key not in _CALIBRATIONS:
+        _CALIBRATIONS[key] = calibrate_skip_layers(model, tokens, length=length).skip_layers
+    return LayerSkipDrafter.create(model.config, skip_layers=_CALIBRATIONS[key], length=length)
+
+
+register_decoder("spec_layer_skip", speculative_decoder(_layer_skip), lossless=True, needs=("calibration_tokens",),
+                 description="Self-speculative: the target with calibrated layers skipped drafts a chain of 4",
+                 paper="Xia et al. 2024 (SWIFT); Zhang et al. 2023 (Draft & Verify)")
