@@ -13,7 +13,15 @@ import jax
 import numpy as np
 
 from efficient.decoding import GenerateOutput, Greedy
-from efficient.decoding.drafters import Drafter, DraftModelDrafter, LayerSkipDrafter, calibrate_skip_layers
+from efficient.decoding.drafters import (
+    Drafter,
+    DraftModelDrafter,
+    LayerSkipDrafter,
+    LookaheadDrafter,
+    PromptLookupDrafter,
+    TokenRecyclingDrafter,
+    calibrate_skip_layers,
+)
 from efficient.decoding.generate import CacheFactory
 from efficient.decoding.speculative import speculative_generate
 from efficient.models import LlamaModel
@@ -71,3 +79,34 @@ def _layer_skip(model: LlamaModel, *, calibration_tokens: np.ndarray, length: in
 register_decoder("spec_layer_skip", speculative_decoder(_layer_skip), lossless=True, needs=("calibration_tokens",),
                  description="Self-speculative: the target with calibrated layers skipped drafts a chain of 4",
                  paper="Xia et al. 2024 (SWIFT); Zhang et al. 2023 (Draft & Verify)")
+
+
+def _lookahead(model: LlamaModel, *, window: int = 5, ngram: int = 4, candidates: int = 4) -> Drafter:
+    """Jacobi window chain plus n-gram pool candidates (lookahead decoding)."""
+    del model
+    return LookaheadDrafter.create(window=window, ngram=ngram, candidates=candidates)
+
+
+register_decoder("spec_lookahead", speculative_decoder(_lookahead), lossless=True,
+                 description="Lookahead: Jacobi window of 5 + 4 pooled 4-grams, verified as one tree",
+                 paper="Fu et al. 2024 (Lookahead decoding)")
+
+
+def _prompt_lookup(model: LlamaModel, *, length: int = 16, max_ngram: int = 4, min_ngram: int = 1) -> Drafter:
+    """Copy the continuation of the longest earlier match of the recent suffix."""
+    del model
+    return PromptLookupDrafter.create(length=length, max_ngram=max_ngram, min_ngram=min_ngram)
+
+
+def _recycling(model: LlamaModel) -> Drafter:
+    """A 25-node tree expanded from the adjacency matrix of recycled top-k candidates."""
+    del model
+    return TokenRecyclingDrafter.create()
+
+
+register_decoder("spec_prompt_lookup", speculative_decoder(_prompt_lookup), lossless=True,
+                 description="Prompt lookup / CopySpec: copy up to 16 tokens after the longest n-gram match",
+                 paper="Saxena 2023 (prompt lookup); Dumitru et al. 2025 (CopySpec)")
+register_decoder("spec_recycling", speculative_decoder(_recycling), lossless=True,
+                 description="Token Recycling: 25-node tree from the recycled top-k adjacency matrix",
+                 paper="Luo et al. 2024 (Token Recycling)")

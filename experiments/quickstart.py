@@ -257,7 +257,12 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
             draft["model"] = load_model(s.draft_path, dtype=s.draft_dtype, key="config.draft.path")
         return draft["model"]
 
-    metrics = compare(model, tokenizer, documents, s, {"draft_model": draft_model}, log)
+    def calibration_tokens() -> Any:  # held-out text, other lines than the prompts (self-speculative calibration)
+        g = s.generation
+        return np.asarray(code_prompts(documents, tokenizer, 2, g.prompt_tokens, s.seed + 1), np.int32)
+
+    metrics = compare(model, tokenizer, documents, s,
+                      {"draft_model": draft_model, "calibration_tokens": calibration_tokens}, log)
     metrics["model"] = dict(path=s.model_path, parameters=model.config.num_parameters(), dtype=s.dtype,
                             tokenizer=repr(tokenizer), vocab_size=model.config.vocab_size)
     metrics["machine"] = dict(platform=platform.platform(), backend=jax.default_backend(),

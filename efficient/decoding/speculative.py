@@ -110,8 +110,9 @@ def _speculative_loop(static: _SpecStatic, params, drafter: Drafter, tokens, fir
     w = drafter.tree_size
     depth_slots = drafter.max_depth
     history = _initial_history(tokens, prompt_lengths, first, cache.capacity, static.pad_id)
+    key, init_key = jax.random.split(key)
     drafter_state = drafter.init(PromptContext(tokens=tokens, lengths=prompt_lengths, history=history,
-                                               first_token=first, target=model, rule=static.rule))
+                                               first_token=first, target=model, rule=static.rule, key=init_key))
     out = jnp.full((b, static.out_len), static.pad_id, jnp.int32).at[:, 0].set(first)
     ones = jnp.ones((b,), jnp.int32)
     zeros_d = jnp.zeros((depth_slots,), jnp.int32)

@@ -5,8 +5,9 @@ i at 1 + i), `accept_tree` walks the tree from the root and returns the
 accepted path and the token that follows it:
 
 - greedy rules: a child is accepted iff its token is the target's argmax at
-  its parent; the longest such path wins (the first matching child at each
-  step), then the argmax after it. Output equals plain greedy decoding.
+  its parent (the first matching child at each step: drafters should give
+  siblings distinct tokens, then the path is the longest match), then the
+  argmax after it. Output equals plain greedy decoding.
 - sampling rules, lossless: recursive rejection sampling (SpecInfer's
   multi-step speculative sampling; Leviathan et al. 2023 and Chen et al.
   2023 for a chain). At the current node the children are tried in order:

@@ -2,6 +2,9 @@
 
 from efficient.decoding.drafters.base import DraftContext, Drafter, PromptContext, VerifyOutcome
 from efficient.decoding.drafters.draft_model import DraftModelDrafter
+from efficient.decoding.drafters.lookahead import LookaheadDrafter
+from efficient.decoding.drafters.prompt_lookup import PromptLookupDrafter
+from efficient.decoding.drafters.recycling import TokenRecyclingDrafter
 from efficient.decoding.drafters.layer_skip import (
     LayerSkipDrafter,
     SkipCalibration,
@@ -14,8 +17,11 @@ __all__ = [
     "DraftModelDrafter",
     "Drafter",
     "LayerSkipDrafter",
+    "LookaheadDrafter",
     "PromptContext",
+    "PromptLookupDrafter",
     "SkipCalibration",
+    "TokenRecyclingDrafter",
     "VerifyOutcome",
     "calibrate_skip_layers",
     "estimated_speedup",

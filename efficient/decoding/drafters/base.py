@@ -38,6 +38,7 @@ class PromptContext:
     first_token: Int[Array, " B"]  # the target's first generated token (position lengths[b])
     target: LlamaModel
     rule: SamplingRule
+    key: jax.Array = dataclasses.field(default_factory=lambda: jax.random.key(0))
 
 
 @dataclasses.dataclass(frozen=True)
