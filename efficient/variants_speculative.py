@@ -63,7 +63,7 @@ register_decoder("spec_adaptive", speculative_decoder(_draft_adaptive), lossless
                  paper="Huang et al. 2024 (SpecDec++)")
 
 
-_CALIBRATIONS: dict[tuple[int, bytes, int], tuple[int, ...]] = {}
+_CALIBRATIONS: dict[tuple[int, bytes, int], tuple[LlamaModel, tuple[int, ...]]] = {}
 
 
 def _layer_skip(model: LlamaModel, *, calibration_tokens: np.ndarray, length: int = 4) -> Drafter:
@@ -71,9 +71,11 @@ def _layer_skip(model: LlamaModel, *, calibration_tokens: np.ndarray, length: in
     cached per (model, calibration text, length)."""
     tokens = np.asarray(calibration_tokens, np.int32)
     key = (id(model), tokens.tobytes(), length)
-    if key not in _CALIBRATIONS:
-        _CALIBRATIONS[key] = calibrate_skip_layers(model, tokens, length=length).skip_layers
-    return LayerSkipDrafter.create(model.config, skip_layers=_CALIBRATIONS[key], length=length)
+    cached = _CALIBRATIONS.get(key)
+    if cached is None or cached[0] is not model:  # the model is kept, so its id is not reused
+        cached = (model, calibrate_skip_layers(model, tokens, length=length).skip_layers)
+        _CALIBRATIONS[key] = cached
+    return LayerSkipDrafter.create(model.config, skip_layers=cached[1], length=length)
 
 
 register_decoder("spec_layer_skip", speculative_decoder(_layer_skip), lossless=True, needs=("calibration_tokens",),

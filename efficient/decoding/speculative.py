@@ -136,11 +136,12 @@ def _speculative_loop(static: _SpecStatic, params, drafter: Drafter, tokens, fir
         tree, drafter_state, cache = drafter.propose(s.drafter_state, ctx)
         committed = s.cache.lengths
         cache = cache.truncate(committed)
-        verify_tokens, positions, tree_mask, depths, valid = verification_inputs(
+        verify_tokens, positions, tree_mask, ancestors, depths, valid = verification_inputs(
             tree, last_token, last_position, active)
         logits, cache = forward(model, verify_tokens, positions=positions, cache=cache, tree_mask=tree_mask,
                                 implementation=static.implementation)
-        verdict = accept_tree(static.rule, logits, tree, valid, accept_key, static.typical)
+        verdict = accept_tree(static.rule, logits, tree, valid, accept_key, static.typical,
+                              ancestors=ancestors, depths=depths)
         count = jnp.where(active, verdict.num_accepted, 0)
         # Keep the root and the accepted path (slot of verify token t = committed + t).
         path_t = jnp.where(verdict.path >= 0, verdict.path + 1, 0)

@@ -61,33 +61,32 @@ def chain(tokens: Int[Array, "B D"], lengths: Int[Array, " B"],
 def ancestry(tree: DraftTree) -> tuple[Bool[Array, "B W W"], Int[Array, "B W"], Bool[Array, "B W"]]:
     """(ancestors, depths, valid): ancestors[b, j, i] = node i is node j or one of its
     ancestors; depth 1 = child of the root; a node whose parent does not exist (or
-    is not earlier in the order) does not exist either."""
+    is not earlier in the order) does not exist either.
+
+    The closure is computed by repeated squaring of the parent relation
+    (ceil(log2 W) boolean matrix products, no sequential loop over nodes)."""
     b, w = tree.tokens.shape
-    eye = jnp.eye(w, dtype=jnp.bool_)
-
-    def step(carry, j):  # noqa: ANN001, ANN202
-        anc, ok = carry
-        parent = tree.parents[:, j]
-        has_parent = parent >= 0
-        parent_row = jnp.take_along_axis(anc, jnp.clip(parent, 0, w - 1)[:, None, None], axis=1)[:, 0]
-        parent_ok = jnp.where(has_parent, jnp.take_along_axis(ok, jnp.clip(parent, 0, w - 1)[:, None], 1)[:, 0]
-                              & (parent < j), True)
-        node_ok = tree.valid[:, j] & parent_ok & (parent >= -1)
-        row = eye[j][None, :] | (has_parent[:, None] & parent_row)
-        return (anc.at[:, j].set(row), ok.at[:, j].set(node_ok)), None
-
-    init = (jnp.zeros((b, w, w), jnp.bool_), jnp.zeros((b, w), jnp.bool_))
-    (anc, ok), _ = jax.lax.scan(step, init, jnp.arange(w))
+    index = jnp.arange(w, dtype=jnp.int32)
+    parents = tree.parents.astype(jnp.int32)
+    ordered = (parents >= -1) & (parents < index[None, :])
+    edge = (parents[:, :, None] == index[None, None, :]) & ordered[:, :, None]  # j -> its parent i
+    anc = edge | jnp.eye(w, dtype=jnp.bool_)[None]
+    for _ in range(max(1, int(np.ceil(np.log2(max(w, 2)))))):
+        reach = jnp.einsum("bjk,bki->bji", anc.astype(jnp.float32), anc.astype(jnp.float32))
+        anc = anc | (reach > 0)
+    exists = tree.valid & ordered
+    valid = ~jnp.any(anc & ~exists[:, None, :], axis=-1)
     depths = jnp.sum(anc, axis=-1, dtype=jnp.int32)
-    return anc, depths, ok
+    return anc, depths, valid
 
 
 def verification_inputs(
     tree: DraftTree, root_token: Int[Array, " B"], root_position: Int[Array, " B"], active: Bool[Array, " B"]
-) -> tuple[Int[Array, "B T"], Int[Array, "B T"], Bool[Array, "B T T"], Int[Array, "B W"], Bool[Array, "B W"]]:
+) -> tuple[Int[Array, "B T"], Int[Array, "B T"], Bool[Array, "B T T"], Bool[Array, "B W W"], Int[Array, "B W"],
+           Bool[Array, "B W"]]:
     """Tokens, positions and the [B, T, T] visibility (T = 1 + W, index 0 the root) of
-    the verification forward, plus node depths and existence. Inactive rows and
-    missing nodes get position -1 (never attended)."""
+    the verification forward, plus the tree's ancestry (ancestors, depths,
+    existence). Inactive rows and missing nodes get position -1 (never attended)."""
     anc, depths, valid = ancestry(tree)
     valid &= active[:, None]
     b, w = tree.tokens.shape
@@ -96,7 +95,7 @@ def verification_inputs(
     positions = jnp.concatenate([jnp.where(active, root_position, -1)[:, None], node_pos], axis=1)
     top = jnp.zeros((b, 1, 1 + w), jnp.bool_).at[:, 0, 0].set(True)
     below = jnp.concatenate([jnp.ones((b, w, 1), jnp.bool_), anc], axis=2)
-    return tokens, positions.astype(jnp.int32), jnp.concatenate([top, below], axis=1), depths, valid
+    return tokens, positions.astype(jnp.int32), jnp.concatenate([top, below], axis=1), anc, depths, valid
 
 
 def check_tree(tree: DraftTree, vocab_size: int | None = None) -> None:

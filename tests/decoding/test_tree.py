@@ -45,7 +45,7 @@ def test_missing_parent_removes_its_subtree() -> None:
 
 def test_verification_inputs_positions_and_visibility() -> None:
     tree = _tree([-1, -1, 0])
-    tokens, positions, mask, depths, valid = verification_inputs(
+    tokens, positions, mask, _, depths, valid = verification_inputs(
         tree, jnp.asarray([7]), jnp.asarray([20]), jnp.asarray([True]))
     assert tokens[0].tolist() == [7, 10, 11, 12]
     assert positions[0].tolist() == [20, 21, 21, 22]

@@ -180,3 +180,12 @@ def test_typical_acceptance_accepts_plausible_tokens_only() -> None:
         TypicalAcceptance(epsilon=0.0)
     with pytest.raises(ValueError, match="delta"):
         TypicalAcceptance(delta=-1.0)
+
+
+def test_greedy_prefers_the_deeper_of_duplicate_siblings() -> None:
+    # root -> {0: tok 1, 1: tok 1}; node 1 -> {2: tok 3}: the path through node 1 is longer.
+    tree = _tree([[1, 1, 3]], [[-1, -1, 1]])
+    logits = _one_hot_logits([1, 3, 3, 4])
+    verdict = _accept(Greedy(), logits, tree)
+    assert int(verdict.num_accepted[0]) == 2 and verdict.path[0, :2].tolist() == [1, 2]
+    assert int(verdict.next_token[0]) == 4
