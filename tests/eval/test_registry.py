@@ -16,7 +16,8 @@ from efficient.eval import cache_memory, perplexity
 BYTE_MODEL = dict(vocab_size=259, eos_token_ids=(258,), pad_token_id=256)
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]]
 # What the harness can hand a decoder that declares `needs`.
-RESOURCES = {"draft_model": lambda: tiny_model(seed=1, **BYTE_MODEL)}
+RESOURCES = {"draft_model": lambda: tiny_model(seed=1, **BYTE_MODEL),
+             "calibration_tokens": lambda: np.arange(2 * 24, dtype=np.int32).reshape(2, 24) % 250}
 
 
 def test_built_in_variants_are_registered() -> None:
