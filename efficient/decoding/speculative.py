@@ -40,8 +40,8 @@ from efficient.decoding.generate import (
 from efficient.decoding.generate import _Static as PrefillStatic
 from efficient.decoding.prompts import bucket_length
 from efficient.decoding.sampling import Greedy, SamplingRule
-from efficient.decoding.tree import check_tree_size, verification_inputs
-from efficient.decoding.verify import TypicalAcceptance, accept_tree
+from efficient.decoding.tree import DraftTree, check_tree_size, verification_inputs
+from efficient.decoding.verify import TypicalAcceptance, Verdict, accept_tree
 from efficient.models.forward import forward
 from efficient.models.llama import LlamaModel
 
@@ -101,6 +101,59 @@ def _initial_history(tokens: jax.Array, lengths: jax.Array, first: jax.Array, ca
     return history.at[jnp.arange(b), lengths].set(first, mode="drop")
 
 
+def verify_widths(tree_size: int, is_chain: bool) -> tuple[int, ...]:
+    """Draft widths the verification forward is compiled for: a chain step runs the
+    narrowest that holds every row's draft (on CPU a T-token forward costs far more
+    than a 1-token one once T > 2); a tree always runs at full width."""
+    if not is_chain:
+        return (tree_size,)
+    return tuple(sorted({0, max(1, tree_size // 4), tree_size}))
+
+
+def _verify(model: LlamaModel, static: _SpecStatic, tree: DraftTree, last_token: jax.Array,
+            last_position: jax.Array, active: jax.Array, cache: KVCache, key: jax.Array) -> tuple:
+    """One target forward over root + tree, then acceptance."""
+    tokens, positions, tree_mask, ancestors, depths, valid = verification_inputs(
+        tree, last_token, last_position, active)
+    logits, cache = forward(model, tokens, positions=positions, cache=cache, tree_mask=tree_mask,
+                            implementation=static.implementation)
+    verdict = accept_tree(static.rule, logits, tree, valid, key, static.typical, ancestors=ancestors, depths=depths)
+    return tokens, logits, verdict, depths, valid, cache
+
+
+def _verify_narrowest(model: LlamaModel, static: _SpecStatic, drafter: Drafter, tree: DraftTree,
+                      last_token: jax.Array, last_position: jax.Array, active: jax.Array, cache: KVCache,
+                      key: jax.Array) -> tuple:
+    """`_verify` at the narrowest compiled width holding every active row's chain (the
+    outputs padded back to the tree's width: missing nodes, logits 0, path -1)."""
+    w = tree.size
+    widths = verify_widths(w, drafter.is_chain)
+    if len(widths) == 1:
+        return _verify(model, static, tree, last_token, last_position, active, cache, key)
+    needed = jnp.max(jnp.where(active, jnp.sum(tree.valid, axis=1), 0))
+    branch = jnp.sum(jnp.asarray(widths) < needed)
+
+    def run_width(width: int):  # noqa: ANN202
+        def run(cache: KVCache) -> tuple:
+            narrow = jax.tree_util.tree_map(lambda x: x[:, :width], tree)
+            if width == 0:  # the root alone: a plain decode step
+                narrow = DraftTree(tokens=tree.tokens[:, :1], parents=tree.parents[:, :1],
+                                   valid=jnp.zeros_like(tree.valid[:, :1]),
+                                   probs=None if tree.probs is None else tree.probs[:, :1])
+            tokens, logits, verdict, depths, valid, cache = _verify(
+                model, static, narrow, last_token, last_position, active, cache, key)
+            pad = w - narrow.size
+            pad_nodes = lambda x, value: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2),  # noqa: E731
+                                                 constant_values=value)
+            verdict = Verdict(path=pad_nodes(verdict.path, -1), num_accepted=verdict.num_accepted,
+                              next_token=verdict.next_token)
+            return (pad_nodes(tokens, 0), pad_nodes(logits, 0.0), verdict, pad_nodes(depths, 0),
+                    pad_nodes(valid, False), cache)
+        return run
+
+    return jax.lax.switch(branch, [run_width(width) for width in widths], cache)
+
+
 @jax.jit(static_argnums=0, donate_argnums=(7,))
 def _speculative_loop(static: _SpecStatic, params, drafter: Drafter, tokens, first, prompt_lengths,  # noqa: ANN001, ANN202
                       max_new, cache, key, stop_ids):
@@ -136,12 +189,8 @@ def _speculative_loop(static: _SpecStatic, params, drafter: Drafter, tokens, fir
         tree, drafter_state, cache = drafter.propose(s.drafter_state, ctx)
         committed = s.cache.lengths
         cache = cache.truncate(committed)
-        verify_tokens, positions, tree_mask, ancestors, depths, valid = verification_inputs(
-            tree, last_token, last_position, active)
-        logits, cache = forward(model, verify_tokens, positions=positions, cache=cache, tree_mask=tree_mask,
-                                implementation=static.implementation)
-        verdict = accept_tree(static.rule, logits, tree, valid, accept_key, static.typical,
-                              ancestors=ancestors, depths=depths)
+        verify_tokens, logits, verdict, depths, valid, cache = _verify_narrowest(
+            model, static, drafter, tree, last_token, last_position, active, cache, accept_key)
         count = jnp.where(active, verdict.num_accepted, 0)
         # Keep the root and the accepted path (slot of verify token t = committed + t).
         path_t = jnp.where(verdict.path >= 0, verdict.path + 1, 0)
