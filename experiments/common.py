@@ -36,6 +36,14 @@ class ExperimentResult:
     figures: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def check_positive(owner: object, *names: str, minimum: int = 1) -> None:
+    """ValueError naming `Owner.field` unless each named field is an int >= minimum."""
+    for name in names:
+        value = getattr(owner, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{type(owner).__name__}.{name}: expected an int >= {minimum}, got {value!r}")
+
+
 def load_model(path: str | Path, *, dtype: str | None = None, key: str = "config.model.path") -> LlamaModel:
     """An HF checkpoint folder as a model; FileNotFoundError naming the config key and path."""
     folder = Path(path)

@@ -35,19 +35,13 @@ from efficient.eval import (
 from efficient.models import LlamaModel
 from experiments.common import (
     ExperimentResult,
+    check_positive,
     code_prompts,
     format_table,
     load_documents,
     load_model,
     load_tokenizer_for,
 )
-
-
-def _positive(owner: object, *names: str) -> None:
-    for name in names:
-        value = getattr(owner, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{type(owner).__name__}.{name}: expected a positive int, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +52,7 @@ class GenerationSettings:
     repeats: int
 
     def __post_init__(self) -> None:
-        _positive(self, "num_prompts", "prompt_tokens", "max_new_tokens", "repeats")
+        check_positive(self, "num_prompts", "prompt_tokens", "max_new_tokens", "repeats")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +63,7 @@ class PerplexitySettings:
     chunk: int
 
     def __post_init__(self) -> None:
-        _positive(self, "seq_len", "max_windows", "batch_size", "chunk")
+        check_positive(self, "seq_len", "max_windows", "batch_size", "chunk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +76,7 @@ class RetrievalSettings:
     max_new_tokens: int = 8
 
     def __post_init__(self) -> None:
-        _positive(self, "context_tokens", "samples", "batch_size", "max_new_tokens")
+        check_positive(self, "context_tokens", "samples", "batch_size", "max_new_tokens")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,16 +41,16 @@ from efficient.data.code_tasks import TASK_KINDS, CodePrompt, build_prompts, com
 from efficient.decoding import GenerateOutput
 from efficient.eval import prefix_agreement
 from efficient.models import LlamaModel
-from experiments.common import ExperimentResult, format_table, load_documents, load_model, load_tokenizer_for
+from experiments.common import (
+    ExperimentResult,
+    check_positive,
+    format_table,
+    load_documents,
+    load_model,
+    load_tokenizer_for,
+)
 
 BASELINES = ("greedy", "sample")
-
-
-def _positive(owner: object, *names: str, minimum: int = 1) -> None:
-    for name in names:
-        value = getattr(owner, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"{type(owner).__name__}.{name}: expected an int >= {minimum}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ class TaskSettings:
     editing_min_lines: int
 
     def __post_init__(self) -> None:
-        _positive(self, "prompts_per_kind", "prompt_tokens", "editing_max_tokens", "editing_min_lines")
+        check_positive(self, "prompts_per_kind", "prompt_tokens", "editing_max_tokens", "editing_min_lines")
         bad = [k for k in self.kinds if k not in TASK_KINDS]
         if not self.kinds or bad or len(set(self.kinds)) != len(self.kinds):
             raise ValueError(f"config.tasks.kinds: expected distinct names among {TASK_KINDS}, got {self.kinds!r}")
@@ -76,8 +76,8 @@ class GenerationSettings:
     warmup: int
 
     def __post_init__(self) -> None:
-        _positive(self, "max_new_tokens", "repeats")
-        _positive(self, "warmup", minimum=0)
+        check_positive(self, "max_new_tokens", "repeats")
+        check_positive(self, "warmup", minimum=0)
         if not self.batch_sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1
                                        for b in self.batch_sizes):
             raise ValueError(f"config.generation.batch_sizes: expected positive ints, got {self.batch_sizes!r}")
@@ -90,7 +90,7 @@ class CalibrationSettings:
     tokens: int
 
     def __post_init__(self) -> None:
-        _positive(self, "rows", "tokens")
+        check_positive(self, "rows", "tokens")
 
 
 @dataclasses.dataclass(frozen=True)
