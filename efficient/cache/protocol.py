@@ -14,7 +14,7 @@ a caller can name the slots of what it just wrote (the speculative verifier
 commits an accepted tree path with `select` this way). The view is indexed by slot: entry s of `view(layer)` is slot s (what
 `reserve` returned), so a mask over new tokens can be placed by their slots.
 Speculative decoding rolls back with `truncate(lengths)` and compacts an
-accepted tree path with `select(source_slots, counts)`.
+accepted tree path with `select(source_slots, counts, start)`.
 """
 
 from __future__ import annotations

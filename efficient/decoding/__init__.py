@@ -2,6 +2,7 @@
 
 from efficient.decoding.generate import TRACE_COUNTS, GenerateOutput, GenerateStats, generate
 from efficient.decoding.prompts import PromptBatch, bucket_length, make_prompt_batch
+from efficient.decoding.speculative import SpeculativeStats, speculative_generate
 from efficient.decoding.sampling import Greedy, Sample, SamplingRule, sample_tokens, sampling_from_dict
 
 __all__ = [
@@ -17,4 +18,6 @@ __all__ = [
     "make_prompt_batch",
     "sample_tokens",
     "sampling_from_dict",
+    "speculative_generate",
+    "SpeculativeStats",
 ]

@@ -39,7 +39,7 @@ from efficient.decoding.generate import (
 )
 from efficient.decoding.generate import _Static as PrefillStatic
 from efficient.decoding.prompts import bucket_length
-from efficient.decoding.sampling import Greedy, SamplingRule
+from efficient.decoding.sampling import Greedy, SamplingRule, sample_tokens
 from efficient.decoding.tree import DraftTree, check_tree_size, verification_inputs
 from efficient.decoding.verify import TypicalAcceptance, Verdict, accept_tree
 from efficient.models.forward import forward
@@ -121,6 +121,42 @@ def _verify(model: LlamaModel, static: _SpecStatic, tree: DraftTree, last_token:
     return tokens, logits, verdict, depths, valid, cache
 
 
+def _pad_nodes(w: int, tokens: jax.Array, logits: jax.Array, verdict: Verdict, depths: jax.Array,
+               valid: jax.Array) -> tuple:
+    """Pad a narrow verification's node axis to the tree's width (missing nodes, logits 0, path -1)."""
+    pad = w - valid.shape[1]
+
+    def nodes(x: jax.Array, value: object) -> jax.Array:
+        return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=value)
+
+    verdict = Verdict(path=nodes(verdict.path, -1), num_accepted=verdict.num_accepted, next_token=verdict.next_token)
+    return nodes(tokens, 0), nodes(logits, 0.0), verdict, nodes(depths, 0), nodes(valid, False)
+
+
+def _root_only(model: LlamaModel, static: _SpecStatic, tree: DraftTree, last_token: jax.Array,
+               last_position: jax.Array, active: jax.Array, cache: KVCache, key: jax.Array) -> tuple:
+    """No row has a draft: a plain one-token decode step, shaped like `_verify`'s outputs."""
+    b = last_token.shape[0]
+    positions = jnp.where(active, last_position, -1)[:, None]
+    logits, cache = forward(model, last_token[:, None].astype(jnp.int32), positions=positions, cache=cache,
+                            implementation=static.implementation)
+    next_token = sample_tokens(static.rule, logits[:, 0], key)
+    verdict = Verdict(path=jnp.full((b, 0), -1, jnp.int32), num_accepted=jnp.zeros((b,), jnp.int32),
+                      next_token=next_token)
+    tokens = last_token[:, None].astype(jnp.int32)
+    empty = jnp.zeros((b, 0), jnp.int32)
+    return _pad_nodes(tree.size, tokens, logits, verdict, empty, empty.astype(bool)) + (cache,)
+
+
+def _as_chain(tree: DraftTree) -> DraftTree:
+    """Enforce what `is_chain` promises (node i follows i - 1; existing nodes form a prefix),
+    so a chain commit by `truncate` keeps exactly the accepted slots."""
+    w = tree.size
+    parents = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32) - 1, tree.parents.shape)
+    valid = jnp.cumprod(tree.valid.astype(jnp.int32), axis=1).astype(bool)
+    return DraftTree(tokens=tree.tokens, parents=parents, valid=valid, probs=tree.probs)
+
+
 def _verify_narrowest(model: LlamaModel, static: _SpecStatic, drafter: Drafter, tree: DraftTree,
                       last_token: jax.Array, last_position: jax.Array, active: jax.Array, cache: KVCache,
                       key: jax.Array) -> tuple:
@@ -135,20 +171,12 @@ def _verify_narrowest(model: LlamaModel, static: _SpecStatic, drafter: Drafter, 
 
     def run_width(width: int):  # noqa: ANN202
         def run(cache: KVCache) -> tuple:
+            if width == 0:
+                return _root_only(model, static, tree, last_token, last_position, active, cache, key)
             narrow = jax.tree_util.tree_map(lambda x: x[:, :width], tree)
-            if width == 0:  # the root alone: a plain decode step
-                narrow = DraftTree(tokens=tree.tokens[:, :1], parents=tree.parents[:, :1],
-                                   valid=jnp.zeros_like(tree.valid[:, :1]),
-                                   probs=None if tree.probs is None else tree.probs[:, :1])
             tokens, logits, verdict, depths, valid, cache = _verify(
                 model, static, narrow, last_token, last_position, active, cache, key)
-            pad = w - narrow.size
-            pad_nodes = lambda x, value: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2),  # noqa: E731
-                                                 constant_values=value)
-            verdict = Verdict(path=pad_nodes(verdict.path, -1), num_accepted=verdict.num_accepted,
-                              next_token=verdict.next_token)
-            return (pad_nodes(tokens, 0), pad_nodes(logits, 0.0), verdict, pad_nodes(depths, 0),
-                    pad_nodes(valid, False), cache)
+            return _pad_nodes(w, tokens, logits, verdict, depths, valid) + (cache,)
         return run
 
     return jax.lax.switch(branch, [run_width(width) for width in widths], cache)
@@ -187,6 +215,8 @@ def _speculative_loop(static: _SpecStatic, params, drafter: Drafter, tokens, fir
         ctx = DraftContext(history=s.history, last_position=last_position, last_token=last_token,
                            active=active, key=draft_key, target=model, cache=s.cache, rule=static.rule)
         tree, drafter_state, cache = drafter.propose(s.drafter_state, ctx)
+        if drafter.is_chain:
+            tree = _as_chain(tree)
         committed = s.cache.lengths
         cache = cache.truncate(committed)
         verify_tokens, logits, verdict, depths, valid, cache = _verify_narrowest(
@@ -260,8 +290,8 @@ def speculative_generate(
     sampling: Greedy() reproduces greedy decoding exactly; a Sample rule draws
         from the target's filtered law exactly (lossless rejection sampling),
         unless `typical` (Medusa's typical acceptance, lossy) is given.
-    capacity: default prompt bucket + max_new_tokens + the drafter's tree size,
-        rounded up to a power of two.
+    capacity: default max(prompt bucket, longest prompt + max_new_tokens + tree
+        size + 1), rounded up to a power of two.
     Returns a GenerateOutput whose `stats` is a `SpeculativeStats`.
     """
     if not isinstance(drafter, Drafter):
@@ -275,6 +305,13 @@ def speculative_generate(
                               stop_tokens=stop_tokens, pad_id=pad_id, prompt_lengths=prompt_lengths,
                               implementation=implementation, extra_slots=drafter.tree_size + 1)
     batch, max_new = request.batch, request.max_new
+    reach = int((batch.lengths + max_new).max()) + drafter.tree_size
+    if config.rope.rope_type == "dynamic" and reach > config.max_position_embeddings:
+        # Dynamic NTK scales RoPE by the largest position in a forward: tree nodes past the
+        # limit would change the committed tokens' keys, and the output would differ.
+        raise ValueError(f"rope_type 'dynamic': prompt + max_new_tokens + tree ({reach} positions) exceeds "
+                         f"max_position_embeddings {config.max_position_embeddings}; speculative decoding "
+                         "would not be lossless there")
     b = batch.batch_size
     kv_cache = (cache or DenseKVCache.for_model)(config, b, request.capacity)
     graphdef, params = nnx.split(model)

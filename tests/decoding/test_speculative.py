@@ -21,7 +21,7 @@ from efficient.decoding.drafters import DraftModelDrafter
 from efficient.decoding.speculative import speculative_generate
 from efficient.decoding.tree import MAX_TREE_NODES
 from efficient.decoding.verify import TypicalAcceptance
-from efficient.models import forward
+from efficient.models import RopeConfig, forward
 
 MAX_NEW = 24
 
@@ -193,3 +193,7 @@ def test_bad_input() -> None:
         speculative_generate(target, SINGLE_PROMPT, drafter=drafter, max_new_tokens=4, typical=0.5)
     with pytest.raises(TypeError, match="draft"):
         DraftModelDrafter.create("not a model", target.config)  # type: ignore[arg-type]
+    dynamic = tiny_model(0, rope=RopeConfig(rope_type="dynamic", factor=2.0), max_position_embeddings=20)
+    with pytest.raises(ValueError, match="dynamic"):
+        speculative_generate(dynamic, SINGLE_PROMPT, drafter=DraftModelDrafter.create(dynamic, dynamic.config),
+                             max_new_tokens=12)

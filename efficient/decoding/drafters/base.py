@@ -12,6 +12,8 @@ the jitted decode loop the loop calls, per row batch:
 `propose` may write into the target's cache beyond the committed length (a
 self-speculative draft does); the loop truncates it back before verifying.
 Trees have a static size `tree_size` (W nodes) and depth at most `max_depth`.
+A drafter whose `is_chain` is True is committed by `truncate`; the loop
+enforces the chain shape (parents i - 1, existing nodes a prefix).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Self-speculative decoding by layer skipping: the target drafts for itself with some
-decoder layers skipped (Draft & Verify, Zhang et al. 2023; SWIFT, Xia et al. 2025).
+decoder layers skipped (Draft & Verify, Zhang et al. 2023; SWIFT, Xia et al. 2024).
 
     calibration = calibrate_skip_layers(target, calibration_tokens, length=4)
     drafter = LayerSkipDrafter.create(target.config, skip_layers=calibration.skip_layers, length=4)
