@@ -271,14 +271,24 @@ def generate(
     )
     out, num_generated, stopped, steps = jax.device_get((out, num_generated, stopped, steps))
     decode_seconds = time.perf_counter() - start
-    width = int(max_new.max())
-    stats = GenerateStats(
+    return finish_output(request, out, num_generated, stopped, steps, prefill_seconds, decode_seconds)
+
+
+def finish_output(request: Request, out: np.ndarray, num_generated: np.ndarray, stopped: np.ndarray,
+                  steps: int, prefill_seconds: float, decode_seconds: float,
+                  stats_type: type[GenerateStats] = GenerateStats, **extra_stats: object) -> GenerateOutput:
+    """The host-side result of a decode loop: tokens cut to max_new_tokens and the stats
+    (`stats_type` with `extra_stats`, e.g. a speculative loop's counters)."""
+    batch = request.batch
+    stats = stats_type(
         target_forwards=1 + int(steps),
         prompt_tokens=int(batch.lengths.sum()),
-        generated_tokens=int(num_generated.sum()),
+        generated_tokens=int(np.sum(num_generated)),
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
-        batch_size=b,
+        batch_size=batch.batch_size,
+        **extra_stats,
     )
+    width = int(request.max_new.max())
     return GenerateOutput(tokens=np.asarray(out)[:, :width], lengths=np.asarray(num_generated),
                           stopped=np.asarray(stopped), stats=stats)

@@ -34,6 +34,7 @@ from efficient.decoding.generate import (
     GenerateOutput,
     GenerateStats,
     _stop_hit,
+    finish_output,
     prepare_request,
     run_prefill,
 )
@@ -328,18 +329,7 @@ def speculative_generate(
     out, num_generated, stopped, counters = jax.device_get((out, num_generated, stopped, counters))
     decode_seconds = time.perf_counter() - start
     steps, accepted, row_steps, proposed_d, accepted_d = counters
-    stats = SpeculativeStats(
-        target_forwards=1 + int(steps),
-        prompt_tokens=int(batch.lengths.sum()),
-        generated_tokens=int(num_generated.sum()),
-        prefill_seconds=prefill_seconds,
-        decode_seconds=decode_seconds,
-        batch_size=b,
-        draft_tokens_accepted=int(accepted.sum()),
-        row_steps=int(row_steps.sum()),
-        proposed_by_depth=tuple(int(x) for x in proposed_d),
-        accepted_by_depth=tuple(int(x) for x in accepted_d),
-    )
-    width = int(max_new.max())
-    return GenerateOutput(tokens=np.asarray(out)[:, :width], lengths=np.asarray(num_generated),
-                          stopped=np.asarray(stopped), stats=stats)
+    return finish_output(request, out, num_generated, stopped, steps, prefill_seconds, decode_seconds,
+                         SpeculativeStats, draft_tokens_accepted=int(accepted.sum()),
+                         row_steps=int(row_steps.sum()), proposed_by_depth=tuple(int(x) for x in proposed_d),
+                         accepted_by_depth=tuple(int(x) for x in accepted_d))
