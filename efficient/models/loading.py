@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +92,84 @@ def load_config(path: str | os.PathLike[str], dtype: str | None = None) -> Model
     return ModelConfig.from_hf_file(config_file, dtype=dtype)
 
 
+class TensorSource(Protocol):
+    """Tensors under their Hugging Face names, read lazily (one at a time) by the loader.
+
+    A safetensors folder and a GGUF file both present themselves this way, so one
+    function (`load_tensors`) puts tensors into the model for every file format.
+    `get(name)` returns a numpy array in the HF layout ([out, in] for linear weights).
+    """
+
+    location: str
+
+    def names(self) -> Iterable[str]: ...
+
+    def get(self, name: str) -> np.ndarray: ...
+
+
+class SafetensorsSource:
+    """The tensors of an HF checkpoint folder (one file, or shards with an index)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.location = str(folder)
+        self._files = _tensor_files(folder)
+        self._handles: dict[Path, Any] = {}
+
+    def names(self) -> Iterable[str]:
+        return self._files.keys()
+
+    def get(self, name: str) -> np.ndarray:
+        file = self._files[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="numpy").__enter__()
+        return self._handles[file].get_tensor(name)
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
+
+def load_tensors(config: ModelConfig, source: TensorSource) -> LlamaModel:
+    """A model for `config` with every parameter read from `source` (cast to config.dtype).
+
+    Each parameter must be present with the right shape; tensors the config does not
+    use are refused. Errors name the tensor and `source.location`.
+    """
+    target_dtype = jnp.dtype(config.dtype)
+    model = nnx.eval_shape(lambda: LlamaModel(config, rngs=nnx.Rngs(0)))
+    available = set(source.names())
+    expected = set()
+    for name, attr_path, transpose in _param_map(config):
+        expected.add(name)
+        if name not in available:
+            raise CheckpointError(f"tensor {name!r} is missing from checkpoint {source.location!r}")
+        tensor = source.get(name)
+        if transpose:
+            tensor = tensor.T
+        variable = _get_variable(model, attr_path)
+        want = tuple(variable.get_value().shape)
+        if tuple(tensor.shape) != want:
+            shape = tuple(tensor.T.shape if transpose else tensor.shape)
+            raise CheckpointError(
+                f"tensor {name!r} in {source.location!r} has shape {shape}, expected "
+                f"{want[::-1] if transpose else want} for this config"
+            )
+        variable.set_value(jnp.asarray(tensor, dtype=target_dtype))
+    unexpected = sorted(
+        name for name in available
+        if name not in expected
+        and not name.endswith(_IGNORED_SUFFIXES)
+        and not (config.tie_embeddings and name == "lm_head.weight")
+    )
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint {source.location!r} has tensors this config does not use: {unexpected[:8]}"
+            + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else "")
+        )
+    return model
+
+
 def from_pretrained(path: str | os.PathLike[str], dtype: str | None = None) -> LlamaModel:
     """Load a local HF checkpoint folder (Llama, Mistral, Qwen2, Qwen3) into a model.
 
@@ -100,46 +178,11 @@ def from_pretrained(path: str | os.PathLike[str], dtype: str | None = None) -> L
     """
     folder = Path(path)
     config = load_config(folder, dtype=dtype)
-    target_dtype = jnp.dtype(config.dtype)
-    model = nnx.eval_shape(lambda: LlamaModel(config, rngs=nnx.Rngs(0)))
-    files = _tensor_files(folder)
-    expected = set()
-    handles: dict[Path, Any] = {}
+    source = SafetensorsSource(folder)
     try:
-        for name, attr_path, transpose in _param_map(config):
-            expected.add(name)
-            if name not in files:
-                raise CheckpointError(f"tensor {name!r} is missing from checkpoint {str(folder)!r}")
-            file = files[name]
-            if file not in handles:
-                handles[file] = safe_open(file, framework="flax").__enter__()
-            tensor = handles[file].get_tensor(name)
-            if transpose:
-                tensor = tensor.T
-            variable = _get_variable(model, attr_path)
-            want = tuple(variable.get_value().shape)
-            if tuple(tensor.shape) != want:
-                shape = tuple(tensor.T.shape if transpose else tensor.shape)
-                raise CheckpointError(
-                    f"tensor {name!r} has shape {shape}, expected "
-                    f"{want[::-1] if transpose else want} for this config"
-                )
-            variable.set_value(jnp.asarray(tensor, dtype=target_dtype))
+        return load_tensors(config, source)
     finally:
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
-    unexpected = sorted(
-        name for name in files
-        if name not in expected
-        and not name.endswith(_IGNORED_SUFFIXES)
-        and not (config.tie_embeddings and name == "lm_head.weight")
-    )
-    if unexpected:
-        raise CheckpointError(
-            f"checkpoint {str(folder)!r} has tensors this config does not use: {unexpected[:8]}"
-            + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else "")
-        )
-    return model
+        source.close()
 
 
 def to_hf_config(config: ModelConfig) -> dict[str, Any]:
