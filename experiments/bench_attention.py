@@ -23,7 +23,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import efficient.attention.backends  # noqa: E402, F401  (registers pallas_tpu, cudnn)
-from efficient.attention import attention  # noqa: E402
+from efficient.attention import DenseView, attention  # noqa: E402
 from efficient.eval.timing import median_seconds  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_attention.py")
@@ -75,7 +75,7 @@ def prefill_fn(name: str, causal: bool) -> Callable:
         raise NotImplementedError(f"{name} is not a prefill kernel")
     from efficient.attention import AttentionSpec
 
-    return lambda q, k, v: attention(q, k, v, spec=AttentionSpec(causal=causal), implementation=name)
+    return lambda q, k, v: attention(q, DenseView(k, v), spec=AttentionSpec(causal=causal), implementation=name)
 
 
 def decode_fn(name: str) -> Callable:
@@ -87,7 +87,7 @@ def decode_fn(name: str) -> Callable:
         return lambda q, k, v: gqa(q[:, 0], k, v)[:, None]
     if name.startswith("jax_ops_"):
         raise NotImplementedError(f"{name} is not a decode kernel")
-    return lambda q, k, v: attention(q, k, v, implementation=name)
+    return lambda q, k, v: attention(q, DenseView(k, v), implementation=name)
 
 
 def _measure(make: Callable, args: tuple, grad: bool, cfg) -> tuple[float | None, str]:  # noqa: ANN001

@@ -10,10 +10,13 @@ from efficient.attention.dispatcher import (
 )
 from efficient.attention.reference import attention_reference
 from efficient.attention.spec import AttentionSpec, default_positions, visibility_mask
+from efficient.attention.views import DenseView, KVView
 
 __all__ = [
     "DEFAULT_ORDER",
     "AttentionSpec",
+    "DenseView",
+    "KVView",
     "attention",
     "attention_reference",
     "default_positions",

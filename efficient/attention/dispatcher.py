@@ -1,4 +1,4 @@
-"""One entry point for attention: `attention(q, k, v, *, spec, ..., implementation)`.
+"""One entry point for attention: `attention(q, view, *, spec, ..., implementation)`.
 
 Implementations register under a name. `implementation` is a name, an ordered
 sequence of names, or None (the default order for the current backend). Each
@@ -18,6 +18,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from efficient.attention.reference import attention_reference
 from efficient.attention.spec import AttentionSpec, validate_inputs
+from efficient.attention.views import DenseView, KVView
 from efficient.attention.xla import attention_xla
 
 class AttentionImplementation(Protocol):
@@ -74,19 +75,24 @@ def resolve_order(implementation: str | Sequence[str] | None) -> tuple[str, ...]
 
 def attention(
     q: Float[Array, "B T N H"],
-    k: Float[Array, "B S K H"],
-    v: Float[Array, "B S K H"],
+    view: KVView,
     *,
     spec: AttentionSpec = AttentionSpec(),
     q_positions: Int[Array, "B T"] | None = None,
-    kv_positions: Int[Array, "B S"] | None = None,
     q_segment_ids: Int[Array, "B T"] | None = None,
     kv_segment_ids: Int[Array, "B S"] | None = None,
     mask: Bool[Array, "B T S"] | None = None,
     return_lse: bool = False,
     implementation: str | Sequence[str] | None = None,
 ) -> Float[Array, "B T N H"] | tuple[Float[Array, "B T N H"], Float[Array, "B T N"]]:
-    """Attention by the first implementation in `implementation` that serves the case."""
+    """Attention of queries `q` over the keys/values of `view` (a `DenseView` for plain
+    arrays: `DenseView(k, v, kv_positions)`), by the first implementation in
+    `implementation` that serves the case."""
+    if not isinstance(view, DenseView):
+        raise TypeError(f"view must be a KV view such as DenseView(k, v, positions), got {type(view).__name__}")
+    if not isinstance(spec, AttentionSpec):
+        raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}: {spec!r}")
+    k, v, kv_positions = view.k, view.v, view.positions
     validate_inputs(q, k, v, q_positions, kv_positions, mask, q_segment_ids, kv_segment_ids)
     kwargs = dict(
         spec=spec,

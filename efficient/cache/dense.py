@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from efficient.cache.protocol import KVView, tree_nbytes
+from efficient.cache.protocol import DenseView, tree_nbytes
 
 
 def _rows(batch: int, width: int) -> Int[Array, "B W"]:
@@ -99,8 +99,9 @@ class DenseKVCache:
         new_v = self.v.at[layer, rows, slots].set(v.astype(self.v.dtype), mode="drop")
         return dataclasses.replace(self, k=new_k, v=new_v)
 
-    def view(self, layer: int) -> KVView:
-        return KVView(k=self.k[layer], v=self.v[layer], positions=self.positions)
+    def view(self, layer: int | Int[Array, ""]) -> DenseView:
+        """Layer `layer` (an int or a traced index) in place, with the row lengths."""
+        return DenseView(k=self.k[layer], v=self.v[layer], positions=self.positions, lengths=self.lengths)
 
     def truncate(self, lengths: Int[Array, " B"]) -> Self:
         """Keep the first `lengths[b]` slots of each row (rollback); never grows a row."""

@@ -25,17 +25,9 @@ from typing import Protocol, Self, runtime_checkable
 import jax
 from jaxtyping import Array, Float, Int
 
+from efficient.attention.views import DenseView, KVView
 
-@dataclasses.dataclass(frozen=True)
-class KVView:
-    """What the attention dispatcher consumes for one layer.
-
-    k, v: [B, S, K, H] in the compute dtype; positions: [B, S] (-1 = empty).
-    """
-
-    k: Float[Array, "B S K H"]
-    v: Float[Array, "B S K H"]
-    positions: Int[Array, "B S"]
+__all__ = ["DenseView", "KVCache", "KVView", "tree_nbytes"]
 
 
 @runtime_checkable

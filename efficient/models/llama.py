@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from efficient.attention import AttentionSpec, attention
+from efficient.attention import AttentionSpec, DenseView, attention
 from efficient.cache.protocol import KVCache
 from efficient.models.config import ModelConfig
 from efficient.models.rope import apply_rotary
@@ -72,16 +72,14 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
-            keys, values, kv_positions = k, v, positions
+            view = DenseView(k=k, v=v, positions=positions)
         else:
             cache = cache.update(self.layer, k, v, slots)
             view = cache.view(self.layer)
-            keys, values, kv_positions = view.k.astype(q.dtype), view.v.astype(q.dtype), view.positions
         out = attention(
-            q, keys, values,
+            q, view,
             spec=self.spec,
             q_positions=positions,
-            kv_positions=kv_positions,
             mask=mask,
             implementation=implementation or c.attention_implementation,
         )

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tolerances import assert_close, assert_lse_close, packed_segments, random_inputs  # noqa: E402
+from tolerances import assert_close, assert_lse_close, attention_arrays, packed_segments, random_inputs  # noqa: E402
 
 import efficient.attention.backends  # noqa: E402, F401  (registers pallas_tpu, cudnn)
 from efficient.attention import AttentionSpec, attention, attention_reference, registered_implementations  # noqa: E402
@@ -140,9 +140,9 @@ def test_forward_matches_oracle(name: str, case: Case) -> None:
     reason = unsupported(caps, case)
     if reason is not None:
         with pytest.raises(NotImplementedError):
-            attention(q, k, v, return_lse=True, implementation=name, **kw)
+            attention_arrays(q, k, v, return_lse=True, implementation=name, **kw)
         return
-    out, lse = attention(q, k, v, return_lse=True, implementation=name, **kw)
+    out, lse = attention_arrays(q, k, v, return_lse=True, implementation=name, **kw)
     ref, ref_lse = attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), return_lse=True, **kw)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_close(out, ref, case.dtype, what=str(case))

@@ -9,6 +9,8 @@ segment ids match and mask[b, t, s]. A query head n reads kv head n // G.
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 import zlib
 from collections.abc import Iterator
 
@@ -19,6 +21,8 @@ import pytest
 
 from efficient.attention import AttentionSpec, attention, attention_reference, register_implementation
 from efficient.attention import dispatcher as dispatcher_module
+sys.path.insert(0, str(Path(__file__).parent))
+from tolerances import attention_arrays  # noqa: E402
 
 # float32 compute against a float64 oracle on O(1) values with S <= 16 terms:
 # accumulated rounding is a few ulps of 1 (~1e-6); 1e-5 leaves a 10x margin.
@@ -27,7 +31,7 @@ F32_TOL = dict(rtol=1e-5, atol=1e-5)
 # Jitted entry points (one compile per case instead of one per eager op); the
 # validation tests below call the plain functions.
 REF = jax.jit(attention_reference, static_argnames=("spec", "return_lse"))
-DISPATCH = jax.jit(attention, static_argnames=("spec", "return_lse", "implementation"))
+DISPATCH = jax.jit(attention_arrays, static_argnames=("spec", "return_lse", "implementation"))
 
 
 def naive_attention(
@@ -309,7 +313,7 @@ def test_not_implemented_falls_through_to_next(fake_impls) -> None:
 def test_all_implementations_raise_lists_reasons(fake_impls) -> None:
     q, k, v = _qkv(3, 1, 4, 4, 2, 1, 8)
     with pytest.raises(NotImplementedError) as err:
-        attention(q, k, v, implementation=["_test_unsupported", "_test_also_unsupported"])
+        attention_arrays(q, k, v, implementation=["_test_unsupported", "_test_also_unsupported"])
     msg = str(err.value)
     for part in ("_test_unsupported", "fake cannot serve head_dim 8", "_test_also_unsupported",
                  "second fake refuses too"):
@@ -320,16 +324,16 @@ def test_all_implementations_raise_lists_reasons(fake_impls) -> None:
 def test_unknown_implementation_raises_value_error_naming_it() -> None:
     q, k, v = _qkv(3, 1, 2, 2, 2, 1, 4)
     with pytest.raises(ValueError, match="no_such_kernel"):
-        attention(q, k, v, implementation="no_such_kernel")
+        attention_arrays(q, k, v, implementation="no_such_kernel")
     with pytest.raises(ValueError, match="no_such_kernel"):
-        attention(q, k, v, implementation=("xla", "no_such_kernel"))
+        attention_arrays(q, k, v, implementation=("xla", "no_such_kernel"))
 
 
 @pytest.mark.parametrize("empty", [(), []])
 def test_empty_implementation_sequence_raises(empty) -> None:
     q, k, v = _qkv(3, 1, 2, 2, 2, 1, 4)
     with pytest.raises(ValueError, match="implementation"):
-        attention(q, k, v, implementation=empty)
+        attention_arrays(q, k, v, implementation=empty)
 
 
 # ------------------------------------------------------------------ bad input
@@ -360,7 +364,7 @@ def _bad_inputs():
 BAD_NAMES = list(_bad_inputs()[1])
 
 
-@pytest.mark.parametrize("fn", [attention_reference, attention], ids=["reference", "dispatcher"])
+@pytest.mark.parametrize("fn", [attention_reference, attention_arrays], ids=["reference", "dispatcher"])
 @pytest.mark.parametrize("case", BAD_NAMES)
 def test_bad_input_raises_naming_argument(case: str, fn) -> None:
     (q, k, v), cases = _bad_inputs()

@@ -48,3 +48,10 @@ def packed_segments(seed: int, b: int, t: int, s: int) -> tuple:
     total = max(s, t)
     ids = np.cumsum(rng.random((b, total)) < 4.0 / total, axis=1).astype(np.int32)
     return jnp.asarray(ids[:, total - t :]), jnp.asarray(ids[:, total - s :])
+
+
+def attention_arrays(q, k, v, *, kv_positions=None, **kw):  # noqa: ANN001, ANN003, ANN201
+    """The dispatcher called with plain arrays (wrapped in a DenseView)."""
+    from efficient.attention import DenseView, attention
+
+    return attention(q, DenseView(k, v, kv_positions), **kw)

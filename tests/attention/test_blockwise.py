@@ -1,0 +1,149 @@
+"""`attention_blockwise` against the oracle `attention_reference`.
+
+Tiny shapes (B=2, H=8) with block sizes 4 x 8 so that T and S fall just off
+block multiples; GQA ratios 1 and 3; causal, window, softcap/scale, segment
+ids, arbitrary masks, padding (-1) positions, fully masked rows, `lengths`
+with NaN in the empty slots, float32 and bfloat16 (tolerances.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tolerances import assert_close, assert_lse_close, packed_segments, random_inputs  # noqa: E402
+
+from efficient.attention.blockwise import attention_blockwise, prefers_blockwise  # noqa: E402
+from efficient.attention.reference import attention_reference  # noqa: E402
+from efficient.attention.spec import AttentionSpec  # noqa: E402
+
+BLOCKS = dict(block_q=4, block_k=8)
+BLOCKWISE = jax.jit(attention_blockwise, static_argnames=("spec", "return_lse", "block_q", "block_k"))
+REF = jax.jit(attention_reference, static_argnames=("spec", "return_lse"))
+
+
+def _case(name: str) -> tuple[int, int, int, AttentionSpec, dict]:
+    """(T, S, G, spec, numpy extras) of one named case; B=2, K=2 (G=1: N=2, G=3: N=6).
+    Each case combines several features to keep the number of compiled shapes small."""
+    rng = np.random.default_rng(len(name))
+    if name == "prefill_padded_segments":  # causal; left padding in row 1, a padded query in row 0
+        pos = np.broadcast_to(np.arange(13, dtype=np.int32), (2, 13)).copy()
+        pos[1] = np.maximum(np.arange(13) - 5, -1)
+        q_pos = pos.copy()
+        q_pos[0, 7] = -1
+        q_seg, kv_seg = packed_segments(3, 2, 13, 13)
+        return 13, 13, 3, AttentionSpec(), dict(q_positions=q_pos, kv_positions=pos,
+                                               q_segment_ids=np.asarray(q_seg), kv_segment_ids=np.asarray(kv_seg))
+    if name == "window_softcap_shuffled":  # positions not increasing along slots, empty slots between
+        kv_pos = np.stack([rng.permutation(17) for _ in range(2)]).astype(np.int32)
+        kv_pos[kv_pos >= 14] = -1
+        q_pos = np.array([[8, 9, 10, 11, 12, 13], [0, 1, 2, 3, 4, 5]], np.int32)
+        spec = AttentionSpec(window=6, softcap=1.5, scale=1.0)  # |logits| ~ 3: the cap matters
+        return 6, 17, 1, spec, dict(q_positions=q_pos, kv_positions=kv_pos)
+    if name == "mask_bidirectional":  # arbitrary mask with fully masked rows (0, 2) and (1, 5)
+        m = rng.random((2, 6, 17)) < 0.5
+        m[0, 2], m[1, 5] = False, False
+        return 6, 17, 3, AttentionSpec(causal=False), dict(mask=m)
+    if name == "t_gt_s_bidirectional":
+        return 13, 5, 1, AttentionSpec(causal=False), {}
+    raise AssertionError(name)
+
+
+CASES = ["prefill_padded_segments", "window_softcap_shuffled", "mask_bidirectional", "t_gt_s_bidirectional"]
+BF16_CASES = ["prefill_padded_segments", "mask_bidirectional"]
+
+
+def _inputs(name: str, dtype) -> tuple:  # noqa: ANN001
+    t, s, g, spec, extra = _case(name)
+    q, k, v = random_inputs(CASES.index(name), 2, t, s, 2 * g, 2, 8, dtype)
+    return q, k, v, spec, {key: jnp.asarray(val) for key, val in extra.items()}
+
+
+def _check(q, k, v, spec, kw, dtype, *, clean=None, what="") -> None:  # noqa: ANN001
+    out, lse = BLOCKWISE(q, k, v, spec=spec, return_lse=True, **BLOCKS, **kw)
+    kw = {key: val for key, val in kw.items() if key != "lengths"}
+    qr, kr, vr = (x.astype(jnp.float32) for x in (clean or (q, k, v)))
+    ref, ref_lse = REF(qr, kr, vr, spec=spec, return_lse=True, **kw)
+    assert out.dtype == q.dtype and lse.dtype == jnp.float32
+    assert not np.isnan(np.asarray(out, np.float32)).any()
+    assert_close(out, ref, dtype, what=what)
+    assert_lse_close(lse, ref_lse, what=what)
+
+
+@pytest.mark.parametrize(
+    "name, dtype",
+    [(n, jnp.float32) for n in CASES] + [(n, jnp.bfloat16) for n in BF16_CASES],
+    ids=[f"{n}-f32" for n in CASES] + [f"{n}-bf16" for n in BF16_CASES],
+)
+def test_matches_reference(name: str, dtype) -> None:  # noqa: ANN001
+    q, k, v, spec, kw = _inputs(name, dtype)
+    _check(q, k, v, spec, kw, dtype, what=name)
+
+
+def test_fully_masked_rows_are_zeros_with_lse_neg_inf() -> None:
+    q, k, v, spec, kw = _inputs("mask_bidirectional", jnp.float32)
+    out, lse = BLOCKWISE(q, k, v, spec=spec, return_lse=True, **BLOCKS, **kw)
+    for b, t in ((0, 2), (1, 5)):
+        assert np.all(np.asarray(out[b, t]) == 0.0)
+        assert np.all(np.isneginf(np.asarray(lse[b, t])))
+
+
+@pytest.mark.parametrize("t, dtype", [(1, jnp.float32), (1, jnp.bfloat16), (3, jnp.float32)],
+                         ids=["decode-f32", "decode-bf16", "chunk-f32"])
+def test_lengths_never_read_past(t: int, dtype) -> None:  # noqa: ANN001
+    """Decode (T=1) and a chunk (T=3) into a cache of capacity 37 holding 9 and 20
+    tokens (GQA 3); NaN in every slot past lengths."""
+    s, lengths = 37, np.array([9, 20], np.int32)
+    q, k, v = random_inputs(21, 2, t, s, 6, 2, 8, dtype)
+    empty = np.arange(s)[None, :] >= lengths[:, None]  # B S
+    kv_pos = np.where(empty, -1, np.arange(s)[None, :]).astype(np.int32)
+    q_pos = (lengths[:, None] - t + np.arange(t)[None, :]).astype(np.int32)
+    nan_k, nan_v = (jnp.where(jnp.asarray(empty)[:, :, None, None], jnp.nan, x).astype(dtype) for x in (k, v))
+    kw = dict(q_positions=jnp.asarray(q_pos), kv_positions=jnp.asarray(kv_pos), lengths=jnp.asarray(lengths))
+    _check(q, nan_k, nan_v, AttentionSpec(), kw, dtype, clean=(q, k, v), what=f"lengths T={t}")
+
+
+def test_skipped_key_blocks_are_never_read() -> None:
+    """Causal and window: key blocks no query can see hold NaN; a loop that read them
+    would put NaN into the output (0 * NaN in P.V), so a clean output proves the skip."""
+    q, k, v = random_inputs(5, 1, 4, 32, 6, 2, 8, jnp.float32)
+    q_pos = jnp.array([[20, 21, 22, 23]], jnp.int32)
+    kv_pos = jnp.arange(32, dtype=jnp.int32)[None]
+    poison = (kv_pos[0] >= 24) | (kv_pos[0] < 8)  # future blocks; blocks outside the window
+    nan_v = jnp.where(poison[None, :, None, None], jnp.nan, v)
+    spec = AttentionSpec(window=10)
+    out = BLOCKWISE(q, k, nan_v, spec=spec, q_positions=q_pos, kv_positions=kv_pos, **BLOCKS)
+    ref = REF(q, k, v, spec=spec, q_positions=q_pos, kv_positions=kv_pos)
+    assert_close(out, ref, jnp.float32)
+
+
+def test_default_block_sizes() -> None:
+    q, k, v = random_inputs(6, 1, 40, 40, 6, 2, 8, jnp.float32)
+    assert_close(jax.jit(attention_blockwise)(q, k, v), REF(q, k, v), jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(block_q=0), "block_q"),
+        (dict(block_k=2.5), "block_k"),
+        (dict(lengths=jnp.zeros((3,), jnp.int32)), "lengths"),
+        (dict(lengths=jnp.zeros((2,), jnp.float32)), "lengths"),
+        (dict(q_segment_ids=jnp.zeros((2, 3), jnp.int32)), "segment_ids"),
+    ],
+)
+def test_bad_input_raises_naming_argument(kwargs: dict, pattern: str) -> None:
+    q, k, v = random_inputs(7, 2, 3, 5, 4, 2, 8, jnp.float32)
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        attention_blockwise(q, k, v, **kwargs)
+
+
+def test_prefers_blockwise_threshold() -> None:
+    assert not prefers_blockwise(64, 64)
+    assert prefers_blockwise(4096, 4096)
