@@ -18,7 +18,14 @@ import numpy as np
 from flax import nnx
 
 from efficient.data import ByteTokenizer, Corpus, Document, Tokenizer, check_vocab, load_tokenizer
-from efficient.models import LlamaModel, ModelConfig, from_pretrained, save_pretrained
+from efficient.models import (
+    PACKAGED_MODELS,
+    LlamaModel,
+    ModelConfig,
+    from_pretrained,
+    resolve_model_path,
+    save_pretrained,
+)
 
 TRAIN_HINT = "train one with `python -m experiments.train --config configs/train_target.py`"
 
@@ -45,39 +52,55 @@ def check_positive(owner: object, *names: str, minimum: int = 1) -> None:
 
 
 def load_model(path: str | Path, *, dtype: str | None = None, key: str = "config.model.path") -> LlamaModel:
-    """An HF checkpoint folder as a model; FileNotFoundError naming the config key and path."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{key}: checkpoint folder {str(folder)!r} does not exist "
-                                f"({TRAIN_HINT}, or pass --{key}=<HF checkpoint folder>)")
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{key}: {str(folder)!r} has no config.json: not an HF checkpoint folder")
-    return from_pretrained(folder, dtype=dtype or None)
+    """A model from a packaged name ("smollm2"), a .gguf file or an HF checkpoint folder;
+    FileNotFoundError naming the config key and path."""
+    try:
+        resolved = resolve_model_path(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise FileNotFoundError(f"{key}: {err}") from err
+    if resolved.is_file():
+        if resolved.suffix != ".gguf":
+            raise ValueError(f"{key}: {str(resolved)!r} is a file but not a .gguf file; pass a .gguf file, "
+                             f"an HF checkpoint folder or one of {sorted(PACKAGED_MODELS)}")
+        return from_pretrained(resolved, dtype=dtype or None)
+    if not resolved.is_dir():
+        raise FileNotFoundError(f"{key}: checkpoint folder {str(resolved)!r} does not exist "
+                                f"({TRAIN_HINT}, or pass --{key}=<HF folder, .gguf file or "
+                                f"{'/'.join(sorted(PACKAGED_MODELS))}>)")
+    if not (resolved / "config.json").is_file():
+        raise FileNotFoundError(f"{key}: {str(resolved)!r} has no config.json: not an HF checkpoint folder")
+    return from_pretrained(resolved, dtype=dtype or None)
 
 
 def load_tokenizer_for(model_path: str | Path, spec: str, vocab_size: int,
                        key: str = "config.model.tokenizer") -> Tokenizer:
     """The tokenizer of a checkpoint, checked against the model's vocabulary.
 
-    spec "auto": the folder's tokenizer.json if it has one, else `ByteTokenizer`;
-    "byte": `ByteTokenizer`; anything else: a folder holding tokenizer.json.
+    spec "auto": a .gguf model's own tokenizer, else the folder's tokenizer.json if it
+    has one, else `ByteTokenizer`; "byte": `ByteTokenizer`; anything else: a .gguf file
+    or a folder holding tokenizer.json.
     ValueError naming both sizes if the tokenizer has ids the model cannot embed.
     """
-    folder = Path(model_path)
+    location = resolve_model_path(model_path)
     if spec == "auto":
-        tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else ByteTokenizer()
+        if location.is_file():
+            tokenizer = load_tokenizer(location)
+        elif (location / "tokenizer.json").is_file():
+            tokenizer = load_tokenizer(location)
+        else:
+            tokenizer = ByteTokenizer()
     elif spec == "byte":
         tokenizer = ByteTokenizer()
     else:
-        if not Path(spec).is_dir():
-            raise FileNotFoundError(f"{key}: {spec!r} is neither 'auto', 'byte' nor a folder")
+        if not (Path(spec).is_dir() or Path(spec).suffix == ".gguf" and Path(spec).is_file()):
+            raise FileNotFoundError(f"{key}: {spec!r} is neither 'auto', 'byte', a .gguf file nor a folder")
         tokenizer = load_tokenizer(spec)
     try:
         check_vocab(tokenizer, vocab_size)
     except ValueError as err:
         raise ValueError(
             f"{key}: tokenizer {tokenizer!r} has {tokenizer.vocab_size} ids but the model at "
-            f"{str(folder)!r} has vocab_size {vocab_size}; they do not belong together "
+            f"{str(location)!r} has vocab_size {vocab_size}; they do not belong together "
             f"(set --{key} to the checkpoint's tokenizer)"
         ) from err
     return tokenizer

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from efficient.data.gguf_tokenizer import GGUFTokenizer
 
 __all__ = [
     "Tokenizer",
@@ -207,8 +210,13 @@ class HFTokenizer:
         return f"HFTokenizer({str(self.path)!r})"
 
 
-def load_tokenizer(folder: str | Path) -> HFTokenizer:
-    """Loads `<folder>/tokenizer.json`; FileNotFoundError naming the path if absent."""
+def load_tokenizer(folder: str | Path) -> HFTokenizer | GGUFTokenizer:
+    """Loads `<folder>/tokenizer.json`, or the tokenizer of a `.gguf` file path;
+    FileNotFoundError naming the path if absent."""
+    if Path(folder).suffix.lower() == ".gguf" and not Path(folder).is_dir():
+        from efficient.data.gguf_tokenizer import GGUFTokenizer
+
+        return GGUFTokenizer.from_file(folder)
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"folder: no tokenizer.json at {str(path)!r}")
