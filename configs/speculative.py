@@ -27,10 +27,12 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     c.results_dir = "results"
     c.run_name = ""  # empty: a timestamp
     c.seed = 0
-    # tokenizer: "auto" (the folder's tokenizer.json, else bytes), "byte", or a folder.
-    c.model = ml_collections.ConfigDict(dict(path="checkpoints/target", tokenizer="auto", dtype="float32"))
-    # Loaded only when a selected decoder needs "draft_model".
-    c.draft = ml_collections.ConfigDict(dict(path="checkpoints/draft", dtype="float32"))
+    # path: a packaged model name ("smollm2": SmolLM2-135M-Instruct), a .gguf file or an HF folder.
+    # tokenizer: "auto" (the GGUF file's, the folder's tokenizer.json, else bytes), "byte", or a path.
+    c.model = ml_collections.ConfigDict(dict(path="smollm2", tokenizer="auto", dtype="float32"))
+    # Loaded only when a selected decoder needs "draft_model"; "": none (those decoders are skipped).
+    # The byte-level pair: --config.model.path=checkpoints/target --config.draft.path=checkpoints/draft
+    c.draft = ml_collections.ConfigDict(dict(path="", dtype="float32"))
     # source: "stdlib" or a folder of text files; split: the prompts' split (train / validation / test / all).
     c.data = ml_collections.ConfigDict(dict(source="stdlib", suffixes=(".py",), split="test"))
     # kinds: any of completion, repetitive, editing (efficient/data/code_tasks.py).

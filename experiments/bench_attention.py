@@ -79,6 +79,8 @@ def prefill_fn(name: str, causal: bool) -> Callable:
 
 
 def decode_fn(name: str) -> Callable:
+    """(q [B,1,N,H], k, v) -> out; k/v [B,S,K,H] for jax's kernels, and for ours [B,K,S,H]
+    with row lengths: the dense cache's view, read in place by the decode kernel."""
     if name == "jax_ops_gpu_decode":
         if jax.default_backend() != "gpu":
             raise NotImplementedError("jax.experimental.pallas.ops.gpu.decode_attention needs a GPU")
@@ -87,7 +89,11 @@ def decode_fn(name: str) -> Callable:
         return lambda q, k, v: gqa(q[:, 0], k, v)[:, None]
     if name.startswith("jax_ops_"):
         raise NotImplementedError(f"{name} is not a decode kernel")
-    return lambda q, k, v: attention(q, DenseView(k, v), implementation=name)
+    def fn(q, k, v):  # noqa: ANN001, ANN202
+        lengths = jnp.full((k.shape[0],), k.shape[2], jnp.int32)
+        return attention(q, DenseView(k, v, lengths=lengths, layout="BKSH"), implementation=name)
+
+    return fn
 
 
 def _measure(make: Callable, args: tuple, grad: bool, cfg) -> tuple[float | None, str]:  # noqa: ANN001
@@ -127,7 +133,8 @@ def run(cfg) -> dict:  # noqa: ANN001
         k = jax.random.normal(key, (cfg.decode_batch, length, kh, h), dtype)
         nbytes = 2 * k.nbytes
         for name in cfg.implementations:
-            seconds, status = _measure(lambda: decode_fn(name), (q, k, k), False, cfg)
+            kv = k if name.startswith("jax_ops_") else jnp.swapaxes(k, 1, 2)  # ours: the cache's layout
+            seconds, status = _measure(lambda: decode_fn(name), (q, kv, kv), False, cfg)
             gbs = None if seconds is None else nbytes / seconds / 1e9
             rows.append(dict(kind="decode", phase="fwd", impl=name, length=length, seconds=seconds,
                              status=status, gbs=gbs, frac_copy=None if gbs is None else gbs * 1e9 / copy_bw))

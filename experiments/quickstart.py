@@ -79,6 +79,18 @@ class RetrievalSettings:
         check_positive(self, "context_tokens", "samples", "batch_size", "max_new_tokens")
 
 
+PAIRINGS = ("each", "all")
+
+
+def selected_pairs(decoders: list[Any], caches: list[Any], pairs: str) -> list[tuple[Any, Any]]:
+    """(decoder, cache) pairs to run: "all" = every pair; "each" = every cache under the first
+    decoder (greedy) and every decoder on the first cache (dense), each pair once."""
+    if pairs == "all" or not decoders or not caches:
+        return [(d, c) for d in decoders for c in caches]
+    chosen = [(decoders[0], c) for c in caches] + [(d, caches[0]) for d in decoders[1:]]
+    return chosen
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     model_path: str
@@ -95,6 +107,11 @@ class Settings:
     retrieval: RetrievalSettings
     decoders: str
     caches: str
+    pairs: str = "each"
+
+    def __post_init__(self) -> None:
+        if self.pairs not in PAIRINGS:
+            raise ValueError(f"config.variants.pairs: expected one of {PAIRINGS}, got {self.pairs!r}")
 
 
 def settings_from(config: ml_collections.ConfigDict) -> Settings:
@@ -107,7 +124,7 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
         generation=GenerationSettings(**config.generation.to_dict()),
         perplexity=PerplexitySettings(**config.perplexity.to_dict()),
         retrieval=RetrievalSettings(**{**config.retrieval.to_dict(), "depths": tuple(config.retrieval.depths)}),
-        decoders=config.variants.decoders, caches=config.variants.caches,
+        decoders=config.variants.decoders, caches=config.variants.caches, pairs=config.variants.pairs,
     )
 
 
@@ -149,38 +166,43 @@ def compare(model: LlamaModel, tokenizer: Tokenizer, documents: list[Document], 
         log(f"cache {c.name}: bits/byte {q.bits_per_byte:.4f}, {mem.mebibytes:.2f} MiB")
 
     rows, outputs, skipped = [], {}, {}
-    for d in decoders:
-        options: dict[str, Any] = {}
-        try:
-            for need in d.needs:
-                if need not in resources:
-                    raise LookupError(f"the harness provides {sorted(resources)}, not {need!r}")
-                options[need] = resources[need]()
-        except (LookupError, FileNotFoundError) as err:
-            skipped[d.name] = str(err)
-            log(f"decoder {d.name}: skipped ({err})")
+    ready: dict[str, dict[str, Any]] = {}
+    for d, c in selected_pairs(decoders, caches, s.pairs):
+        if d.name in skipped:
             continue
-        for c in caches:
-            log(f"{d.name} x {c.name}: generating")
-            speed = measure_generation(d.fn, model, prompts, max_new_tokens=g.max_new_tokens, repeats=g.repeats,
-                                       cache=c.factory, key=s.seed, stop_tokens=(), **options)
-            found = retrieval_accuracy(model, tokenizer, examples, decoder=d.fn, cache=c.factory,
-                                       batch_size=r.batch_size, max_new_tokens=r.max_new_tokens, key=s.seed,
-                                       **options)
-            outputs[(d.name, c.name)] = speed.output.sequences()
-            quality = cache_rows[c.name]["quality"]
-            memory = cache_rows[c.name]["memory"]
-            rows.append(dict(
-                decoder=d.name, cache=c.name, lossless=d.lossless and c.lossless,
-                bits_per_byte=quality["bits_per_byte"], retrieval_exact=found.exact_match,
-                retrieval_digits=found.digit_accuracy, ttft_ms=1e3 * speed.time_to_first_token,
-                decode_tokens_per_s=speed.decode_tokens_per_second, tokens_per_s=speed.tokens_per_second,
-                target_forwards=speed.target_forwards, cache_bytes=memory["bytes"],
-                cache_mib=memory["bytes"] / 2**20, cache_bytes_per_token=memory["bytes_per_token"],
-                completion=tokenizer.decode(outputs[(d.name, c.name)][0]),
-            ))
-            log(f"{d.name} x {c.name}: {speed.decode_tokens_per_second:.1f} tok/s, "
-                f"ttft {1e3 * speed.time_to_first_token:.1f} ms, passkey {found.exact_match:.2f}")
+        if d.name not in ready:
+            options: dict[str, Any] = {}
+            try:
+                for need in d.needs:
+                    if need not in resources:
+                        raise LookupError(f"the harness provides {sorted(resources)}, not {need!r}")
+                    options[need] = resources[need]()
+            except (LookupError, FileNotFoundError) as err:
+                skipped[d.name] = str(err)
+                log(f"decoder {d.name}: skipped ({err})")
+                continue
+            ready[d.name] = options
+        options = ready[d.name]
+        log(f"{d.name} x {c.name}: generating")
+        speed = measure_generation(d.fn, model, prompts, max_new_tokens=g.max_new_tokens, repeats=g.repeats,
+                                   cache=c.factory, key=s.seed, stop_tokens=(), **options)
+        found = retrieval_accuracy(model, tokenizer, examples, decoder=d.fn, cache=c.factory,
+                                   batch_size=r.batch_size, max_new_tokens=r.max_new_tokens, key=s.seed,
+                                   **options)
+        outputs[(d.name, c.name)] = speed.output.sequences()
+        quality = cache_rows[c.name]["quality"]
+        memory = cache_rows[c.name]["memory"]
+        rows.append(dict(
+            decoder=d.name, cache=c.name, lossless=d.lossless and c.lossless,
+            bits_per_byte=quality["bits_per_byte"], retrieval_exact=found.exact_match,
+            retrieval_digits=found.digit_accuracy, ttft_ms=1e3 * speed.time_to_first_token,
+            decode_tokens_per_s=speed.decode_tokens_per_second, tokens_per_s=speed.tokens_per_second,
+            target_forwards=speed.target_forwards, cache_bytes=memory["bytes"],
+            cache_mib=memory["bytes"] / 2**20, cache_bytes_per_token=memory["bytes_per_token"],
+            completion=tokenizer.decode(outputs[(d.name, c.name)][0]),
+        ))
+        log(f"{d.name} x {c.name}: {speed.decode_tokens_per_second:.1f} tok/s, "
+            f"ttft {1e3 * speed.time_to_first_token:.1f} ms, passkey {found.exact_match:.2f}")
     ref_key = ("greedy", "dense") if ("greedy", "dense") in outputs else next(iter(outputs), None)
     for row in rows:
         row["agreement"] = (prefix_agreement(outputs[ref_key], outputs[(row["decoder"], row["cache"])])
@@ -247,6 +269,8 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
     draft: dict[str, Any] = {}
 
     def draft_model() -> Any:
+        if not s.draft_path:
+            raise LookupError("no draft model configured (config.draft.path is empty)")
         if "model" not in draft:
             draft["model"] = load_model(s.draft_path, dtype=s.draft_dtype, key="config.draft.path")
         return draft["model"]

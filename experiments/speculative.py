@@ -361,6 +361,8 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
     cached: dict[str, Any] = {}
 
     def draft_model() -> LlamaModel:
+        if not s.draft_path:
+            raise LookupError("no draft model configured (config.draft.path is empty)")
         if "draft" not in cached:
             cached["draft"] = load_model(s.draft_path, dtype=s.draft_dtype, key="config.draft.path")
         return cached["draft"]

@@ -5,25 +5,37 @@ fully masked query row gives zeros and lse -inf), but the [B, K, G, T, S]
 logits are never materialised: queries are cut into blocks of `block_q`, keys
 into blocks of `block_k`, and each query block keeps a running row max `m`, sum
 `l` and output accumulator in float32 (Milakov & Gimelshein 2018; Dao 2023,
-Alg. 1). Matmuls run in the input dtype with float32 accumulation; GQA groups
-the N query heads as [K, G] so K/V are never repeated. Peak intermediate per
-step is [B, K, block_q * G, block_k].
+Alg. 1). Matmuls run in the input dtype with float32 accumulation; K/V are
+never repeated across the G query heads of a group.
+
+Two layouts of one step, both measured on XLA:CPU (experiments/bench_blockwise.py):
+- grouped (T > 16, prefill): the N heads as [K, G], rows (t, g) per kv head,
+  logits [B, K, block_q * G, block_k] per step.
+- flat (T <= 16, decode): all T * N query rows against the block's keys of
+  *all* K kv heads, [B, T * N, block_k * K], keeping the same-head diagonal by
+  a mask. It does K times the (tiny) decode FLOPs but reads K/V in their
+  [B, S, K, H] layout without the per-head transpose copies XLA inserts for a
+  batched-over-K dot; decode is bandwidth-bound, so this was 1.3-2x faster at S = 8192.
 
 Work that cannot contribute is skipped at run time: from the positions (and
 `lengths`, when given) we compute per key block its min/max valid position and
 per query block its min/max query position, decide which (query block, key
-block) pairs can have a visible key (causal, window, empty slots), move the
-needed key blocks to the front (stable argsort) and run a `lax.while_loop`
-whose trip count is their number. Causal prefill thus does ~half the blocks,
-and decode into a cache of capacity S holding L tokens reads ~L/block_k blocks.
+block) pairs can have a visible key (causal, window, empty slots), and move the
+needed key blocks to the front (stable argsort). Causal prefill thus does about
+half the blocks, and decode into a cache of capacity S holding L tokens reads
+about L / block_k blocks.
 
-Formulation (measured on a 2-core AMD EPYC, XLA:CPU, SmolLM2 shapes; see
-experiments/bench_blockwise.py): `lax.map` over query blocks with a compacted
-`while_loop` over key blocks. It beat `fori_loop` over all key blocks with a
-`lax.cond` skip (the cond's per-iteration operand copies cost more than the
-skipped work saved at S <= 8k), and decode uses the same loop with a single
-query block (T <= block_q) and larger key blocks. Not reverse-differentiable
-(the while_loop has a data-dependent trip count); use "xla" for gradients.
+Loop formulation: `lax.map` over query blocks, inside a `fori_loop` with a
+static trip count over the compacted key blocks whose body is
+`lax.cond(i < count, step, skip)`. Measured against a `while_loop` whose trip
+count is the data-dependent count: equal within noise for prefill (the skipped
+iterations cost one scalar compare each) and decode, and unlike the while_loop
+it is reverse-differentiable (the fori_loop lowers to a scan). Block sizes
+256 x 256 (prefill) beat 128/512 combinations at T = S = 2k/4k; decode uses
+key blocks of 1024 (fewer, larger steps at full caches; still fine-grained
+skipping at small L). Uneven T and S are handled without padding copies: the
+last block's start is clamped to end at T (S), and the key slots it shares
+with its predecessor are masked (the query rows are recomputed and dropped).
 """
 
 from __future__ import annotations
@@ -37,18 +49,27 @@ from efficient.attention.spec import AttentionSpec, default_positions, validate_
 # Defaults measured on XLA:CPU (experiments/bench_blockwise.py).
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 256
-DECODE_BLOCK_K = 1024  # T <= DECODE_MAX_T: one query block, bigger key blocks
+DECODE_BLOCK_K = 1024  # T <= DECODE_MAX_T: one query block, flat layout
 DECODE_MAX_T = 16
-# Below this many logits per (batch, kv head) the materialised "xla" path wins (measured).
-BLOCKWISE_MIN_LOGITS = 512 * 512
 
 _NEG = -1e30  # initial running max: finite, so exp(m_old - m_new) never sees inf - inf
 
+# Thresholds of `prefers_blockwise`, measured with experiments/bench_blockwise.py (2-core
+# AMD EPYC, B=1, N=9, K=3, H=64). Prefill: tie at T=S=128, 1.1-1.2x at 256-384, 2.3x at
+# 512, 8x at 1k, 11-35x at 2k-4k. Decode into a cache of capacity S: at S <= 2048 the
+# materialised path wins by ~0.1-0.3 ms (the blockwise set-up costs ~0.1 ms); at 4096
+# blockwise is 2x faster a quarter full and 0.85x full; at 8192 it ties full and is
+# 1.5-10x faster at L <= 4096.
+BLOCKWISE_MIN_LOGITS = 256 * 256
+BLOCKWISE_MIN_DECODE_S = 4096
+
 
 def prefers_blockwise(t: int, s: int) -> bool:
-    """Whether `attention_blockwise` beats the materialised "xla" path on XLA:CPU
-    for T queries and S keys (measured threshold; decode is never slower)."""
-    return t <= DECODE_MAX_T and s >= 2 * DECODE_BLOCK_K or t * s >= BLOCKWISE_MIN_LOGITS
+    """Whether `attention_blockwise` should replace the materialised "xla" path on
+    XLA:CPU for T queries and S keys (S = cache capacity when decoding)."""
+    if t <= DECODE_MAX_T:
+        return s >= BLOCKWISE_MIN_DECODE_S
+    return t * s >= BLOCKWISE_MIN_LOGITS
 
 
 def _check_block(name: str, value: int | None) -> None:
@@ -105,8 +126,9 @@ def attention_blockwise(
     """Exact attention, computed blockwise with an online softmax (module docstring).
 
     lengths: optional int32[B]; slots >= lengths[b] are empty for every query of
-        row b: they are masked, never read into the result (even NaN there is
-        harmless) and key blocks past max(lengths) are skipped.
+        row b: they are masked and key blocks past max(lengths) are skipped.
+        Empty slots (past lengths or at position -1) never reach the result, even
+        when they hold NaN.
     block_q, block_k: block sizes (clipped to T and S); None picks measured defaults.
     Returns output in q.dtype and, if `return_lse`, the float32 log-sum-exp [B, T, N].
     """
@@ -129,9 +151,9 @@ def attention_blockwise(
         kv_positions = dk if kv_positions is None else kv_positions
     q_positions = q_positions.astype(jnp.int32)
     kv_positions = kv_positions.astype(jnp.int32)
-    decode = t <= DECODE_MAX_T
-    bq = min(block_q or (t if decode else DEFAULT_BLOCK_Q), t)
-    bk = min(block_k or (DECODE_BLOCK_K if decode else DEFAULT_BLOCK_K), s)
+    flat = t <= DECODE_MAX_T  # decode layout (module docstring)
+    bq = min(block_q or (t if flat else DEFAULT_BLOCK_Q), t)
+    bk = min(block_k or (DECODE_BLOCK_K if flat else DEFAULT_BLOCK_K), s)
     nq, nk = -(-t // bq), -(-s // bk)
     q_starts, k_starts = _starts(nq, bq, t), _starts(nk, bk, s)
 
@@ -147,12 +169,17 @@ def attention_blockwise(
     order = jnp.argsort(~need, axis=1, stable=True).astype(jnp.int32)  # needed blocks first
     count = need.sum(1, dtype=jnp.int32)
     scale = spec.logit_scale(h)
-    sanitize = None if lengths is None else (k_starts + bk > lengths.min())  # nk: block reads past a length
+    # Rows of the running statistics: flat (t, n) over all heads; grouped (t, g) per kv head.
+    rows = (b, bq * n) if flat else (b, kh, bq * g)
+    same_head = (jnp.arange(kh)[:, None, None, None] == jnp.arange(kh))  # K 1 1 K'
 
     def query_block(qi: Int[Array, ""]) -> tuple[Array, Array]:
         q0 = q_starts[qi]
-        qblk = jax.lax.dynamic_slice_in_dim(q, q0, bq, axis=1).reshape(b, bq, kh, g, h)
-        qblk = qblk.transpose(0, 2, 1, 3, 4).reshape(b, kh, bq * g, h)  # rows (t, g)
+        qblk = jax.lax.dynamic_slice_in_dim(q, q0, bq, axis=1)  # B bq N H
+        if flat:
+            qblk = qblk.reshape(b, bq * n, h)
+        else:
+            qblk = qblk.reshape(b, bq, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(*rows, h)
         qp = qpos[:, qi]  # B bq
         qseg = None if q_segment_ids is None else jax.lax.dynamic_slice_in_dim(q_segment_ids, q0, bq, 1)
 
@@ -173,27 +200,36 @@ def attention_blockwise(
                 vis &= qseg[:, :, None] == kseg[:, None, :]
             if mask is not None:
                 vis &= jax.lax.dynamic_slice(mask, (0, q0, k0), (b, bq, bk))
-            if sanitize is not None:  # zero V slots past lengths (they may hold NaN)
-                vblk = jax.lax.cond(
-                    sanitize[kb], lambda x: jnp.where((kp >= 0)[:, :, None, None], x, 0), lambda x: x, vblk
-                )
-            logits = jnp.einsum("bkqh,bskh->bkqs", qblk, kblk, preferred_element_type=jnp.float32)
+            # Zero V in empty slots (past lengths or position -1: they may hold NaN, and
+            # 0 * NaN = NaN in P.V); measured free: it fuses into the block's slice copy.
+            vblk = jnp.where((kp >= 0)[:, :, None, None], vblk, 0)
+            if flat:  # every head against every kv head: no K/V transposes; keep the diagonal
+                logits = jnp.einsum("brh,bsh->brs", qblk, kblk.reshape(b, bk * kh, h),
+                                    preferred_element_type=jnp.float32)
+                vis = vis[:, :, None, None, :, None] & same_head  # B bq K G|1 bk K'
+                vis = jnp.broadcast_to(vis, (b, bq, kh, g, bk, kh)).reshape(b, bq * n, bk * kh)
+            else:
+                logits = jnp.einsum("bkqh,bskh->bkqs", qblk, kblk, preferred_element_type=jnp.float32)
+                vis = jnp.broadcast_to(vis[:, None, :, None, :], (b, 1, bq, g, bk)).reshape(b, 1, bq * g, bk)
             logits = logits * scale
             if spec.softcap is not None:
                 logits = spec.softcap * jnp.tanh(logits / spec.softcap)
-            vis = jnp.broadcast_to(vis[:, None, :, None, :], (b, 1, bq, g, bk)).reshape(b, 1, bq * g, bk)
             logits = jnp.where(vis, logits, -jnp.inf)
             m_new = jnp.maximum(m, logits.max(-1))
-            p = jnp.exp(logits - m_new[..., None])  # masked: exp(-inf) = 0
+            p = jnp.exp(logits - m_new[..., None])  # hidden: exp(-inf) = 0
             alpha = jnp.exp(m - m_new)
             l = alpha * l + p.sum(-1)
-            pv = jnp.einsum("bkqs,bskh->bkqh", p.astype(v.dtype), vblk, preferred_element_type=jnp.float32)
+            p = p.astype(v.dtype)  # P.V in the input dtype, float32 accumulation (as the reference)
+            if flat:
+                pv = jnp.einsum("brs,bsh->brh", p, vblk.reshape(b, bk * kh, h), preferred_element_type=jnp.float32)
+            else:
+                pv = jnp.einsum("bkqs,bskh->bkqh", p, vblk, preferred_element_type=jnp.float32)
             return m_new, l, alpha[..., None] * acc + pv
 
         init = (
-            jnp.full((b, kh, bq * g), _NEG, jnp.float32),
-            jnp.zeros((b, kh, bq * g), jnp.float32),
-            jnp.zeros((b, kh, bq * g, h), jnp.float32),
+            jnp.full(rows, _NEG, jnp.float32),
+            jnp.zeros(rows, jnp.float32),
+            jnp.zeros((*rows, h), jnp.float32),
         )
         # Static trip count (reverse-differentiable scan); the compacted `order` puts the
         # count[qi] needed key blocks first and the cond skips the rest at run time.
@@ -201,10 +237,11 @@ def attention_blockwise(
             0, nk, lambda i, c: jax.lax.cond(i < count[qi], body, lambda i, c: c, i, c), init
         )
         out = acc / jnp.where(l == 0, 1.0, l)[..., None]
-        out = out.reshape(b, kh, bq, g, h).transpose(0, 2, 1, 3, 4).reshape(b, bq, n, h).astype(q.dtype)
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
-        lse = lse.reshape(b, kh, bq, g).transpose(0, 2, 1, 3).reshape(b, bq, n)
-        return out, lse
+        if not flat:
+            out = out.reshape(b, kh, bq, g, h).transpose(0, 2, 1, 3, 4)
+            lse = lse.reshape(b, kh, bq, g).transpose(0, 2, 1, 3)
+        return out.reshape(b, bq, n, h).astype(q.dtype), lse.reshape(b, bq, n)
 
     if nq == 1:
         out, lse = query_block(jnp.int32(0))

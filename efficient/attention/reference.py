@@ -12,6 +12,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from efficient.attention.spec import (
     AttentionSpec,
+    KeyStats,
     default_positions,
     validate_inputs,
     visibility_mask,
@@ -21,27 +22,49 @@ from efficient.attention.spec import (
 def masked_softmax_attention(
     logits: Float[Array, "B K G T S"],
     visible: Bool[Array, "B 1 1 T S"],
-    v: Float[Array, "B S K H"],
+    v: Float[Array, "B S K H"] | Float[Array, "B K S H"],
     pv_dtype: jnp.dtype = jnp.float32,
-) -> tuple[Float[Array, "B K G T H"], Float[Array, "B K G T"]]:
+    kv_layout: str = "BSKH",
+    want_probs: bool = False,
+) -> tuple[Float[Array, "B K G T H"], Float[Array, "B K G T"], Float[Array, "B K G T S"] | None]:
     """Softmax over S restricted to visible keys, statistics in float32; zeros for
-    empty rows. The P.V product runs in `pv_dtype` with float32 accumulation."""
+    empty rows. The P.V product runs in `pv_dtype` with float32 accumulation.
+    Also returns the probabilities when `want_probs` (else None)."""
     logits = jnp.where(visible, logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     p = jnp.where(visible, jnp.exp(logits - row_max), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgts,bskh->bkgth", p.astype(pv_dtype), v.astype(pv_dtype),
+    v_sub = "bskh" if kv_layout == "BSKH" else "bksh"
+    out = jnp.einsum(f"bkgts,{v_sub}->bkgth", p.astype(pv_dtype), v.astype(pv_dtype),
                      preferred_element_type=jnp.float32)
-    out = out / jnp.where(denom == 0, 1.0, denom)
+    safe = jnp.where(denom == 0, 1.0, denom)
+    out = out / safe
     lse = jnp.where(denom[..., 0] > 0, row_max[..., 0] + jnp.log(denom[..., 0]), -jnp.inf)
-    return out, lse
+    return out, lse, (p / safe if want_probs else None)
+
+
+def key_mass(probs: Float[Array, "B K G T S"], request: KeyStats) -> Float[Array, "B S"]:
+    """Softmax probabilities summed over the requested query heads (n = k * G + g) and queries."""
+    b, kh, g, t, s = probs.shape
+    probs = probs.reshape(b, kh * g, t, s)
+    if request.heads is not None:
+        probs = probs[:, jnp.asarray(request.heads, jnp.int32)]
+    if request.queries is not None:
+        probs = probs[:, :, jnp.asarray(request.queries, jnp.int32)]
+    return jnp.sum(probs, axis=(1, 2))
+
+
+def pack_outputs(out: jax.Array, lse: jax.Array | None, mass: jax.Array | None, return_lse: bool):  # noqa: ANN201
+    """out, (out, lse), (out, mass) or (out, lse, mass): the dispatcher's return convention."""
+    extra = ((lse,) if return_lse else ()) + ((mass,) if mass is not None else ())
+    return (out, *extra) if extra else out
 
 
 def grouped_attention(
     q: Float[Array, "B T N H"],
-    k: Float[Array, "B S K H"],
-    v: Float[Array, "B S K H"],
+    k: Float[Array, "B S K H"] | Float[Array, "B K S H"],
+    v: Float[Array, "B S K H"] | Float[Array, "B K S H"],
     *,
     spec: AttentionSpec,
     q_positions: Int[Array, "B T"] | None,
@@ -51,14 +74,18 @@ def grouped_attention(
     mask: Bool[Array, "B T S"] | None,
     return_lse: bool,
     exact: bool,
-) -> Float[Array, "B T N H"] | tuple[Float[Array, "B T N H"], Float[Array, "B T N"]]:
+    kv_layout: str = "BSKH",
+    key_stats: KeyStats | None = None,
+):  # noqa: ANN201  (out, and lse / key mass as requested: see `pack_outputs`)
     """Materialised GQA attention shared by the oracle and the "xla" implementation.
 
     exact: matmuls in float32 at HIGHEST precision (the oracle); otherwise in the
-    input dtype with float32 accumulation, K/V never upcast.
+    input dtype with float32 accumulation, K/V never upcast. kv_layout: "BSKH" or
+    "BKSH" (read in place by the einsums). key_stats: also return the per-slot mass.
     """
     b, t, n, h = q.shape
-    s, kv_heads = k.shape[1], k.shape[2]
+    s_axis, k_axis = (1, 2) if kv_layout == "BSKH" else (2, 1)
+    s, kv_heads = k.shape[s_axis], k.shape[k_axis]
     g = n // kv_heads
     if q_positions is None or kv_positions is None:
         dq, dk = default_positions(b, t, s)
@@ -76,18 +103,19 @@ def grouped_attention(
     compute = jnp.float32 if exact else q.dtype
     qg = q.astype(compute).reshape(b, t, kv_heads, g, h)
     logits = jnp.einsum(
-        "btkgh,bskh->bkgts", qg, k.astype(compute), preferred_element_type=jnp.float32,
+        "btkgh,bskh->bkgts" if kv_layout == "BSKH" else "btkgh,bksh->bkgts", qg, k.astype(compute), preferred_element_type=jnp.float32,
         precision=jax.lax.Precision.HIGHEST if exact else None,
     )
     logits = logits * spec.logit_scale(h)
     if spec.softcap is not None:
         logits = spec.softcap * jnp.tanh(logits / spec.softcap)
-    out, lse = masked_softmax_attention(logits, visible, v, pv_dtype=compute)
+    out, lse, probs = masked_softmax_attention(
+        logits, visible, v, pv_dtype=compute, kv_layout=kv_layout, want_probs=key_stats is not None
+    )
     out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(q.dtype)
-    if not return_lse:
-        return out
-    lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, n)
-    return out, lse
+    lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, n) if return_lse else None
+    mass = key_mass(probs, key_stats) if key_stats is not None else None
+    return pack_outputs(out, lse, mass, return_lse)
 
 
 def attention_reference(

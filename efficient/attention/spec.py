@@ -134,3 +134,34 @@ def validate_inputs(
             raise TypeError(f"mask must be bool, got {x.dtype}")
         if not want_bool and not jnp.issubdtype(x.dtype, jnp.integer):
             raise TypeError(f"{name} must be an integer dtype, got {x.dtype}")
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyStats:
+    """A static request for per-slot attention mass [B, S]: the softmax probabilities
+    summed over the named query heads and query indices (None: all), e.g. the
+    accumulated attention score of H2O (Zhang et al. 2023) or the observation-window
+    vote of SnapKV (Li et al. 2024). `attention(..., key_stats=True)` means all."""
+
+    heads: tuple[int, ...] | None = None
+    queries: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("heads", "queries"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, tuple) or not value
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+            ):
+                raise ValueError(f"KeyStats.{name} must be a non-empty tuple of ints or None, got {value!r}")
+
+    @classmethod
+    def of(cls, request: KeyStats | bool | None) -> KeyStats | None:
+        """Normalise `attention`'s key_stats argument (True: every head and query)."""
+        if request is None or request is False:
+            return None
+        if request is True:
+            return cls()
+        if isinstance(request, cls):
+            return request
+        raise TypeError(f"key_stats must be a KeyStats, a bool or None, got {request!r}")

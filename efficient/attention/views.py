@@ -1,14 +1,24 @@
 """What attention reads: typed views of keys and values, as the cache stores them.
 
 A view is a registered pytree. The dispatcher hands it to the implementations
-that declare they serve its type, so a cache is read in place (a paged view
-through its page table, a quantized view from its codes) and never copied into
-a dense float array first. `DenseView` is the view of plain arrays (no cache, or
-the dense cache).
+that declare (efficient/attention/capabilities.py) they serve its type, so a
+cache is read in place (a paged view through its page table, a quantized view
+from its codes) and never copied into a dense float array by the cache.
 
-Slot semantics shared by every view: slot s of row b holds the token at
+Slot semantics shared by every view: logical slot s of row b holds the token at
 `positions[b, s]` (-1: empty); when `lengths` is given, every slot
-s >= lengths[b] is empty for row b, so an implementation may skip reading it.
+s >= lengths[b] is empty for row b and its contents are undefined (an
+implementation may skip reading it, and must not let it change the result).
+
+- `DenseView`: k/v [B, S, K, H] (layout "BSKH") or [B, K, S, H] (layout "BKSH",
+  what the decode kernel reads: one contiguous [S, H] slab per (row, kv head)).
+- `PagedView`: a pool of M pages of P slots [M, P, K, H] and a page table
+  [B, R] (vLLM's PagedAttention, Kwon et al. 2023); logical slot s of row b is
+  slot s % P of page page_table[b, s // P]; positions are per pool slot [M, P].
+- `QuantizedView`: b-bit integer codes packed along H into uint8, dequantized as
+  codes * scale + zero per group (KIVI, Liu et al. 2024: keys per channel with
+  groups along the tokens, values per token with groups along the channels),
+  plus a full-precision residual window of the most recent tokens.
 """
 
 from __future__ import annotations
@@ -17,18 +27,35 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, UInt8
+
+LAYOUTS = ("BSKH", "BKSH")
+QUANT_BITS = (2, 4, 8)
+QUANT_AXES = ("channel", "token")
+
+
+def _static(default: object = dataclasses.MISSING) -> dataclasses.Field:
+    return dataclasses.field(default=default, metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DenseView:
-    """Keys and values [B, S, K, H] with slot positions [B, S] and optional lengths [B]."""
+    """Keys and values in `layout` ([B, S, K, H] or [B, K, S, H]), slot positions [B, S]
+    and optional row lengths [B]."""
 
-    k: Float[Array, "B S K H"]
-    v: Float[Array, "B S K H"]
+    k: Float[Array, "B S K H"] | Float[Array, "B K S H"]
+    v: Float[Array, "B S K H"] | Float[Array, "B K S H"]
     positions: Int[Array, "B S"] | None = None
     lengths: Int[Array, " B"] | None = None
+    layout: str = _static("BSKH")
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"DenseView.layout must be one of {LAYOUTS}, got {self.layout!r}")
+
+    def _axis(self, letter: str) -> int:
+        return self.layout.index(letter)
 
     @property
     def batch_size(self) -> int:
@@ -36,11 +63,11 @@ class DenseView:
 
     @property
     def num_slots(self) -> int:  # S
-        return self.k.shape[1]
+        return self.k.shape[self._axis("S")]
 
     @property
     def num_kv_heads(self) -> int:  # K
-        return self.k.shape[2]
+        return self.k.shape[self._axis("K")]
 
     @property
     def head_dim(self) -> int:  # H
@@ -50,5 +77,227 @@ class DenseView:
     def dtype(self) -> jnp.dtype:
         return self.k.dtype
 
+    def kv(self, layout: str = "BSKH") -> tuple[jax.Array, jax.Array]:
+        """k, v in `layout` (a transpose when it differs from the stored one)."""
+        if layout == self.layout:
+            return self.k, self.v
+        return jnp.swapaxes(self.k, 1, 2), jnp.swapaxes(self.v, 1, 2)
 
-KVView = DenseView  # the union of view types, as more layouts are added
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedView:
+    """A page pool k/v [M, P, K, H], page table int32 [B, R] (R pages per row; an entry
+    past the row's last page may be anything in [0, M)), positions per pool slot
+    [M, P] (-1 empty) and row lengths [B] (logical slots)."""
+
+    k_pages: Float[Array, "M P K H"]
+    v_pages: Float[Array, "M P K H"]
+    page_table: Int[Array, "B R"]
+    positions: Int[Array, "M P"]
+    lengths: Int[Array, " B"] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.page_table.shape[0]
+
+    @property
+    def page_size(self) -> int:  # P
+        return self.k_pages.shape[1]
+
+    @property
+    def num_slots(self) -> int:  # S = R * P logical slots per row
+        return self.page_table.shape[1] * self.page_size
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k_pages.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k_pages.shape[3]
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.k_pages.dtype
+
+    def validate(self) -> None:
+        if self.k_pages.ndim != 4 or self.v_pages.shape != self.k_pages.shape:
+            raise ValueError(f"PagedView k_pages/v_pages must be [M, P, K, H] and equal, got "
+                             f"{self.k_pages.shape} and {self.v_pages.shape}")
+        m, p = self.k_pages.shape[:2]
+        if self.page_table.ndim != 2 or not jnp.issubdtype(self.page_table.dtype, jnp.integer):
+            raise ValueError(f"PagedView.page_table must be integer [B, R], got {self.page_table.dtype}{self.page_table.shape}")
+        if tuple(self.positions.shape) != (m, p):
+            raise ValueError(f"PagedView.positions must have shape {(m, p)} (per pool slot), got {self.positions.shape}")
+        _check_lengths("PagedView", self.lengths, self.batch_size)
+
+
+def _check_lengths(name: str, lengths: jax.Array | None, b: int) -> None:
+    if lengths is not None and (tuple(lengths.shape) != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer)):
+        raise ValueError(f"{name}.lengths must be integer [B={b}], got {lengths.dtype}{tuple(lengths.shape)}")
+
+
+# ------------------------------------------------------------------ quantized codes
+
+
+def pack_codes(codes: Int[Array, "... H"], bits: int) -> UInt8[Array, "... Hp"]:
+    """Pack unsigned `bits`-bit codes along the last axis, 8 // bits per byte, low bits first."""
+    if bits not in QUANT_BITS:
+        raise ValueError(f"bits must be one of {QUANT_BITS}, got {bits!r}")
+    per = 8 // bits
+    c = codes.astype(jnp.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
+    shifts = (jnp.arange(per, dtype=jnp.uint8) * bits).astype(jnp.uint8)
+    return jnp.sum(c << shifts, axis=-1, dtype=jnp.uint8)  # disjoint bits: sum == or
+
+
+def unpack_codes(packed: UInt8[Array, "... Hp"], bits: int) -> Int[Array, "... H"]:
+    """Inverse of `pack_codes`: uint8 codes [..., Hp * 8 // bits]."""
+    per = 8 // bits
+    shifts = (jnp.arange(per, dtype=jnp.uint8) * bits).astype(jnp.uint8)
+    codes = (packed[..., None] >> shifts) & jnp.uint8((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+def dequantize(
+    packed: UInt8[Array, "B S K Hp"], scale: jax.Array, zero: jax.Array, *, bits: int, group_size: int, axis: str
+) -> Float[Array, "B S K H"]:
+    """codes * scale + zero; `axis` "channel": scale/zero [B, S/g, K, H] (one per channel and
+    group of g tokens); "token": [B, S, K, H/g] (one per token and group of g channels)."""
+    codes = unpack_codes(packed, bits).astype(scale.dtype)
+    rep = 1 if axis == "channel" else 3
+    scale = jnp.repeat(scale, group_size, axis=rep)
+    zero = jnp.repeat(zero, group_size, axis=rep)
+    return codes * scale + zero
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedView:
+    """KIVI-style quantized keys/values (S slots) plus a full-precision residual (R slots).
+
+    k_codes/v_codes: uint8 [B, S, K, H * bits / 8]; scales/zeros per `k_axis`/`v_axis`
+    (see `dequantize`); positions [B, S] of the quantized slots; lengths [B]: the
+    quantized slots in use; residual_k/v [B, R, K, H] with residual_positions [B, R].
+    Logical slot order is the S quantized slots, then the R residual ones.
+    """
+
+    k_codes: UInt8[Array, "B S K Hp"]
+    k_scale: jax.Array
+    k_zero: jax.Array
+    v_codes: UInt8[Array, "B S K Hp"]
+    v_scale: jax.Array
+    v_zero: jax.Array
+    positions: Int[Array, "B S"]
+    residual_k: Float[Array, "B R K H"]
+    residual_v: Float[Array, "B R K H"]
+    residual_positions: Int[Array, "B R"]
+    lengths: Int[Array, " B"] | None = None
+    bits: int = _static(4)
+    group_size: int = _static(32)
+    k_axis: str = _static("channel")
+    v_axis: str = _static("token")
+
+    def __post_init__(self) -> None:
+        if self.bits not in QUANT_BITS:
+            raise ValueError(f"QuantizedView.bits must be one of {QUANT_BITS}, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"QuantizedView.group_size must be a positive int, got {self.group_size!r}")
+        for name in ("k_axis", "v_axis"):
+            if getattr(self, name) not in QUANT_AXES:
+                raise ValueError(f"QuantizedView.{name} must be one of {QUANT_AXES}, got {getattr(self, name)!r}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.k_codes.shape[0]
+
+    @property
+    def num_quantized(self) -> int:
+        return self.k_codes.shape[1]
+
+    @property
+    def num_slots(self) -> int:  # S + R
+        return self.k_codes.shape[1] + self.residual_k.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k_codes.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.residual_k.shape[3]
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.residual_k.dtype
+
+    def validate(self) -> None:
+        b, s, kh, h = self.batch_size, self.num_quantized, self.num_kv_heads, self.head_dim
+        packed = (b, s, kh, h * self.bits // 8)
+        for name in ("k_codes", "v_codes"):
+            x = getattr(self, name)
+            if tuple(x.shape) != packed or x.dtype != jnp.uint8:
+                raise ValueError(f"QuantizedView.{name} must be uint8 {packed}, got {x.dtype}{tuple(x.shape)}")
+        g = self.group_size
+        for prefix, axis in (("k", self.k_axis), ("v", self.v_axis)):
+            want = (b, s // g, kh, h) if axis == "channel" else (b, s, kh, h // g)
+            if (s if axis == "channel" else h) % g:
+                raise ValueError(f"QuantizedView.group_size={g} must divide the {axis} groups' axis")
+            for name in (f"{prefix}_scale", f"{prefix}_zero"):
+                if tuple(getattr(self, name).shape) != want:
+                    raise ValueError(f"QuantizedView.{name} must have shape {want}, got {getattr(self, name).shape}")
+        if tuple(self.positions.shape) != (b, s):
+            raise ValueError(f"QuantizedView.positions must have shape {(b, s)}, got {self.positions.shape}")
+        r = self.residual_k.shape[1]
+        if self.residual_v.shape != self.residual_k.shape or tuple(self.residual_positions.shape) != (b, r):
+            raise ValueError("QuantizedView residual_k/v [B, R, K, H] and residual_positions [B, R] disagree: "
+                             f"{self.residual_k.shape}, {self.residual_v.shape}, {self.residual_positions.shape}")
+        _check_lengths("QuantizedView", self.lengths, b)
+
+
+KVView = DenseView | PagedView | QuantizedView
+VIEW_TYPES = (DenseView, PagedView, QuantizedView)
+
+
+def slot_positions(view: KVView) -> Int[Array, "B S"]:
+    """Positions of the view's logical slots [B, S], -1 where empty (lengths applied)."""
+    b, s = view.batch_size, view.num_slots
+    if isinstance(view, DenseView):
+        pos = view.positions
+        if pos is None:
+            pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    elif isinstance(view, PagedView):
+        pages = jnp.clip(view.page_table, 0, view.k_pages.shape[0] - 1)
+        pos = view.positions[pages].reshape(b, s)
+    else:
+        pos = view.positions
+    pos = pos.astype(jnp.int32)
+    if view.lengths is not None:
+        n = view.positions.shape[1] if isinstance(view, QuantizedView) else s
+        pos = jnp.where(jnp.arange(n, dtype=jnp.int32)[None, :] < view.lengths[:, None], pos, -1)
+    if isinstance(view, QuantizedView):
+        pos = jnp.concatenate([pos, view.residual_positions.astype(jnp.int32)], axis=1)
+    return pos
+
+
+def dense_kv(view: KVView, layout: str = "BSKH") -> tuple[jax.Array, jax.Array]:
+    """Keys and values of every logical slot in `layout`: a transpose for a dense view,
+    a page gather for a paged one, dequantization for a quantized one. Meant to run
+    inside the attention computation (XLA fuses it); a cache never stores this."""
+    if isinstance(view, DenseView):
+        return view.kv(layout)
+    if isinstance(view, PagedView):
+        b, s = view.batch_size, view.num_slots
+        pages = jnp.clip(view.page_table, 0, view.k_pages.shape[0] - 1)
+        k = view.k_pages[pages].reshape(b, s, view.num_kv_heads, view.head_dim)
+        v = view.v_pages[pages].reshape(b, s, view.num_kv_heads, view.head_dim)
+    else:
+        q = dict(bits=view.bits, group_size=view.group_size)
+        dt = view.dtype
+        k = dequantize(view.k_codes, view.k_scale, view.k_zero, axis=view.k_axis, **q).astype(dt)
+        v = dequantize(view.v_codes, view.v_scale, view.v_zero, axis=view.v_axis, **q).astype(dt)
+        k = jnp.concatenate([k, view.residual_k], axis=1)
+        v = jnp.concatenate([v, view.residual_v], axis=1)
+    if layout == "BKSH":
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    return k, v

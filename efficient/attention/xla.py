@@ -5,14 +5,27 @@ fully masked rows, optional log-sum-exp), but the matmuls run in the input
 dtype with float32 accumulation and default precision, and K/V are never
 copied to float32 (the reference upcasts everything and uses HIGHEST
 precision). It still materialises the [B, K, G, T, S] logits.
+
+`xla_implementation` serves every view type: a dense view is read in its
+stored layout, a paged view is gathered through its page table and a quantized
+view dequantized inside the attention computation (`views.dense_kv`). A
+[B, S, K, H] dense view whose shape `prefers_blockwise` goes to the online-softmax
+`attention_blockwise` (never materialises the logits; its gradient is the
+materialised path's, recomputed in the backward pass).
 """
 
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from efficient.attention.blockwise import attention_blockwise, prefers_blockwise
 from efficient.attention.reference import grouped_attention
-from efficient.attention.spec import AttentionSpec
+from efficient.attention.spec import AttentionSpec, KeyStats
+from efficient.attention.views import DenseView, KVView, dense_kv, slot_positions
 
 
 def attention_xla(
@@ -33,3 +46,86 @@ def attention_xla(
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, mask=mask,
         return_lse=return_lse, exact=False,
     )
+
+
+def view_arrays(view: KVView) -> tuple[jax.Array, jax.Array, jax.Array | None, str]:
+    """(k, v, kv_positions, layout) of any view for the materialised path.
+
+    A dense view without lengths is passed through untouched. Otherwise slots
+    past a row's length (or empty slots of a page/residual) get position -1 and
+    their values are zeroed, so that whatever they hold (NaN included) cannot
+    reach the output through a zero probability times a non-finite value."""
+    if isinstance(view, DenseView) and view.lengths is None:
+        return view.k, view.v, view.positions, view.layout
+    layout = view.layout if isinstance(view, DenseView) else "BSKH"
+    k, v = dense_kv(view, layout)
+    positions = slot_positions(view)
+    live = positions >= 0
+    live = live[:, :, None, None] if layout == "BSKH" else live[:, None, :, None]
+    return k, jnp.where(live, v, jnp.zeros((), v.dtype)), positions, layout
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _blockwise(spec: AttentionSpec, return_lse: bool, q, k, v, arrays):  # noqa: ANN001, ANN202
+    return attention_blockwise(q, k, v, spec=spec, return_lse=return_lse, **arrays)
+
+
+def _blockwise_fwd(spec: AttentionSpec, return_lse: bool, q, k, v, arrays):  # noqa: ANN001, ANN202
+    return _blockwise(spec, return_lse, q, k, v, arrays), (q, k, v, arrays)
+
+
+def _blockwise_bwd(spec: AttentionSpec, return_lse: bool, res, cotangent):  # noqa: ANN001, ANN202
+    """The blockwise loop has a data-dependent trip count (not reverse-differentiable):
+    differentiate the materialised path, same function, O(T S) memory in the backward only."""
+    q, k, v, arrays = res
+    arrays = dict(arrays)
+    lengths = arrays.pop("lengths")
+    if lengths is not None:
+        positions = arrays["kv_positions"]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2])
+        arrays["kv_positions"] = jnp.where(jnp.arange(k.shape[1])[None] < lengths[:, None], positions, -1)
+        v = jnp.where((arrays["kv_positions"] >= 0)[:, :, None, None], v, jnp.zeros((), v.dtype))
+
+    def materialised(q, k, v):  # noqa: ANN001, ANN202
+        return grouped_attention(q, k, v, spec=spec, return_lse=return_lse, exact=False, **arrays)
+
+    _, vjp = jax.vjp(materialised, q, k, v)
+    return (*vjp(cotangent), None)
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def _view_attention(exact: bool):  # noqa: ANN202
+    def implementation(
+        q: Float[Array, "B T N H"],
+        view: KVView,
+        *,
+        spec: AttentionSpec,
+        q_positions: Int[Array, "B T"] | None = None,
+        q_segment_ids: Int[Array, "B T"] | None = None,
+        kv_segment_ids: Int[Array, "B S"] | None = None,
+        mask: Bool[Array, "B T S"] | None = None,
+        return_lse: bool = False,
+        key_stats: KeyStats | None = None,
+    ):  # noqa: ANN202
+        if (not exact and key_stats is None and isinstance(view, DenseView) and view.layout == "BSKH"
+                and prefers_blockwise(q.shape[1], view.num_slots)):
+            arrays = dict(q_positions=q_positions, kv_positions=view.positions, q_segment_ids=q_segment_ids,
+                          kv_segment_ids=kv_segment_ids, mask=mask, lengths=view.lengths)
+            return _blockwise(spec, return_lse, q, view.k, view.v, arrays)
+        k, v, kv_positions, layout = view_arrays(view)
+        return grouped_attention(
+            q, k, v, spec=spec, q_positions=q_positions, kv_positions=kv_positions,
+            q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, mask=mask,
+            return_lse=return_lse, exact=exact, kv_layout=layout, key_stats=key_stats,
+        )
+
+    return implementation
+
+
+xla_implementation = _view_attention(exact=False)
+xla_implementation.__doc__ = """The "xla" implementation: any view, input dtype, float32 statistics."""
+reference_implementation = _view_attention(exact=True)
+reference_implementation.__doc__ = """The "reference" implementation: the float32 oracle on any view."""

@@ -3,6 +3,11 @@
 Slot `i` of row `b` is the i-th token appended to that row; `lengths[b]` slots
 are in use. Rows advance independently (ragged batches, speculative rollback
 with a different accepted length per row).
+
+Keys and values are stored [L, B, K, S, H]: one contiguous [S, H] slab per
+(layer, row, kv head), the layout the decode kernel reads in place (its view is
+a `DenseView` with layout "BKSH" and the row lengths), so a decode step copies
+nothing but the new tokens.
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ def _rows(batch: int, width: int) -> Int[Array, "B W"]:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DenseKVCache:
-    """Keys/values [L, B, S, K, H], slot positions [B, S] (-1 empty), lengths [B]."""
+    """Keys/values [L, B, K, S, H], slot positions [B, S] (-1 empty), lengths [B]."""
 
-    k: Float[Array, "L B S K H"]
-    v: Float[Array, "L B S K H"]
+    k: Float[Array, "L B K S H"]
+    v: Float[Array, "L B K S H"]
     positions: Int[Array, "B S"]
     lengths: Int[Array, " B"]
 
@@ -47,7 +52,7 @@ class DenseKVCache:
                             ("head_dim", head_dim)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DenseKVCache.init: {name} must be a positive int, got {value!r}")
-        shape = (num_layers, batch_size, capacity, num_kv_heads, head_dim)
+        shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),
             v=jnp.zeros(shape, dtype),
@@ -70,7 +75,7 @@ class DenseKVCache:
     # ----------------------------------------------------------- protocol
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def batch_size(self) -> int:
@@ -94,14 +99,19 @@ class DenseKVCache:
     def update(
         self, layer: int, k: Float[Array, "B T K H"], v: Float[Array, "B T K H"], slots: Int[Array, "B T"]
     ) -> Self:
-        rows = _rows(*slots.shape)
-        new_k = self.k.at[layer, rows, slots].set(k.astype(self.k.dtype), mode="drop")
-        new_v = self.v.at[layer, rows, slots].set(v.astype(self.v.dtype), mode="drop")
+        """Write k/v [B, T, K, H] of layer `layer` (an int or a traced index) at `slots`."""
+        rows, heads, slots = _rows(*slots.shape)[:, :, None], self._heads(), slots[:, :, None]  # B T K
+        new_k = self.k.at[layer, rows, heads, slots].set(k.astype(self.k.dtype), mode="drop")
+        new_v = self.v.at[layer, rows, heads, slots].set(v.astype(self.v.dtype), mode="drop")
         return dataclasses.replace(self, k=new_k, v=new_v)
 
+    def _heads(self) -> Int[Array, "1 1 K"]:
+        return jnp.arange(self.k.shape[2], dtype=jnp.int32)[None, None, :]
+
     def view(self, layer: int | Int[Array, ""]) -> DenseView:
-        """Layer `layer` (an int or a traced index) in place, with the row lengths."""
-        return DenseView(k=self.k[layer], v=self.v[layer], positions=self.positions, lengths=self.lengths)
+        """Layer `layer` (an int or a traced index) in place ([B, K, S, H]), with the row lengths."""
+        return DenseView(k=self.k[layer], v=self.v[layer], positions=self.positions, lengths=self.lengths,
+                         layout="BKSH")
 
     def truncate(self, lengths: Int[Array, " B"]) -> Self:
         """Keep the first `lengths[b]` slots of each row (rollback); never grows a row."""
@@ -118,8 +128,9 @@ class DenseKVCache:
         rows = _rows(b, c)
         valid = jnp.arange(c, dtype=jnp.int32)[None, :] < counts[:, None]
         dest = jnp.where(valid, start[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :], self.capacity)
-        k = self.k.at[:, rows, dest].set(self.k[:, rows, source_slots], mode="drop")
-        v = self.v.at[:, rows, dest].set(self.v[:, rows, source_slots], mode="drop")
+        r3, h3, src3, dst3 = rows[:, :, None], self._heads(), source_slots[:, :, None], dest[:, :, None]
+        k = self.k.at[:, r3, h3, dst3].set(self.k[:, r3, h3, src3], mode="drop")  # indexed [L, B, C, K, H]
+        v = self.v.at[:, r3, h3, dst3].set(self.v[:, r3, h3, src3], mode="drop")
         positions = self.positions.at[rows, dest].set(self.positions[rows, source_slots], mode="drop")
         moved = dataclasses.replace(self, k=k, v=v, positions=positions, lengths=start + c)
         return moved.truncate(start + counts)

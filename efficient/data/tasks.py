@@ -15,22 +15,46 @@ d x (filler tokens), so it is off by at most half the longest line around it;
 d=0 is the file's first line, d=1 right before the question. Needles are
 written at column 0 even inside an indented block (the file is not meant to
 compile), and documents containing a needle name are left out of the filler.
+
+Two tasks in English prose, for instruction-tuned models that fail on code:
+
+- `classic_passkey`: the passkey prompt of Mohtashami & Jaggi (2023,
+  "Landmark Attention", arXiv:2305.16300): a preamble, the repeated
+  "The grass is green. The sky is blue. ..." filler, the line "The pass key
+  is N. Remember it. N is the pass key." at the depth, and "What is the pass
+  key? The pass key is". The needle sits between filler sentences (only the
+  first sentence may be cut); keys have 5 digits (the paper: 1 to 50000).
+- `kv_prose`: lines `KEY-dddd: ddddd` (4-digit key, 5-digit value) at depths
+  inside English prose, asked with a final `KEY-dddd:` line (the key-value
+  retrieval of Liu et al. 2023, "Lost in the Middle", in a line format).
+  The prose is the Python language reference shipped with every CPython as
+  `pydoc_data.topics` (no download; about 170 KB, some 40k tokens, of
+  running text are kept): its paragraphs of running text, unwrapped to one
+  line each, code blocks, grammar and headings left out (`prose_documents`).
+  Needles sit between paragraphs.
 """
 
 from __future__ import annotations
 
+import ast
 import bisect
 import dataclasses
+import functools
 import re
 import string
-from collections.abc import Iterator, Sequence
+import sysconfig
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from efficient.data.corpus import Corpus, Document
 from efficient.data.tokenizer import Tokenizer
 
-__all__ = ["Example", "passkey_example", "multikey_example", "needle_grid", "TASKS"]
+__all__ = [
+    "Example", "passkey_example", "multikey_example", "classic_passkey_example", "kv_prose_example",
+    "prose_documents", "KVStyle", "KV_STYLES", "needle_grid", "TASKS",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,34 +84,45 @@ def _check_request(context_tokens: int, depth: float, capacity: int | None) -> N
 
 
 class _Pool:
-    """Filler code: documents in a seeded order, with per-line token counts."""
+    """Filler units (lines, or sentences) in order, with per-unit token counts."""
 
-    def __init__(self, documents: Sequence[Document | str], tokenizer: Tokenizer, min_tokens: int,
-                 rng: np.random.Generator, banned: re.Pattern[str]) -> None:
+    def __init__(self, units: list[str], tokenizer: Tokenizer, memo: dict[str, int] | None = None) -> None:
+        memo = {} if memo is None else memo
+        for u in units:
+            if u not in memo:
+                memo[u] = len(tokenizer.encode(u))
+        self.lines = units
+        self.starts = np.concatenate([[0], np.cumsum([len(x) for x in units])]).astype(np.int64)
+        self.tokens = np.array([memo[u] for u in units], dtype=np.int64)
+        self.text = "".join(units)
+
+    @classmethod
+    def from_documents(cls, documents: Sequence[Document | str], tokenizer: Tokenizer, min_tokens: int,
+                       rng: np.random.Generator, banned: re.Pattern[str]) -> _Pool:
+        """Whole documents in a seeded order, a blank line after each, until `min_tokens`."""
         texts = [t for t in (d if isinstance(d, str) else d.text for d in documents) if t.strip()]
         texts = [t if t.endswith("\n") else t + "\n" for t in texts if not banned.search(t)]
         if not texts:
             raise ValueError("documents: no usable filler text (empty, or all contain the needle names)")
         lines: list[str] = []
-        counts: list[int] = []
+        memo: dict[str, int] = {}
         total = 0
         while total < min_tokens:
             for i in rng.permutation(len(texts)):
                 for line in texts[i].splitlines(keepends=True) + ["\n"]:
                     lines.append(line)
-                    counts.append(len(tokenizer.encode(line)))
-                    total += counts[-1]
+                    if line not in memo:
+                        memo[line] = len(tokenizer.encode(line))
+                    total += memo[line]
                 if total >= min_tokens:
                     break
-        self.lines = lines
-        self.starts = np.concatenate([[0], np.cumsum([len(x) for x in lines])]).astype(np.int64)
-        self.tokens = np.array(counts, dtype=np.int64)
-        self.text = "".join(lines)
+        return cls(lines, tokenizer, memo)
 
 
 def _assemble(pool: _Pool, tokenizer: Tokenizer, start: int, needles: Sequence[tuple[float, str]],
-              question: str) -> tuple[str, list[int]]:
-    """The prompt for filler `pool.text[start:]`; returns it and each needle's char offset."""
+              question: str, header: str = "") -> tuple[str, list[int]]:
+    """`header` + filler `pool.text[start:]` with the needles + `question`; returns the prompt
+    and each needle's char offset."""
     j = bisect.bisect_right(pool.starts, start) - 1
     if j >= len(pool.lines):  # no filler
         lines: list[str] = []
@@ -100,9 +135,9 @@ def _assemble(pool: _Pool, tokenizer: Tokenizer, start: int, needles: Sequence[t
     total = cum[-1]
     at = [int(np.argmin(np.abs(cum - d * total))) for d, _ in needles]
     order = sorted(range(len(needles)), key=lambda i: (at[i], i))
-    pieces: list[str] = []
+    pieces: list[str] = [header]
     offsets = [0] * len(needles)
-    pos, k = 0, 0
+    pos, k = len(header), 0
     for i in order:
         chunk = "".join(lines[k:at[i]])
         pieces.append(chunk)
@@ -117,23 +152,23 @@ def _assemble(pool: _Pool, tokenizer: Tokenizer, start: int, needles: Sequence[t
 
 
 def _build(tokenizer: Tokenizer, context_tokens: int, needles: Sequence[tuple[float, str]], question: str,
-           documents: Sequence[Document | str] | None, rng: np.random.Generator,
-           banned: re.Pattern[str]) -> tuple[str, list[int], int]:
-    fixed = len(tokenizer.encode("".join(n for _, n in needles) + question))
+           make_pool: Callable[[int], _Pool], header: str = "") -> tuple[str, list[int], int]:
+    """The longest prompt of at most `context_tokens` tokens: `header`, the tail of the filler of
+    `make_pool(min_tokens)` with the needles at their depths, `question`. Binary search on the cut."""
+    fixed = len(tokenizer.encode(header + "".join(n for _, n in needles) + question))
     if context_tokens < fixed:
         raise ValueError(
             f"context_tokens: {context_tokens} is too small to hold the needles and question ({fixed} tokens)"
         )
-    docs = _default_documents() if documents is None else documents
     want = context_tokens + context_tokens // 8 + 64
 
     def count(pool: _Pool, start: int) -> int:
-        return len(tokenizer.encode(_assemble(pool, tokenizer, start, needles, question)[0]))
+        return len(tokenizer.encode(_assemble(pool, tokenizer, start, needles, question, header)[0]))
 
-    pool = _Pool(docs, tokenizer, want, rng, banned)
+    pool = make_pool(want)
     while count(pool, 0) <= context_tokens:  # the search below needs more filler than fits
         want *= 2
-        pool = _Pool(docs, tokenizer, want, rng, banned)
+        pool = make_pool(want)
     lo, hi = 0, len(pool.text)  # invariant: count(lo) > context_tokens >= count(hi)
     if count(pool, hi) > context_tokens:
         raise ValueError(f"context_tokens: {context_tokens} is too small to hold the needles and question")
@@ -143,8 +178,13 @@ def _build(tokenizer: Tokenizer, context_tokens: int, needles: Sequence[tuple[fl
             hi = mid
         else:
             lo = mid
-    prompt, offsets = _assemble(pool, tokenizer, hi, needles, question)
+    prompt, offsets = _assemble(pool, tokenizer, hi, needles, question, header)
     return prompt, offsets, len(tokenizer.encode(prompt))
+
+
+def _document_pool(tokenizer: Tokenizer, documents: Sequence[Document | str], rng: np.random.Generator,
+                   banned: re.Pattern[str]) -> Callable[[int], _Pool]:
+    return lambda want: _Pool.from_documents(documents, tokenizer, want, rng, banned)
 
 
 def _digits(rng: np.random.Generator, n: int) -> list[str]:
@@ -166,8 +206,9 @@ def passkey_example(tokenizer: Tokenizer, context_tokens: int, depth: float, see
     needle = f"PASSKEY = {answer}\n"
     question = "assert PASSKEY == "
     banned = re.compile(r"\bPASSKEY\b")
+    docs = _default_documents() if documents is None else documents
     prompt, offsets, n = _build(tokenizer, context_tokens, [(float(depth), needle)], question,
-                                documents, rng, banned)
+                                _document_pool(tokenizer, docs, rng, banned))
     return Example(prompt, answer, n, float(depth), "passkey", offsets[0],
                    len(tokenizer.encode(prompt[: offsets[0]])))
 
@@ -192,12 +233,158 @@ def multikey_example(tokenizer: Tokenizer, context_tokens: int, depth: float, se
     needles = [(d, f"{name} = {v}\n") for d, name, v in zip(depths, names, values)]
     question = f"assert {names[query]} == "
     banned = re.compile(r"\bKEY_[A-Z]\b")
-    prompt, offsets, n = _build(tokenizer, context_tokens, needles, question, documents, rng, banned)
+    docs = _default_documents() if documents is None else documents
+    prompt, offsets, n = _build(tokenizer, context_tokens, needles, question,
+                                _document_pool(tokenizer, docs, rng, banned))
     return Example(prompt, values[query], n, float(depth), "multikey", offsets[query],
                    len(tokenizer.encode(prompt[: offsets[query]])))
 
 
-TASKS = {"passkey": passkey_example, "multikey": multikey_example}
+# ---- prose tasks --------------------------------------------------------------------------------------
+
+_CLASSIC_PREAMBLE = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+                     "them. I will quiz you about the important information there.\n")
+_CLASSIC_FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ",
+                   "There and back again. ")
+
+
+def classic_passkey_example(tokenizer: Tokenizer, context_tokens: int, depth: float, seed: int, *,
+                            documents: Sequence[Document | str] | None = None,
+                            capacity: int | None = None) -> Example:
+    """The passkey prompt of Mohtashami & Jaggi (2023, arXiv:2305.16300), 5-digit keys.
+
+    `documents` is ignored: the repeated grass/sky/sun filler is part of the task.
+    ValueError if `context_tokens` exceeds `capacity` or cannot hold the preamble,
+    needle and question.
+    """
+    del documents
+    _check_request(context_tokens, depth, capacity)
+    rng = np.random.default_rng(seed)
+    (answer,) = _digits(rng, 1)
+    needle = f"\nThe pass key is {answer}. Remember it. {answer} is the pass key.\n"
+    question = "\nWhat is the pass key? The pass key is"
+    memo: dict[str, int] = {}
+
+    def make_pool(want: int) -> _Pool:
+        per_cycle = max(1, len(tokenizer.encode("".join(_CLASSIC_FILLER))))
+        return _Pool(list(_CLASSIC_FILLER) * (want // per_cycle + 2), tokenizer, memo)
+
+    prompt, offsets, n = _build(tokenizer, context_tokens, [(float(depth), needle)], question, make_pool,
+                                header=_CLASSIC_PREAMBLE)
+    return Example(prompt, answer, n, float(depth), "classic_passkey", offsets[0],
+                   len(tokenizer.encode(prompt[: offsets[0]])))
+
+
+def _unwrap(paragraph: str) -> str:
+    return " ".join(line.strip() for line in paragraph.strip().splitlines())
+
+
+def _is_prose(paragraph: str, min_words: int = 12) -> bool:
+    """Running text: no indented (code, grammar, table) lines, no heading underlines, mostly letters."""
+    lines = [x for x in paragraph.strip("\n").splitlines() if x.strip()]
+    if not lines or any(x[:1].isspace() or x.lstrip().startswith((">>>", "*", "+-", "|")) for x in lines):
+        return False
+    text = _unwrap(paragraph)
+    letters = sum(c.isalpha() or c == " " for c in text)
+    return len(text.split()) >= min_words and letters >= 0.85 * len(text)
+
+
+def _stdlib_docstrings() -> list[str]:
+    """Module docstrings of the stdlib: the fallback prose where `pydoc_data` is stripped."""
+    out = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8", errors="replace")))
+        except (SyntaxError, ValueError):
+            continue
+        if doc:
+            out.append(doc)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def prose_documents() -> tuple[str, ...]:
+    """English prose on every CPython without downloads: the language reference topics of
+    `pydoc_data.topics` (the text behind `help("if")`), one document per topic, each a
+    paragraph of running text per line; code blocks, grammar and headings dropped.
+    Falls back to the stdlib's module docstrings where `pydoc_data` is missing."""
+    try:
+        from pydoc_data.topics import topics
+        sources = [topics[k] for k in sorted(topics)]
+    except ImportError:  # pragma: no cover - stripped CPython builds
+        sources = _stdlib_docstrings()
+    docs = []
+    for text in sources:
+        paragraphs = [_unwrap(x) for x in re.split(r"\n[ \t]*\n", text) if _is_prose(x)]
+        if paragraphs:
+            docs.append("".join(x + "\n" for x in paragraphs))
+    return tuple(docs)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVStyle:
+    """The wording of a `kv_prose` prompt: `preamble` opens it; `needle` and `question` are
+    formatted with `key` and `value`; `question` ends the prompt."""
+
+    preamble: str = ""
+    needle: str = "KEY-{key}: {value}\n"
+    question: str = "KEY-{key}:"
+
+
+# Wordings measured on SmolLM2-135M-Instruct (plain completion, transformers, float32; details in
+# the passkey experiment's results). With "plain" the model often copies a distractor's value
+# when the queried line is early (2k tokens, depth 0.1: 0/2). "quiz" (a preamble in the words of
+# Mohtashami & Jaggi's, the question asked in words before the KEY line) fixed those (3/3), but
+# with 5 keys it still copies a distractor at 4k-8k (exact 0.9, 0.9, 0.7, 0.4 at 1k/2k/4k/8k);
+# with 1 key it scores 1.0, 1.0, 0.9, 0.4 (8k: the model loses prose-buried lines at depth <= 0.5).
+KV_STYLES: dict[str, KVStyle] = {
+    "plain": KVStyle(),
+    "quiz": KVStyle(
+        preamble=("There are a few important KEY lines hidden inside a lot of irrelevant text. "
+                  "Find them and memorize them. I will quiz you about them.\n"),
+        question="\nWhat is the value of KEY-{key}? Answer with the line from the text.\nKEY-{key}:",
+    ),
+}
+
+
+def kv_prose_example(tokenizer: Tokenizer, context_tokens: int, depth: float, seed: int, *,
+                     num_keys: int = 5, style: str = "quiz",
+                     documents: Sequence[Document | str] | None = None,
+                     capacity: int | None = None) -> Example:
+    """`num_keys` lines `KEY-dddd: ddddd` inside English prose; the prompt ends asking one key.
+
+    Key-value retrieval (Liu et al. 2023, "Lost in the Middle", arXiv:2307.03172) in the line
+    format of a passkey test. The queried line (chosen by the seed) sits at `depth`, the others
+    at seeded uniform depths; keys are distinct 4-digit, values distinct 5-digit numbers.
+    `documents`: the filler (default `prose_documents()`); `style`: a name in `KV_STYLES`.
+    """
+    _check_request(context_tokens, depth, capacity)
+    if not isinstance(num_keys, (int, np.integer)) or not (1 <= num_keys <= 100):
+        raise ValueError(f"num_keys: expected an int in [1, 100], got {num_keys!r}")
+    if style not in KV_STYLES:
+        raise ValueError(f"style: expected one of {sorted(KV_STYLES)}, got {style!r}")
+    form = KV_STYLES[style]
+    rng = np.random.default_rng(seed)
+    keys = [str(int(k)) for k in rng.choice(9000, size=num_keys, replace=False) + 1000]
+    values = _digits(rng, num_keys)
+    query = int(rng.integers(num_keys))
+    depths = [float(x) for x in rng.uniform(0.0, 1.0, num_keys)]
+    depths[query] = float(depth)
+    needles = [(d, form.needle.format(key=k, value=v)) for d, k, v in zip(depths, keys, values)]
+    question = form.question.format(key=keys[query], value="")
+    docs = prose_documents() if documents is None else documents
+    pool = _document_pool(tokenizer, docs, rng, re.compile(r"KEY-\d"))
+    prompt, offsets, n = _build(tokenizer, context_tokens, needles, question, pool, header=form.preamble)
+    return Example(prompt, values[query], n, float(depth), "kv_prose", offsets[query],
+                   len(tokenizer.encode(prompt[: offsets[query]])))
+
+
+TASKS: dict[str, Callable[..., Example]] = {
+    "passkey": passkey_example,
+    "multikey": multikey_example,
+    "classic_passkey": classic_passkey_example,
+    "kv_prose": kv_prose_example,
+}
 
 
 def needle_grid(tokenizer: Tokenizer, context_lengths: Sequence[int], depths: Sequence[float], *,
@@ -208,7 +395,8 @@ def needle_grid(tokenizer: Tokenizer, context_lengths: Sequence[int], depths: Se
 
     Each cell's seed derives from (seed, length, depth, sample index), so a
     cell does not depend on the rest of the grid. Every length and depth is
-    validated when called, before any example is built.
+    validated when called, before any example is built. `documents=None`:
+    each task's own filler (held-out stdlib code, or prose).
     """
     if task not in TASKS:
         raise ValueError(f"task: expected one of {sorted(TASKS)}, got {task!r}")
@@ -217,7 +405,6 @@ def needle_grid(tokenizer: Tokenizer, context_lengths: Sequence[int], depths: Se
     for n in context_lengths:
         for d in depths:
             _check_request(n, d, capacity)
-    docs = _default_documents() if documents is None else documents
     make = TASKS[task]
 
     def generate() -> Iterator[Example]:
@@ -226,6 +413,6 @@ def needle_grid(tokenizer: Tokenizer, context_lengths: Sequence[int], depths: Se
                 for k in range(samples):
                     cell = np.random.SeedSequence([seed, int(n), round(float(d) * 1_000_000), k])
                     cell_seed = int(cell.generate_state(1)[0])
-                    yield make(tokenizer, n, d, cell_seed, documents=docs, capacity=capacity, **task_kwargs)
+                    yield make(tokenizer, n, d, cell_seed, documents=documents, capacity=capacity, **task_kwargs)
 
     return generate()

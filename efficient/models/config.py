@@ -1,9 +1,11 @@
-"""`ModelConfig`: the frozen description of a Llama-style decoder.
+"""`ModelConfig`: the frozen description of a decoder-only transformer.
 
-One implementation serves Llama 2/3, Mistral, Qwen2 and Qwen3 with switches:
-qkv bias (Qwen2), q/k RMSNorm (Qwen3), explicit head_dim, tied embeddings,
-RoPE scaling (linear, dynamic NTK, llama3, YaRN) and sliding-window layers.
-`ModelConfig.from_hf(config_dict)` maps a Hugging Face `config.json`.
+The families (`efficient.models.families`: Llama 2/3, Mistral, Qwen2, Qwen3 in
+llama.py; Gemma 3 in gemma3.py) share it with switches: qkv bias (Qwen2), q/k
+RMSNorm (Qwen3, Gemma 3), explicit head_dim, tied embeddings, RoPE scaling
+(linear, dynamic NTK, llama3, YaRN), sliding-window layers with their own RoPE
+(Gemma 3), query scale and logit soft-capping. `ModelConfig.from_hf(config_dict)`
+maps a Hugging Face `config.json` through the family registered for its model_type.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import os
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_tanh")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -83,6 +85,12 @@ class ModelConfig:
     dtype: str = "float32"
     # Which attention implementation(s) the model's layers ask the dispatcher for.
     attention_implementation: str | tuple[str, ...] | None = None
+    activation: str = "silu"  # of the gated MLP: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    # RoPE of the sliding-window layers (Gemma 3's rope_local_base_freq); None: `rope`.
+    rope_local: RopeConfig | None = None
+    query_pre_attn_scalar: float | None = None  # logit scale query_pre_attn_scalar**-0.5; None: H**-0.5
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
 
     def __post_init__(self) -> None:
         # Sequences become tuples: the config is part of the (hashable) graphdef.
@@ -115,6 +123,12 @@ class ModelConfig:
             )
         if any(self.sliding_layers) and not (self.sliding_window and self.sliding_window > 0):
             raise ValueError(f"sliding layers need sliding_window > 0, got {self.sliding_window!r}")
+        if self.activation not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"ModelConfig.activation must be one of {SUPPORTED_ACTIVATIONS}, got {self.activation!r}")
+        for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"ModelConfig.{name} must be > 0 or None, got {value!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -127,6 +141,26 @@ class ModelConfig:
         if self.sliding_layers and self.sliding_layers[layer]:
             return self.sliding_window
         return None
+
+    def layer_rope(self, layer: int) -> RopeConfig:
+        """The RoPE of `layer`: `rope_local` on sliding layers when set, else `rope`."""
+        if self.rope_local is not None and self.layer_window(layer) is not None:
+            return self.rope_local
+        return self.rope
+
+    def layer_kinds(self) -> tuple[tuple[tuple[int | None, RopeConfig], ...], tuple[int, ...]]:
+        """The distinct (window, rope) kinds in order of first use, and each layer's kind id.
+
+        The shared forward scans over layers with the kind id as a traced per-layer
+        value and selects the kind's static attention spec and RoPE table by it."""
+        kinds: list[tuple[int | None, RopeConfig]] = []
+        ids = []
+        for layer in range(self.num_layers):
+            kind = (self.layer_window(layer), self.layer_rope(layer))
+            if kind not in kinds:
+                kinds.append(kind)
+            ids.append(kinds.index(kind))
+        return tuple(kinds), tuple(ids)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -141,59 +175,26 @@ class ModelConfig:
             attn += d
         if self.qk_norm:
             attn += 2 * h
-        layer = attn + 3 * d * f + 2 * d + (2 * f + d if self.mlp_bias else 0)
+        from efficient.models.families import get_family  # the registry imports this module
+
+        norms = get_family(self.model_type).norms_per_layer
+        layer = attn + 3 * d * f + norms * d + (2 * f + d if self.mlp_bias else 0)
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.num_layers * layer + embed + d
 
     # ------------------------------------------------------------------ HF
     @classmethod
     def from_hf(cls, hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
-        """Map a Hugging Face `config.json` dict (Llama/Mistral/Qwen2/Qwen3)."""
-        model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            archs = hf.get("architectures")
-            raise NotImplementedError(
-                f"unsupported model_type {model_type!r} (architectures={archs}); "
-                f"supported: {SUPPORTED_MODEL_TYPES}"
-            )
+        """Map a Hugging Face `config.json` dict through the family of its model_type."""
+        from efficient.models.families import get_family  # the registry imports this module
+
+        family = get_family(hf.get("model_type"), architectures=hf.get("architectures"))
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads")
         missing = [key for key in required if key not in hf]
         if missing:
             raise ValueError(f"config.json lacks required keys {missing}")
-        num_heads = hf["num_attention_heads"]
-        num_kv_heads = hf.get("num_key_value_heads") or num_heads
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
-        num_layers = hf["num_hidden_layers"]
-        sliding_window, sliding_layers = _sliding_layout(hf, model_type, num_layers)
-        eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        attention_bias = bool(hf.get("attention_bias", False))
-        torch_dtype = dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32"
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=num_layers,
-            num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope=_rope_from_hf(hf),
-            qkv_bias=model_type == "qwen2" or (model_type in ("llama", "qwen3") and attention_bias),
-            o_bias=model_type in ("llama", "qwen3") and attention_bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            sliding_window=sliding_window,
-            sliding_layers=sliding_layers,
-            model_type=model_type,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            pad_token_id=hf.get("pad_token_id"),
-            dtype=str(torch_dtype),
-        )
+        return family.config_from_hf(hf, dtype)
 
     @classmethod
     def from_hf_file(cls, path: str | os.PathLike[str], dtype: str | None = None) -> ModelConfig:
@@ -201,14 +202,21 @@ class ModelConfig:
             return cls.from_hf(json.load(f), dtype=dtype)
 
 
-def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
-    params = dict(hf.get("rope_parameters") or {})
-    legacy = hf.get("rope_scaling") or {}
-    params = {**legacy, **params}
+def hf_eos_ids(hf: dict[str, Any]) -> tuple[int, ...]:
+    eos = hf.get("eos_token_id")
+    return tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+
+
+def rope_from_hf(hf: dict[str, Any], params: dict[str, Any] | None = None,
+                 default_theta: float = 10000.0) -> RopeConfig:
+    """A RopeConfig from HF rope parameters (default: the config's `rope_parameters`
+    merged over the legacy `rope_scaling`; `rope_theta` falls back to the top level)."""
+    if params is None:
+        params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
         raise NotImplementedError(f"partial_rotary_factor={partial} is not supported (only 1.0)")
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = params.get("rope_theta", hf.get("rope_theta", default_theta))
     rope_type = params.get("rope_type", params.get("type", "default"))
     original = params.get("original_max_position_embeddings")
     if original is None and rope_type in ("llama3", "yarn"):
@@ -229,23 +237,18 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     )
 
 
-def _sliding_layout(
-    hf: dict[str, Any], model_type: str, num_layers: int
-) -> tuple[int | None, tuple[bool, ...]]:
-    """Which layers use a sliding window, following each family's HF semantics."""
-    window = hf.get("sliding_window")
-    layer_types = hf.get("layer_types")
-    if layer_types:
-        flags = tuple(t == "sliding_attention" for t in layer_types)
-        return (window if any(flags) else None), (flags if any(flags) else ())
-    if not window:
-        return None, ()
-    if model_type == "mistral":
-        return window, (True,) * num_layers
-    if model_type in ("qwen2", "qwen3"):
-        if not hf.get("use_sliding_window", False):
-            return None, ()
-        first_full = hf.get("max_window_layers", num_layers)
-        flags = tuple(i >= first_full for i in range(num_layers))
-        return (window if any(flags) else None), (flags if any(flags) else ())
-    return None, ()
+def rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
+    """HF `rope_parameters` for `rope` (the inverse of `rope_from_hf`)."""
+    params: dict[str, Any] = {"rope_type": rope.rope_type, "rope_theta": rope.theta}
+    if rope.rope_type != "default":
+        params["factor"] = rope.factor
+    if rope.original_max_position_embeddings is not None:
+        params["original_max_position_embeddings"] = rope.original_max_position_embeddings
+    if rope.rope_type == "llama3":
+        params.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor)
+    if rope.rope_type == "yarn":
+        params.update(beta_fast=rope.beta_fast, beta_slow=rope.beta_slow, truncate=rope.truncate)
+        for key in ("attention_factor", "mscale", "mscale_all_dim"):
+            if getattr(rope, key) is not None:
+                params[key] = getattr(rope, key)
+    return params

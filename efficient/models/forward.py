@@ -2,6 +2,13 @@
 
     logits, cache = forward(model, tokens, positions=..., cache=...)
 
+The L layers run as one `lax.scan` over their stacked parameters (compile time
+flat in depth), carrying the hidden state and the cache, which is written and
+read at the traced layer index. Per-layer differences are traced per-layer
+values: a kind id selects the layer's static `AttentionSpec` (window) with
+`lax.switch` and its RoPE table, and an optional skip gate makes the layer the
+identity (`lax.cond`; a skipped layer does not write the cache).
+
 `positions[b, t] < 0` marks a padded token: it is written to the cache with
 position -1 (never attended) and its logits are meaningless. Without a cache
 the call attends within `tokens` only; with one, it appends the T tokens to
@@ -18,8 +25,9 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from efficient.attention import AttentionSpec, DenseView, attention
 from efficient.cache.protocol import KVCache
-from efficient.models.llama import LlamaModel
+from efficient.models.model import DecoderModel as LlamaModel
 from efficient.models.rope import rotary_cos_sin
 
 
@@ -82,7 +90,7 @@ def forward(
     tree_mask: Bool[Array, "B T T"] | None = None,
     logits_indices: Int[Array, "B I"] | None = None,
     implementation: str | tuple[str, ...] | None = None,
-    skip_layers: tuple[int, ...] = (),
+    skip_layers: tuple[int, ...] | Bool[Array, " L"] = (),
 ) -> tuple[Float[Array, "B I V"], KVCache | None]:
     """Run the decoder over `tokens`; returns float32 logits and the updated cache.
 
@@ -95,6 +103,9 @@ def forward(
         verification; what the cache held before is governed by positions alone.
     logits_indices: compute logits only at these token indices (e.g. the last
         real token of each prompt); default every token.
+    skip_layers: layers run as the identity (self-speculative drafting): a tuple of
+        layer ids, or a (possibly traced) bool[L] mask, so different sets share one
+        compile. A skipped layer does not write the cache.
     """
     config = model.config
     validate_tokens(tokens, config.vocab_size)
@@ -107,6 +118,7 @@ def forward(
     positions = jnp.asarray(positions, jnp.int32)
     if positions.shape != (b, t):
         raise ValueError(f"positions must have shape {(b, t)}, got {tuple(positions.shape)}")
+    skip = skip_mask(skip_layers, config.num_layers)
     slots = None
     if cache is not None:
         if cache.batch_size != b:
@@ -115,17 +127,9 @@ def forward(
         cache, slots = cache.reserve(positions)
     if tree_mask is not None:
         mask = _with_new_token_mask(mask, tree_mask, slots, cache, b, t)
-    bad = [i for i in skip_layers if not 0 <= i < config.num_layers]
-    if bad:
-        raise ValueError(f"skip_layers: layer ids {bad} outside [0, {config.num_layers})")
 
-    x = model.embed_tokens(tokens)
-    cos, sin = rotary_cos_sin(config.rope, config.head_dim, config.max_position_embeddings,
-                              jnp.maximum(positions, 0))
-    for index, layer in enumerate(model.layers):
-        if index in skip_layers:
-            continue
-        x, cache = layer(x, cos, sin, positions, cache, slots, mask, implementation)
+    x, cache = _run_layers(model, model.embed(tokens), positions, cache, slots, mask, skip,
+                           implementation or config.attention_implementation)
     if logits_indices is not None:
         if logits_indices.ndim != 2 or logits_indices.shape[0] != b:
             raise ValueError(f"logits_indices must have shape [{b}, I], got {tuple(logits_indices.shape)}")
@@ -135,6 +139,86 @@ def forward(
             raise ValueError(f"logits_indices must lie in [0, {t}), got {np.asarray(logits_indices).tolist()}")
         x = jnp.take_along_axis(x, logits_indices[:, :, None], axis=1)
     return model.logits(model.norm(x)), cache
+
+
+def skip_mask(skip_layers: tuple[int, ...] | Bool[Array, " L"], num_layers: int) -> Bool[Array, " L"] | None:
+    """A bool[L] mask from layer ids or a mask (None: no layer skipped, statically)."""
+    if isinstance(skip_layers, tuple | list):
+        if not skip_layers:
+            return None
+        bad = [i for i in skip_layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"skip_layers: layer ids {bad} outside [0, {num_layers})")
+        flags = np.zeros((num_layers,), bool)
+        flags[list(skip_layers)] = True
+        return jnp.asarray(flags)
+    skip_layers = jnp.asarray(skip_layers)
+    if skip_layers.shape != (num_layers,) or skip_layers.dtype != jnp.bool_:
+        raise ValueError(f"skip_layers must be layer ids or a bool[{num_layers}] mask, got "
+                         f"{skip_layers.dtype}{tuple(skip_layers.shape)}")
+    return skip_layers
+
+
+def _run_layers(
+    model: LlamaModel,
+    x: Float[Array, "B T D"],
+    positions: Int[Array, "B T"],
+    cache: KVCache | None,
+    slots: Int[Array, "B T"] | None,
+    mask: Bool[Array, "B T S"] | None,
+    skip: Bool[Array, " L"] | None,
+    implementation: str | tuple[str, ...] | None,
+) -> tuple[Float[Array, "B T D"], KVCache | None]:
+    """`lax.scan` over the stacked layers, carrying (x, cache)."""
+    config = model.config
+    kinds, kind_ids = config.layer_kinds()
+    scale = None if config.query_pre_attn_scalar is None else config.query_pre_attn_scalar**-0.5
+    specs = tuple(AttentionSpec(causal=True, window=window, softcap=config.attn_logit_softcapping, scale=scale)
+                  for window, _ in kinds)
+    # RoPE tables of every kind [kinds, B, T, H]; padding (negative positions) gets position 0.
+    tables = [rotary_cos_sin(rope, config.head_dim, config.max_position_embeddings, jnp.maximum(positions, 0))
+              for _, rope in kinds]
+    cos_all = jnp.stack([cos for cos, _ in tables])
+    sin_all = jnp.stack([sin for _, sin in tables])
+
+    def attend_with(spec: AttentionSpec) -> Callable[[jax.Array, object], jax.Array]:
+        def run(q: jax.Array, view: object) -> jax.Array:
+            return attention(q, view, spec=spec, q_positions=positions, mask=mask, implementation=implementation)
+        return run
+
+    branches = [attend_with(spec) for spec in specs]
+    graphdef, stacked = nnx.split(model.layers)
+
+    def layer_step(params: nnx.State, x: jax.Array, cache: KVCache | None, index: jax.Array,
+                   kind: jax.Array) -> tuple[jax.Array, KVCache | None]:
+        layer = nnx.merge(graphdef, params)
+        written = [cache]
+
+        def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+            if written[0] is None:
+                view = DenseView(k=k, v=v, positions=positions)
+            else:
+                written[0] = written[0].update(index, k, v, slots)
+                view = written[0].view(index)
+            if len(branches) == 1:
+                return branches[0](q, view)
+            return jax.lax.switch(kind, branches, q, view)
+
+        x = layer(x, cos_all[kind], sin_all[kind], attend)
+        return x, written[0]
+
+    def body(carry: tuple, xs: tuple) -> tuple[tuple, None]:
+        x, cache = carry
+        params, index, kind, skipped = xs
+        if skipped is None:
+            return layer_step(params, x, cache, index, kind), None
+        carry = jax.lax.cond(skipped, lambda x, cache: (x, cache),
+                             lambda x, cache: layer_step(params, x, cache, index, kind), x, cache)
+        return carry, None
+
+    xs = (stacked, jnp.arange(config.num_layers, dtype=jnp.int32), jnp.asarray(kind_ids, jnp.int32), skip)
+    (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
+    return x, cache
 
 
 def jit_forward(

@@ -23,7 +23,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from efficient.models.config import ModelConfig
-from efficient.models.llama import LlamaModel
+from efficient.models.families import get_family
+from efficient.models.model import DecoderModel as LlamaModel
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -32,35 +33,23 @@ class CheckpointError(ValueError):
     """A checkpoint folder that does not match its config."""
 
 
-def _param_map(config: ModelConfig) -> Iterator[tuple[str, tuple[Any, ...], bool]]:
-    """(HF tensor name, attribute path in LlamaModel, transpose?) for every parameter."""
-    yield "model.embed_tokens.weight", ("embed_tokens", "embedding"), False
-    yield "model.norm.weight", ("norm", "weight"), False
+def _param_map(config: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], int | None, bool]]:
+    """(HF tensor name, attribute path in the model, layer or None, transpose?) for every
+    parameter. A layer's parameters are slices [layer] of the stacked `layers` arrays."""
+    yield "model.embed_tokens.weight", ("embed_tokens", "embedding"), None, False
+    yield "model.norm.weight", ("norm", "weight"), None, False
     if not config.tie_embeddings:
-        yield "lm_head.weight", ("lm_head", "kernel"), True
+        yield "lm_head.weight", ("lm_head", "kernel"), None, True
+    per_layer = tuple(get_family(config.model_type).layer_params(config))
     for i in range(config.num_layers):
-        pre = f"model.layers.{i}."
-        yield pre + "input_layernorm.weight", ("layers", i, "input_layernorm", "weight"), False
-        yield (pre + "post_attention_layernorm.weight",
-               ("layers", i, "post_attention_layernorm", "weight"), False)
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            yield pre + f"self_attn.{proj}.weight", ("layers", i, "self_attn", proj, "kernel"), True
-            has_bias = config.o_bias if proj == "o_proj" else config.qkv_bias
-            if has_bias:
-                yield pre + f"self_attn.{proj}.bias", ("layers", i, "self_attn", proj, "bias"), False
-        if config.qk_norm:
-            for norm in ("q_norm", "k_norm"):
-                yield pre + f"self_attn.{norm}.weight", ("layers", i, "self_attn", norm, "weight"), False
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            yield pre + f"mlp.{proj}.weight", ("layers", i, "mlp", proj, "kernel"), True
-            if config.mlp_bias:
-                yield pre + f"mlp.{proj}.bias", ("layers", i, "mlp", proj, "bias"), False
+        for suffix, path, transpose in per_layer:
+            yield f"model.layers.{i}.{suffix}", ("layers", *path), i, transpose
 
 
-def _get_variable(model: LlamaModel, path: tuple[Any, ...]) -> nnx.Variable:
+def _get_variable(model: LlamaModel, path: tuple[str, ...]) -> nnx.Variable:
     obj: Any = model
     for key in path:
-        obj = obj[key] if isinstance(key, int) else getattr(obj, key)
+        obj = getattr(obj, key)
     return obj
 
 
@@ -140,7 +129,8 @@ def load_tensors(config: ModelConfig, source: TensorSource) -> LlamaModel:
     model = nnx.eval_shape(lambda: LlamaModel(config, rngs=nnx.Rngs(0)))
     available = set(source.names())
     expected = set()
-    for name, attr_path, transpose in _param_map(config):
+    stacked: dict[tuple[str, ...], np.ndarray] = {}  # per-layer tensors gathered on a leading L axis
+    for name, attr_path, layer, transpose in _param_map(config):
         expected.add(name)
         if name not in available:
             raise CheckpointError(f"tensor {name!r} is missing from checkpoint {source.location!r}")
@@ -148,14 +138,22 @@ def load_tensors(config: ModelConfig, source: TensorSource) -> LlamaModel:
         if transpose:
             tensor = tensor.T
         variable = _get_variable(model, attr_path)
-        want = tuple(variable.get_value().shape)
+        full = tuple(variable.get_value().shape)
+        want = full if layer is None else full[1:]
         if tuple(tensor.shape) != want:
             shape = tuple(tensor.T.shape if transpose else tensor.shape)
             raise CheckpointError(
                 f"tensor {name!r} in {source.location!r} has shape {shape}, expected "
                 f"{want[::-1] if transpose else want} for this config"
             )
-        variable.set_value(jnp.asarray(tensor, dtype=target_dtype))
+        if layer is None:
+            variable.set_value(jnp.asarray(tensor, dtype=target_dtype))
+        else:
+            if attr_path not in stacked:
+                stacked[attr_path] = np.empty(full, target_dtype)
+            stacked[attr_path][layer] = np.asarray(tensor).astype(target_dtype)
+    for attr_path, value in stacked.items():
+        _get_variable(model, attr_path).set_value(jnp.asarray(value))
     unexpected = sorted(
         name for name in available
         if name not in expected
@@ -171,12 +169,19 @@ def load_tensors(config: ModelConfig, source: TensorSource) -> LlamaModel:
 
 
 def from_pretrained(path: str | os.PathLike[str], dtype: str | None = None) -> LlamaModel:
-    """Load a local HF checkpoint folder (Llama, Mistral, Qwen2, Qwen3) into a model.
+    """Load a local HF checkpoint folder (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text), or a llama.cpp
+    `.gguf` file (see `efficient.models.gguf`), into a model.
 
     dtype: parameter/compute dtype ("float32", "bfloat16", "float16"); default
-    the checkpoint's own.
+    the checkpoint's own (float32 for GGUF).
     """
     folder = Path(path)
+    if folder.suffix.lower() == ".gguf" and not folder.is_dir():
+        from efficient.models.gguf import from_gguf  # imported here: gguf.py imports this module
+
+        return from_gguf(folder, dtype=dtype)
+    if folder.is_file():
+        raise CheckpointError(f"expected an HF checkpoint folder or a .gguf file, got file {str(folder)!r}")
     config = load_config(folder, dtype=dtype)
     source = SafetensorsSource(folder)
     try:
@@ -186,53 +191,8 @@ def from_pretrained(path: str | os.PathLike[str], dtype: str | None = None) -> L
 
 
 def to_hf_config(config: ModelConfig) -> dict[str, Any]:
-    """An HF `config.json` dict for `config` (Llama/Mistral/Qwen2/Qwen3 layouts)."""
-    rope = config.rope
-    rope_parameters: dict[str, Any] = {"rope_type": rope.rope_type, "rope_theta": rope.theta}
-    if rope.rope_type != "default":
-        rope_parameters["factor"] = rope.factor
-    if rope.original_max_position_embeddings is not None:
-        rope_parameters["original_max_position_embeddings"] = rope.original_max_position_embeddings
-    if rope.rope_type == "llama3":
-        rope_parameters.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor)
-    if rope.rope_type == "yarn":
-        rope_parameters.update(beta_fast=rope.beta_fast, beta_slow=rope.beta_slow, truncate=rope.truncate)
-        for key in ("attention_factor", "mscale", "mscale_all_dim"):
-            if getattr(rope, key) is not None:
-                rope_parameters[key] = getattr(rope, key)
-    architectures = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-    hf: dict[str, Any] = {
-        "architectures": [architectures[config.model_type]],
-        "model_type": config.model_type,
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim,
-        "max_position_embeddings": config.max_position_embeddings,
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": rope.theta,
-        "rope_parameters": rope_parameters,
-        "attention_bias": config.qkv_bias if config.model_type != "qwen2" else False,
-        "mlp_bias": config.mlp_bias,
-        "tie_word_embeddings": config.tie_embeddings,
-        "hidden_act": "silu",
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": list(config.eos_token_ids) if len(config.eos_token_ids) > 1
-        else (config.eos_token_ids[0] if config.eos_token_ids else None),
-        "pad_token_id": config.pad_token_id,
-        "torch_dtype": config.dtype,
-    }
-    if config.sliding_layers:
-        hf["sliding_window"] = config.sliding_window
-        hf["layer_types"] = ["sliding_attention" if s else "full_attention" for s in config.sliding_layers]
-        if config.model_type in ("qwen2", "qwen3"):  # their configs drop the window without this
-            hf["use_sliding_window"] = True
-            hf["max_window_layers"] = config.sliding_layers.index(True)
-    return hf
+    """An HF `config.json` dict for `config`, written by the family of its model_type."""
+    return get_family(config.model_type).to_hf(config)
 
 
 def save_pretrained(model: LlamaModel, path: str | os.PathLike[str], dtype: str | None = None) -> None:
@@ -241,9 +201,13 @@ def save_pretrained(model: LlamaModel, path: str | os.PathLike[str], dtype: str 
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config if dtype is None else model.config.replace(dtype=dtype)
     tensors: dict[str, np.ndarray] = {}
-    for name, attr_path, transpose in _param_map(model.config):
-        value = jnp.asarray(_get_variable(model, attr_path)[...], jnp.dtype(config.dtype))
-        tensors[name] = np.ascontiguousarray(np.asarray(jax.device_get(value.T if transpose else value)))
+    values: dict[tuple[str, ...], np.ndarray] = {}
+    for name, attr_path, layer, transpose in _param_map(model.config):
+        if attr_path not in values:
+            value = jnp.asarray(_get_variable(model, attr_path)[...], jnp.dtype(config.dtype))
+            values[attr_path] = np.asarray(jax.device_get(value))
+        value = values[attr_path] if layer is None else values[attr_path][layer]
+        tensors[name] = np.ascontiguousarray(value.T if transpose else value)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with open(folder / "config.json", "w") as f:
         json.dump(to_hf_config(config), f, indent=2)

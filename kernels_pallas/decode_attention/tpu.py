@@ -8,7 +8,13 @@ workers. Each worker emits one partial (normalised output, log-sum-exp) per
 tile piece it touched; the pieces are merged with their log-sum-exp
 (associativity of the online softmax). All G query heads of a KV group and
 the T (<= 16) new tokens are one (G*T, H) matrix, so each K/V block is read
-once per group. Blocks past a row's length are never read.
+once per group. Only the key blocks that can hold a visible key (below the
+row's length, inside the queries' window) are scheduled; idle steps repeat the
+last block index, so Pallas issues no copy for the others (the scalar-prefetched
+schedule plays the role of the clamped index_map of splash / ragged paged
+attention). K/V in [B, K, S, H] ("BKSH", the dense cache's layout) are read in
+place; S need not be a block multiple (the last block is an edge block whose
+slots past the length are masked and zeroed in the kernel).
 """
 
 from __future__ import annotations
@@ -35,25 +41,52 @@ class Config:
     softcap: float | None
     scale: float
     has_mask: bool
+    layout: str
     blocks: BlockSizes
     interpret: object
 
 
+def needed_blocks(
+    lengths: jax.Array, qp: jax.Array, kp: jax.Array, *, causal: bool, window: int | None, block_kv: int, num_blocks: int
+) -> tuple[jax.Array, jax.Array]:
+    """Per row, the first key block and the number of consecutive blocks that can hold a
+    visible key: slots below the row's length with a position at or before the latest
+    query (causal) and after the earliest query's window start. The rest is never read."""
+    s = kp.shape[1]
+    slot = jnp.arange(s, dtype=jnp.int32)[None, :]
+    live = (slot < lengths[:, None]) & (kp >= 0)
+    q_ok = qp >= 0
+    if causal:
+        q_max = jnp.max(jnp.where(q_ok, qp, -1), axis=1, keepdims=True)
+        live &= kp <= q_max
+    if window is not None:
+        q_min = jnp.min(jnp.where(q_ok, qp, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
+        live &= kp > q_min - window
+    live &= jnp.any(q_ok, axis=1, keepdims=True)
+    first = jnp.min(jnp.where(live, slot, s), axis=1)
+    last = jnp.max(jnp.where(live, slot, -1), axis=1)
+    start = jnp.clip(first // block_kv, 0, num_blocks - 1)
+    count = jnp.where(last >= 0, last // block_kv + 1 - start, 0)
+    return start.astype(jnp.int32), count.astype(jnp.int32)
+
+
 def stream_k_schedule(
-    lengths: jax.Array, kv_heads: int, num_blocks: int, block_kv: int, workers: int
+    block_start: jax.Array, block_count: jax.Array, kv_heads: int, num_blocks: int, workers: int
 ) -> tuple[jax.Array, ...]:
     """Per grid step (worker p, step u): row, kv head, key block, piece id, flags; piece -> tile.
 
-    Units (b, k, j) for j < ceil(len_b / block_kv) are numbered in (b, k, j) order;
-    worker p takes units [p*c, (p+1)*c) with c = ceil(total / workers). A piece
-    is a maximal run of one worker's units inside one (b, k) tile. Idle steps
-    repeat the worker's last block indices, so the pipeline fetches nothing new.
+    Units (b, k, i) for i < block_count[b] (key block block_start[b] + i) are numbered
+    in (b, k, i) order; worker p takes units [p*c, (p+1)*c) with c = ceil(total / workers).
+    A piece is a maximal run of one worker's units inside one (b, k) tile. Idle steps
+    repeat the worker's last block indices, so the pipeline issues no new copy: a block
+    past a row's length or outside its window is never fetched.
     """
-    b = lengths.shape[0]
+    b = block_start.shape[0]
     tiles = b * kv_heads
     steps = -(-tiles * num_blocks // workers)  # static upper bound on c
     n_pieces = tiles + 2 * workers  # at most tiles + workers - 1 real pieces; then one sink per worker
-    units = jnp.repeat(jnp.clip(-(-lengths // block_kv), 0, num_blocks), kv_heads)  # per tile
+    units = jnp.repeat(jnp.clip(block_count, 0, num_blocks), kv_heads)  # per tile
+    starts = jnp.repeat(block_start, kv_heads)
     tile_end = jnp.cumsum(units)
     total = tile_end[-1]
     c = jnp.maximum(-(-total // workers), 1)
@@ -63,9 +96,9 @@ def stream_k_schedule(
     valid = u < n_valid
     unit = jnp.where(n_valid > 0, p * c + jnp.clip(jnp.minimum(u, n_valid - 1), 0), 0)
     tile = jnp.clip(jnp.searchsorted(tile_end, unit, side="right"), 0, tiles - 1)
-    j = unit - (tile_end[tile] - units[tile])
-    first = valid & ((j == 0) | (u == 0))
-    last = valid & ((u + 1 == n_valid) | (j + 1 == units[tile]))
+    i = unit - (tile_end[tile] - units[tile])
+    first = valid & ((i == 0) | (u == 0))
+    last = valid & ((u + 1 == n_valid) | (i + 1 == units[tile]))
     piece = jnp.cumsum(first.reshape(-1)).reshape(first.shape) - 1
     last_piece = jnp.take_along_axis(piece, jnp.clip(n_valid - 1, 0), 1)  # P 1
     # Idle steps keep the piece of the worker's last valid step; a worker without work, its own sink.
@@ -74,18 +107,20 @@ def stream_k_schedule(
     piece_tile = jnp.full((n_pieces,), tiles, jnp.int32).at[
         jnp.where(first, piece, n_pieces)
     ].set(tile, mode="drop")
+    j = jnp.clip(starts[tile] + i, 0, num_blocks - 1)
     flat = lambda x: x.reshape(-1).astype(jnp.int32)  # noqa: E731
     return (flat(tile // kv_heads), flat(tile % kv_heads), flat(j), flat(piece), flat(flags)), piece_tile
 
 
 def _kernel(cfg: Config, steps: int, *refs) -> None:  # noqa: ANN002
-    tb, tk, tj, tpiece, tflag = refs[:5]
-    del tb, tk, tj, tpiece
+    tb, tk, tj, tpiece, tflag, lens = refs[:6]
+    del tk, tpiece
     if cfg.has_mask:
-        qp_ref, kp_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs[5:]
+        qp_ref, kp_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs[6:]
     else:
-        qp_ref, kp_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs[5:]
-    flag = tflag[pl.program_id(0) * steps + pl.program_id(1)]
+        qp_ref, kp_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs[6:]
+    w = pl.program_id(0) * steps + pl.program_id(1)
+    flag = tflag[w]
 
     @pl.when((flag & FIRST) != 0)
     def _init() -> None:
@@ -96,12 +131,19 @@ def _kernel(cfg: Config, steps: int, *refs) -> None:  # noqa: ANN002
     @pl.when((flag & VALID) != 0)
     def _update() -> None:
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
+        bk, h = v.shape
+        # Slots past the row's length (in its last block, or past the cache end) hold
+        # anything, NaN included: mask their logits and zero their values.
+        first_slot = tj[w] * bk
+        length = lens[tb[w]]
+        v = jnp.where(first_slot + jax.lax.broadcasted_iota(jnp.int32, (bk, h), 0) < length, v, 0)
         precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
         logits = jax.lax.dot_general(
             q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
         )  # R bk
         logits = soft_cap(logits * cfg.scale, cfg.softcap)
         vis = visible(qp_ref[...], kp_ref[...], None, None, causal=cfg.causal, window=cfg.window)
+        vis &= first_slot + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1) < length
         if cfg.has_mask:
             vis &= mask_ref[...] != 0
         logits = jnp.where(vis, logits, -jnp.inf)
@@ -142,16 +184,24 @@ def combine_pieces(
 
 
 def _decode_kernel_call(cfg: Config, q, k, v, lengths, qp, kp, mask):  # noqa: ANN001, ANN202
-    """q [B, K, R, H], k/v [B, K, Sp, H], qp [B, R, 1], kp [B, 1, Sp], mask [B, R, Sp] | None."""
+    """q [B, K, R, H], k/v [B, K, S, H], qp [B, R, 1], kp [B, 1, S], mask [B, R, S] | None.
+
+    S need not be a multiple of the key block: the last block is partial (edge block)."""
     b, kh, r, h = q.shape
-    sp = k.shape[2]
-    bk, workers = cfg.blocks.block_kv, cfg.blocks.num_workers
-    tables, piece_tile = stream_k_schedule(lengths, kh, sp // bk, bk, workers)
-    steps = -(-b * kh * (sp // bk) // workers)
+    s = k.shape[2]
+    # A cache shorter than the block is one full-extent block (legal for any S on TPU).
+    bk, workers = min(cfg.blocks.block_kv, s), cfg.blocks.num_workers
+    num_blocks = -(-s // bk)
+    start, count = needed_blocks(
+        lengths, qp[:, :, 0], kp[:, 0, :], causal=cfg.causal, window=cfg.window, block_kv=bk,
+        num_blocks=num_blocks,
+    )
+    tables, piece_tile = stream_k_schedule(start, count, kh, num_blocks, workers)
+    steps = -(-b * kh * num_blocks // workers)
     n_pieces = piece_tile.shape[0]
 
     def at(fn):  # noqa: ANN001, ANN202
-        def index_map(p, u, tb, tk, tj, tpiece, tflag):  # noqa: ANN001, ANN202
+        def index_map(p, u, tb, tk, tj, tpiece, tflag, lens):  # noqa: ANN001, ANN202
             w = p * steps + u
             return fn(tb[w], tk[w], tj[w], tpiece[w])
 
@@ -169,7 +219,7 @@ def _decode_kernel_call(cfg: Config, q, k, v, lengths, qp, kp, mask):  # noqa: A
         pl.BlockSpec((None, None, bk, h), at(lambda b_, k_, j, c: (b_, k_, j, 0))),
     ]
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=5,
+        num_scalar_prefetch=6,
         grid=(workers, steps),
         in_specs=in_specs,
         out_specs=[
@@ -193,33 +243,32 @@ def _decode_kernel_call(cfg: Config, q, k, v, lengths, qp, kp, mask):  # noqa: A
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=cfg.interpret,
         name="decode_attention_stream_k",
-    )(*tables, *operands)
+    )(*tables, lengths, *operands)
     out, lse = combine_pieces(out, lse[..., 0], piece_tile, b * kh)
     return out.reshape(b, kh, r, h), lse.reshape(b, kh, r)
 
 
 def _layout(cfg: Config, q, k, v, lengths, qp, kp, mask):  # noqa: ANN001, ANN202
-    """[B, T, N, H] -> kernel layout (rows g*T + t per KV group), padded to block multiples."""
+    """[B, T, N, H] -> kernel layout (rows g*T + t per KV group). K/V in "BKSH" are read
+    in place (no transpose, no padding); "BSKH" is transposed (one copy per call)."""
     b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
+    kh = k.shape[1] if cfg.layout == "BKSH" else k.shape[2]
     g = n // kh
-    sp = -(-s // cfg.blocks.block_kv) * cfg.blocks.block_kv
-    pad = ((0, 0), (0, sp - s))
     qk = q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
-    kk = jnp.pad(k, pad + ((0, 0), (0, 0))).transpose(0, 2, 1, 3)  # B K Sp H
-    vk = jnp.pad(v, pad + ((0, 0), (0, 0))).transpose(0, 2, 1, 3)
-    in_cache = jnp.arange(s)[None, :] < lengths[:, None]
-    kp = jnp.pad(jnp.where(in_cache, kp, -1), pad, constant_values=-1)[:, None, :]  # B 1 Sp
+    if cfg.layout == "BSKH":
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # B K S H
     qp = jnp.tile(qp, (1, g))[:, :, None]  # B G*T 1
     if mask is not None:
-        mask = jnp.pad(jnp.tile(mask, (1, g, 1)).astype(jnp.int32), ((0, 0), (0, 0), (0, sp - s)))
-    out, lse = _decode_kernel_call(cfg, qk, kk, vk, lengths, qp, kp, mask)
+        mask = jnp.tile(mask, (1, g, 1)).astype(jnp.int32)  # B G*T S
+    out, lse = _decode_kernel_call(cfg, qk, k, v, lengths, qp, kp[:, None, :], mask)
     out = out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
     lse = lse.reshape(b, kh, g, t).transpose(0, 3, 1, 2).reshape(b, t, n)
     return out.astype(q.dtype), lse
 
 
 def _reference(cfg: Config, q, k, v, lengths, qp, kp, mask):  # noqa: ANN001, ANN202
+    if cfg.layout == "BKSH":
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     return decode_attention_reference(
         q, k, v, lengths=lengths, q_positions=qp, kv_positions=kp, mask=mask,
         causal=cfg.causal, window=cfg.window, softcap=cfg.softcap, scale=cfg.scale, return_lse=True,
@@ -260,11 +309,13 @@ def decode_attention(
     scale: float | None = None,
     return_lse: bool = False,
     block_sizes: BlockSizes | None = None,
+    kv_layout: str = "BSKH",
     interpret: object = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Decode attention of T <= 16 new queries [B, T, N, H] over a cache [B, S, K, H]."""
+    """Decode attention of T <= 16 new queries [B, T, N, H] over a cache [B, S, K, H]
+    ("BSKH") or [B, K, S, H] ("BKSH", read in place)."""
     b, t, _, h = q.shape
-    s = k.shape[1]
+    s = k.shape[2] if kv_layout == "BKSH" else k.shape[1]
     lengths = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.clip(lengths.astype(jnp.int32), 0, s)
     dq, dk = decode_positions(lengths, t, s)
     cfg = Config(
@@ -273,6 +324,7 @@ def decode_attention(
         softcap=softcap,
         scale=float(h**-0.5 if scale is None else scale),
         has_mask=mask is not None,
+        layout=kv_layout,
         blocks=(block_sizes or BlockSizes()).fitted(s),
         interpret=interpret,
     )

@@ -1,7 +1,7 @@
 """`attention_blockwise` against the oracle `attention_reference`.
 
 Tiny shapes (B=2, H=8) with block sizes 4 x 8 so that T and S fall just off
-block multiples; GQA ratios 1 and 3; causal, window, softcap/scale, segment
+block multiples; both layouts (grouped for T > 16, flat decode for T <= 16); GQA ratios 1 and 3; causal, window, softcap/scale, segment
 ids, arbitrary masks, padding (-1) positions, fully masked rows, `lengths`
 with NaN in the empty slots, float32 and bfloat16 (tolerances.py).
 """
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tolerances import assert_close, assert_lse_close, packed_segments, random_inputs  # noqa: E402
+from tolerances import GRADIENT, assert_close, assert_lse_close, packed_segments, random_inputs  # noqa: E402
 
 from efficient.attention.blockwise import attention_blockwise, prefers_blockwise  # noqa: E402
 from efficient.attention.reference import attention_reference  # noqa: E402
@@ -33,25 +33,25 @@ def _case(name: str) -> tuple[int, int, int, AttentionSpec, dict]:
     Each case combines several features to keep the number of compiled shapes small."""
     rng = np.random.default_rng(len(name))
     if name == "prefill_padded_segments":  # causal; left padding in row 1, a padded query in row 0
-        pos = np.broadcast_to(np.arange(13, dtype=np.int32), (2, 13)).copy()
-        pos[1] = np.maximum(np.arange(13) - 5, -1)
+        pos = np.broadcast_to(np.arange(21, dtype=np.int32), (2, 21)).copy()
+        pos[1] = np.maximum(np.arange(21) - 5, -1)
         q_pos = pos.copy()
         q_pos[0, 7] = -1
-        q_seg, kv_seg = packed_segments(3, 2, 13, 13)
-        return 13, 13, 3, AttentionSpec(), dict(q_positions=q_pos, kv_positions=pos,
+        q_seg, kv_seg = packed_segments(3, 2, 21, 21)
+        return 21, 21, 3, AttentionSpec(), dict(q_positions=q_pos, kv_positions=pos,
                                                q_segment_ids=np.asarray(q_seg), kv_segment_ids=np.asarray(kv_seg))
     if name == "window_softcap_shuffled":  # positions not increasing along slots, empty slots between
         kv_pos = np.stack([rng.permutation(17) for _ in range(2)]).astype(np.int32)
         kv_pos[kv_pos >= 14] = -1
-        q_pos = np.array([[8, 9, 10, 11, 12, 13], [0, 1, 2, 3, 4, 5]], np.int32)
+        q_pos = np.stack([np.arange(18) - 4, np.arange(18)]).astype(np.int32)
         spec = AttentionSpec(window=6, softcap=1.5, scale=1.0)  # |logits| ~ 3: the cap matters
-        return 6, 17, 1, spec, dict(q_positions=q_pos, kv_positions=kv_pos)
+        return 18, 17, 1, spec, dict(q_positions=q_pos, kv_positions=kv_pos)
     if name == "mask_bidirectional":  # arbitrary mask with fully masked rows (0, 2) and (1, 5)
         m = rng.random((2, 6, 17)) < 0.5
         m[0, 2], m[1, 5] = False, False
-        return 6, 17, 3, AttentionSpec(causal=False), dict(mask=m)
+        return 6, 17, 3, AttentionSpec(causal=False, softcap=2.0), dict(mask=m)
     if name == "t_gt_s_bidirectional":
-        return 13, 5, 1, AttentionSpec(causal=False), {}
+        return 19, 5, 1, AttentionSpec(causal=False), {}
     raise AssertionError(name)
 
 
@@ -123,6 +123,21 @@ def test_skipped_key_blocks_are_never_read() -> None:
     assert_close(out, ref, jnp.float32)
 
 
+@pytest.mark.slow  # ~5 s of compilation for the backward loops
+def test_gradient_matches_reference() -> None:
+    """Static trip counts (fori_loop + cond) keep the loops reverse-differentiable."""
+    q, k, v = random_inputs(8, 1, 17, 17, 6, 2, 8, jnp.float32)
+    spec = AttentionSpec(window=9)
+
+    def loss(fn, **kw):  # noqa: ANN001, ANN003, ANN202
+        return lambda q, k, v: jnp.sum(fn(q, k, v, spec=spec, **kw) ** 2)
+
+    got = jax.jit(jax.grad(loss(attention_blockwise, **BLOCKS), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(loss(attention_reference), argnums=(0, 1, 2)))(q, k, v)
+    for name, a, b in zip("qkv", got, want):
+        assert_close(a, b, jnp.float32, kind="gradient", what=f"d{name}")
+
+
 def test_default_block_sizes() -> None:
     q, k, v = random_inputs(6, 1, 40, 40, 6, 2, 8, jnp.float32)
     assert_close(jax.jit(attention_blockwise)(q, k, v), REF(q, k, v), jnp.float32)
@@ -145,5 +160,5 @@ def test_bad_input_raises_naming_argument(kwargs: dict, pattern: str) -> None:
 
 
 def test_prefers_blockwise_threshold() -> None:
-    assert not prefers_blockwise(64, 64)
-    assert prefers_blockwise(4096, 4096)
+    assert not prefers_blockwise(64, 64) and prefers_blockwise(4096, 4096)
+    assert not prefers_blockwise(1, 1024) and prefers_blockwise(1, 8192)

@@ -1,9 +1,10 @@
 """One parameterised test base run against every registered attention implementation.
 
-Each implementation declares its capabilities; a case inside them must match
-the float32 oracle, a case outside them must raise NotImplementedError (so
-the dispatcher can fall through). Only an implementation whose backend is
-absent (cudnn on CPU) is skipped, with the reason.
+The capability table (`efficient.attention.capabilities`) is the single source
+of what each implementation serves: a case inside its capabilities must match
+the float32 oracle; a case outside must be refused by the dispatcher with the
+table's reason (NotImplementedError naming it), without calling the
+implementation.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -20,37 +22,18 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tolerances import assert_close, assert_lse_close, attention_arrays, packed_segments, random_inputs  # noqa: E402
+from tolerances import assert_close, assert_lse_close, packed_segments, random_inputs  # noqa: E402
 
 import efficient.attention.backends  # noqa: E402, F401  (registers pallas_tpu, cudnn)
-from efficient.attention import AttentionSpec, attention, attention_reference, registered_implementations  # noqa: E402
-
-F32, BF16, F16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)
-
-
-@dataclasses.dataclass(frozen=True)
-class Capabilities:
-    backends: tuple[str, ...]
-    dtypes: tuple[jnp.dtype, ...]
-    head_dims: tuple[int, ...] | None = None  # None: any
-    window: bool = True
-    softcap: bool = True
-    segments: bool = True
-    positions: bool = True
-    lse: bool = True
-    mask_max_t: int | None = None  # arbitrary `mask` for T <= this (None: any T)
-    causal_needs_t_eq_s: bool = False
-
-
-CAPABILITIES = {
-    "xla": Capabilities(backends=("cpu", "gpu", "tpu"), dtypes=(F32, BF16, F16)),
-    "reference": Capabilities(backends=("cpu", "gpu", "tpu"), dtypes=(F32, BF16, F16)),
-    "pallas_tpu": Capabilities(backends=("cpu", "tpu"), dtypes=(F32, BF16), head_dims=(64, 128, 256), mask_max_t=16),
-    "cudnn": Capabilities(
-        backends=("gpu",), dtypes=(BF16, F16), head_dims=(64, 128), softcap=False, segments=False,
-        positions=False, lse=False, mask_max_t=0, causal_needs_t_eq_s=True,
-    ),
-}
+from efficient.attention import (  # noqa: E402
+    CAPABILITIES,
+    AttentionSpec,
+    DenseView,
+    attention,
+    attention_reference,
+    registered_implementations,
+    unsupported,
+)
 
 LENGTHS = (1, 7, 64, 127, 128, 129, 300, 513)
 FEATURES = ("causal", "bidirectional", "window", "softcap", "segments", "padded", "mask")
@@ -81,23 +64,6 @@ def sample_cases(per_feature: int, seed: int) -> list[Case]:
     ]
 
 
-def unsupported(caps: Capabilities, case: Case) -> str | None:
-    """Why `caps` does not cover `case` (None if it does)."""
-    causal = case.feature != "bidirectional"
-    checks = {
-        "dtype": jnp.dtype(case.dtype) not in caps.dtypes,
-        "head_dim": caps.head_dims is not None and case.h not in caps.head_dims,
-        "window": case.feature == "window" and not caps.window,
-        "softcap": case.feature == "softcap" and not caps.softcap,
-        "segments": case.feature == "segments" and not caps.segments,
-        "positions": case.feature == "padded" and not caps.positions,
-        "mask": case.feature == "mask" and caps.mask_max_t is not None and case.t > caps.mask_max_t,
-        "lse": not caps.lse,
-        "causal T != S": causal and caps.causal_needs_t_eq_s and case.t != case.s,
-    }
-    return next((what for what, missing in checks.items() if missing), None)
-
-
 def build(case: Case) -> tuple[tuple, dict]:
     """Inputs and keyword arguments of the dispatcher for one case."""
     n_kv = 2 if case.ratio == 1 else 1
@@ -120,29 +86,29 @@ def build(case: Case) -> tuple[tuple, dict]:
     return (q, k, v), kw
 
 
-def _check_backend(name: str) -> Capabilities:
-    caps = CAPABILITIES[name]
-    backend = jax.default_backend()
-    if backend not in caps.backends:
-        pytest.skip(f"{name} runs on {caps.backends}, this backend is {backend}")
-    return caps
+def _call(q, k, v, kw: dict) -> tuple:  # noqa: ANN001
+    """(view, the dispatcher's keyword arguments) for one case."""
+    kw = dict(kw)
+    return DenseView(k, v, kw.pop("kv_positions", None)), kw
 
 
 def test_every_registered_implementation_declares_capabilities() -> None:
     assert set(registered_implementations()) <= set(CAPABILITIES)
+    assert {"xla", "reference", "pallas_tpu", "cudnn"} <= set(registered_implementations())
 
 
 @pytest.mark.parametrize("case", sample_cases(2, seed=0), ids=str)
 @pytest.mark.parametrize("name", sorted(CAPABILITIES))
 def test_forward_matches_oracle(name: str, case: Case) -> None:
-    caps = _check_backend(name)
     (q, k, v), kw = build(case)
-    reason = unsupported(caps, case)
+    view, kw = _call(q, k, v, kw)
+    reason = unsupported(name, q, view, return_lse=True, **kw)
     if reason is not None:
-        with pytest.raises(NotImplementedError):
-            attention_arrays(q, k, v, return_lse=True, implementation=name, **kw)
+        with pytest.raises(NotImplementedError, match=re.escape(f"{name}: {reason}")):
+            attention(q, view, return_lse=True, implementation=name, **kw)
         return
-    out, lse = attention_arrays(q, k, v, return_lse=True, implementation=name, **kw)
+    out, lse = attention(q, view, return_lse=True, implementation=name, **kw)
+    kw["kv_positions"] = view.positions
     ref, ref_lse = attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), return_lse=True, **kw)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_close(out, ref, case.dtype, what=str(case))
@@ -158,16 +124,20 @@ GRAD_CASES = (
 @pytest.mark.parametrize("case", GRAD_CASES, ids=str)
 @pytest.mark.parametrize("name", sorted(CAPABILITIES))
 def test_gradients_match_oracle(name: str, case: Case) -> None:
-    caps = _check_backend(name)
-    if unsupported(caps, case) not in (None, "lse"):
-        pytest.skip(f"{name} does not serve {case} (forward test checks that it raises)")
     (q, k, v), kw = build(case)
+    view, call = _call(q, k, v, kw)
+    reason = unsupported(name, q, view, **call)
+    if reason is not None:
+        pytest.skip(f"{name} does not serve {case}: {reason} (the forward test checks the refusal)")
     cot = jnp.asarray(np.random.default_rng(0).standard_normal(q.shape, np.float32))
 
     def loss(fn, q, k, v, **extra):  # noqa: ANN001, ANN202
         return jnp.sum(fn(q, k, v, **kw, **extra).astype(jnp.float32) * cot)
 
-    got = jax.grad(loss, (1, 2, 3))(attention, q, k, v, implementation=name)
+    def dispatched(q, k, v, kv_positions=None, **rest):  # noqa: ANN001, ANN003, ANN202
+        return attention(q, DenseView(k, v, kv_positions), **rest)
+
+    got = jax.grad(loss, (1, 2, 3))(dispatched, q, k, v, implementation=name)
     want = jax.grad(loss, (1, 2, 3))(attention_reference, *(x.astype(jnp.float32) for x in (q, k, v)))
     for axis, g, w in zip("qkv", got, want):
         assert g.dtype == q.dtype

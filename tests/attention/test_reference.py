@@ -19,7 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efficient.attention import AttentionSpec, attention, attention_reference, register_implementation
+import logging
+
+from efficient.attention import (
+    CAPABILITIES,
+    AttentionSpec,
+    Capabilities,
+    DenseView,
+    attention,
+    attention_reference,
+    register_implementation,
+)
 from efficient.attention import dispatcher as dispatcher_module
 sys.path.insert(0, str(Path(__file__).parent))
 from tolerances import attention_arrays  # noqa: E402
@@ -278,47 +288,81 @@ def test_dispatcher_xla_equals_reference(name: str) -> None:
 
 @pytest.fixture
 def fake_impls() -> Iterator[dict[str, list]]:
-    """Registers temporary implementations; removes them from the registry afterwards."""
-    calls: dict[str, list] = {"unsupported": [], "also_unsupported": []}
+    """Registers temporary implementations with their capabilities; removes them afterwards."""
+    calls: dict[str, list] = {"small_heads": [], "no_window": [], "raises": []}
 
-    def unsupported(q, k, v, **kwargs):
-        calls["unsupported"].append(kwargs)
-        raise NotImplementedError("fake cannot serve head_dim 8")
+    def record(name):  # noqa: ANN001, ANN202
+        def impl(q, view, **kwargs):  # noqa: ANN001, ANN003, ANN202
+            calls[name].append(kwargs)
+            if name == "raises":
+                raise NotImplementedError("a bug inside the implementation")
+            return jnp.zeros_like(q)
 
-    def also_unsupported(q, k, v, **kwargs):
-        calls["also_unsupported"].append(kwargs)
-        raise NotImplementedError("second fake refuses too")
+        return impl
 
-    names = {"_test_unsupported": unsupported, "_test_also_unsupported": also_unsupported}
+    names = {
+        "_test_small_heads": ("small_heads", Capabilities(head_dims=(64,))),
+        "_test_no_window": ("no_window", Capabilities(window=False)),
+        "_test_raises": ("raises", Capabilities()),
+    }
     assert not set(names) & set(dispatcher_module._REGISTRY)
-    for n, fn in names.items():
-        register_implementation(n, fn)
+    for n, (key, caps) in names.items():
+        register_implementation(n, record(key), caps)
     try:
         yield calls
     finally:
         for n in names:
             dispatcher_module._REGISTRY.pop(n, None)
+            CAPABILITIES.pop(n, None)
     assert not set(names) & set(dispatcher_module._REGISTRY)
 
 
-def test_not_implemented_falls_through_to_next(fake_impls) -> None:
+def test_refused_candidate_is_never_called(fake_impls, caplog) -> None:
     q, k, v = _qkv(3, 1, 4, 4, 2, 1, 8)
     spec = AttentionSpec(window=2)
-    out = DISPATCH(q, k, v, spec=spec, implementation=("_test_unsupported", "xla"))
+    with caplog.at_level(logging.DEBUG, logger="efficient.attention"):
+        out = attention_arrays(q, k, v, spec=spec, implementation=("_test_small_heads", "xla"))
     np.testing.assert_array_equal(np.asarray(out), np.asarray(REF(q, k, v, spec=spec)))
-    assert len(fake_impls["unsupported"]) == 1
-    assert fake_impls["unsupported"][0]["spec"] == spec  # the candidate saw the call's arguments
+    assert fake_impls["small_heads"] == []
+    chosen = [r.getMessage() for r in caplog.records if r.name == "efficient.attention"]
+    assert chosen and "xla" in chosen[-1] and "head_dim=8" in chosen[-1]
 
 
-def test_all_implementations_raise_lists_reasons(fake_impls) -> None:
+def test_first_serving_candidate_is_called_with_the_view() -> None:
+    q, k, v = _qkv(3, 1, 4, 4, 2, 1, 8)
+    seen = []
+    register_implementation("_test_spy", lambda q, view, **kw: seen.append((view, kw)) or q, Capabilities())
+    try:
+        view = DenseView(k, v)
+        attention(q, view, spec=AttentionSpec(window=2), implementation=("_test_spy", "xla"))
+    finally:
+        dispatcher_module._REGISTRY.pop("_test_spy")
+        CAPABILITIES.pop("_test_spy")
+    (got_view, kw), = seen
+    assert got_view is view and kw["spec"] == AttentionSpec(window=2)
+
+
+def test_error_inside_an_implementation_propagates(fake_impls) -> None:
+    q, k, v = _qkv(3, 1, 4, 4, 2, 1, 8)
+    with pytest.raises(NotImplementedError, match="a bug inside"):
+        attention_arrays(q, k, v, implementation=("_test_raises", "xla"))
+    assert len(fake_impls["raises"]) == 1
+
+
+def test_no_serving_candidate_lists_each_reason(fake_impls) -> None:
     q, k, v = _qkv(3, 1, 4, 4, 2, 1, 8)
     with pytest.raises(NotImplementedError) as err:
-        attention_arrays(q, k, v, implementation=["_test_unsupported", "_test_also_unsupported"])
+        attention_arrays(q, k, v, spec=AttentionSpec(window=3),
+                         implementation=["_test_small_heads", "_test_no_window"])
     msg = str(err.value)
-    for part in ("_test_unsupported", "fake cannot serve head_dim 8", "_test_also_unsupported",
-                 "second fake refuses too"):
+    for part in ("_test_small_heads: head_dim=8 is not served", "_test_no_window: window is not served"):
         assert part in msg
-    assert len(fake_impls["unsupported"]) == 1 and len(fake_impls["also_unsupported"]) == 1
+    assert fake_impls["small_heads"] == [] and fake_impls["no_window"] == []
+
+
+def test_registering_without_capabilities_raises() -> None:
+    with pytest.raises(ValueError, match="_test_undeclared"):
+        register_implementation("_test_undeclared", lambda q, view, **kw: q)
 
 
 def test_unknown_implementation_raises_value_error_naming_it() -> None:

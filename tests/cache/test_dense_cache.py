@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from efficient.attention import DenseView
 from efficient.cache import DenseKVCache, KVCache, KVView
 from efficient.models import LlamaModel, ModelConfig, forward
 
@@ -21,6 +22,11 @@ L, B, S, K, H = 2, 3, 8, 2, 4
 def _empty(capacity: int = S, dtype=jnp.float32) -> DenseKVCache:
     return DenseKVCache.init(num_layers=L, batch_size=B, capacity=capacity, num_kv_heads=K,
                              head_dim=H, dtype=dtype)
+
+
+def _logical(x: jax.Array) -> np.ndarray:
+    """Stored [..., K, S, H] -> the logical [..., S, K, H] order."""
+    return np.swapaxes(np.asarray(x), -2, -3)
 
 
 def _kv(seed: int, t: int) -> tuple[jax.Array, jax.Array]:
@@ -53,7 +59,8 @@ def _filled(lengths: list[int], capacity: int = S) -> tuple[DenseKVCache, np.nda
 
 def test_init_shapes_and_dtypes() -> None:
     cache = _empty(dtype=jnp.bfloat16)
-    assert cache.k.shape == cache.v.shape == (L, B, S, K, H)
+    assert cache.k.shape == cache.v.shape == (L, B, K, S, H)  # the decode kernel's layout
+    assert cache.capacity == S
     assert cache.k.dtype == cache.v.dtype == jnp.bfloat16
     assert cache.positions.shape == (B, S) and cache.positions.dtype == jnp.int32
     assert cache.lengths.shape == (B,) and cache.lengths.dtype == jnp.int32
@@ -66,7 +73,7 @@ def test_init_shapes_and_dtypes() -> None:
 def test_for_model_uses_config() -> None:
     cfg = _config()
     cache = DenseKVCache.for_model(cfg, batch_size=2, capacity=5)
-    assert cache.k.shape == (cfg.num_layers, 2, 5, cfg.num_kv_heads, cfg.head_dim)
+    assert cache.k.shape == (cfg.num_layers, 2, cfg.num_kv_heads, 5, cfg.head_dim)
     assert cache.k.dtype == jnp.float32
     assert DenseKVCache.for_model(cfg, 2, 5, dtype=jnp.bfloat16).v.dtype == jnp.bfloat16
     assert DenseKVCache.for_model(cfg.replace(dtype="bfloat16"), 2, 5).k.dtype == jnp.bfloat16
@@ -116,11 +123,12 @@ def test_update_view_round_trip_per_layer() -> None:
     k0, v0 = _kv(1, 3)
     cache = cache.update(0, k0, v0, slots)
     view0, view1 = cache.view(0), cache.view(1)
-    assert isinstance(view0, KVView)
-    assert view0.k.shape == (B, S, K, H)
-    np.testing.assert_array_equal(np.asarray(view0.k)[:, :3], np.asarray(k0))
-    np.testing.assert_array_equal(np.asarray(view0.v)[:, :3], np.asarray(v0))
-    assert np.all(np.asarray(view0.k)[:, 3:] == 0)
+    assert isinstance(view0, KVView) and isinstance(view0, DenseView)
+    assert view0.layout == "BKSH" and view0.k.shape == (B, K, S, H) and view0.num_slots == S
+    np.testing.assert_array_equal(np.asarray(view0.lengths), np.asarray(cache.lengths))
+    np.testing.assert_array_equal(_logical(view0.k)[:, :3], np.asarray(k0))
+    np.testing.assert_array_equal(_logical(view0.v)[:, :3], np.asarray(v0))
+    assert np.all(_logical(view0.k)[:, 3:] == 0)
     assert np.all(np.asarray(view1.k) == 0) and np.all(np.asarray(view1.v) == 0)  # other layer untouched
     np.testing.assert_array_equal(np.asarray(view0.positions), np.asarray(cache.positions))
 
@@ -131,9 +139,9 @@ def test_update_view_round_trip_per_layer() -> None:
     cache = cache.update(1, k1, v1, slots)
     view1 = cache.view(1)
     for b, start in enumerate([3, 1, 2]):
-        np.testing.assert_array_equal(np.asarray(view1.k)[b, start:start + 2], np.asarray(k1)[b])
-        np.testing.assert_array_equal(np.asarray(view1.v)[b, start:start + 2], np.asarray(v1)[b])
-    np.testing.assert_array_equal(np.asarray(cache.view(0).k)[:, :3], np.asarray(k0))
+        np.testing.assert_array_equal(_logical(view1.k)[b, start:start + 2], np.asarray(k1)[b])
+        np.testing.assert_array_equal(_logical(view1.v)[b, start:start + 2], np.asarray(v1)[b])
+    np.testing.assert_array_equal(_logical(cache.view(0).k)[:, :3], np.asarray(k0))
 
 
 def test_update_casts_to_cache_dtype() -> None:
@@ -142,7 +150,7 @@ def test_update_casts_to_cache_dtype() -> None:
     k, v = _kv(3, 1)
     cache = cache.update(0, k, v, slots)
     assert cache.k.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(cache.view(0).k[:, :1]), np.asarray(k.astype(jnp.bfloat16)))
+    np.testing.assert_array_equal(_logical(cache.view(0).k)[:, :1], np.asarray(k.astype(jnp.bfloat16)))
 
 
 # ------------------------------------------------------------------ next_positions / truncate
@@ -190,7 +198,7 @@ def test_select_compacts_accepted_slots_per_row() -> None:
         np.asarray(out.positions),
         [[0, 1, 2, 3, 4, 5, -1, -1], [0, 1, 2, 4, -1, -1, -1, -1], [0, 1, 2, 3, -1, -1, -1, -1]],
     )
-    k, v = np.asarray(out.k), np.asarray(out.v)
+    k, v = _logical(out.k), _logical(out.v)
     # row 0: slots 0..2 unchanged, slots 3..5 hold old 3, 5, 6 (every layer)
     np.testing.assert_array_equal(k[:, 0, :3], ks[:, 0, :3])
     np.testing.assert_array_equal(k[:, 0, 3:6], ks[:, 0, [3, 5, 6]])
@@ -232,7 +240,7 @@ def test_cache_is_a_pytree() -> None:
 
 def test_works_through_jit_with_donation() -> None:
     cache, ks, _ = _filled([3, 1, 2])
-    expected_k0 = np.asarray(cache.k[0]).copy()
+    expected_k0 = _logical(cache.k[0]).copy()
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step(cache: DenseKVCache, k: jax.Array, v: jax.Array, lengths: jax.Array) -> DenseKVCache:
@@ -248,8 +256,8 @@ def test_works_through_jit_with_donation() -> None:
         out = step(cache, k, v, jnp.asarray([2, 1, 0], jnp.int32))
     assert isinstance(out, DenseKVCache)
     np.testing.assert_array_equal(np.asarray(out.lengths), [4, 3, 2])
-    np.testing.assert_array_equal(np.asarray(out.k)[1, 0, 2:4], np.asarray(k)[0])
-    np.testing.assert_array_equal(np.asarray(out.k)[0, 0, :2], expected_k0[0, :2])
+    np.testing.assert_array_equal(_logical(out.k)[1, 0, 2:4], np.asarray(k)[0])
+    np.testing.assert_array_equal(_logical(out.k)[0, 0, :2], expected_k0[0, :2])
     np.testing.assert_array_equal(np.asarray(out.positions)[2], [0, 1, -1, -1, -1, -1, -1, -1])
 
 
@@ -414,3 +422,49 @@ def test_forward_refuses_to_overflow_a_concrete_cache() -> None:
         forward(model, jnp.ones((1, 2), jnp.int32), cache=cache)
     with pytest.raises(ValueError, match="exceeds its capacity 4"):
         jit_forward(model)(jnp.ones((1, 2), jnp.int32), cache=cache)
+
+
+# ------------------------------------------------------------------ traced layer index / kernel view
+
+
+def test_update_and_view_with_a_traced_layer_index_under_scan() -> None:
+    """Layers under lax.scan: update/view take a traced int32 layer index."""
+    cache = _empty()
+    cache, slots = cache.reserve(jnp.broadcast_to(jnp.arange(3, dtype=jnp.int32), (B, 3)))
+    pairs = [_kv(20 + layer, 3) for layer in range(L)]
+    ks, vs = jnp.stack([k for k, _ in pairs]), jnp.stack([v for _, v in pairs])
+
+    def body(cache: DenseKVCache, xs: tuple) -> tuple:
+        layer, k, v = xs
+        cache = cache.update(layer, k, v, slots)
+        return cache, cache.view(layer).k
+
+    scanned, seen = jax.jit(lambda c: jax.lax.scan(body, c, (jnp.arange(L, dtype=jnp.int32), ks, vs)))(cache)
+    eager = cache
+    for layer in range(L):
+        eager = eager.update(layer, ks[layer], vs[layer], slots)
+    np.testing.assert_array_equal(np.asarray(scanned.k), np.asarray(eager.k))
+    np.testing.assert_array_equal(np.asarray(scanned.v), np.asarray(eager.v))
+    np.testing.assert_array_equal(np.asarray(seen), np.asarray(eager.k))
+
+
+def test_cache_view_feeds_the_decode_kernel_in_place() -> None:
+    """The pallas_tpu decode path reads the cache's [B, K, S, H] view with its lengths
+    (interpret mode): same output as "xla", and garbage past each row's length is ignored."""
+    from efficient.attention import AttentionSpec, attention
+
+    cache = DenseKVCache.init(num_layers=1, batch_size=2, capacity=200, num_kv_heads=1, head_dim=64)
+    cache, slots = cache.reserve(jnp.broadcast_to(jnp.arange(150, dtype=jnp.int32), (2, 150)))
+    rng = np.random.default_rng(0)
+    k, v = (jnp.asarray(rng.standard_normal((2, 150, 1, 64)), jnp.float32) for _ in range(2))
+    cache = cache.update(0, k, v, slots).truncate(jnp.asarray([150, 61], jnp.int32))
+    # garbage in row 1 past its length (rolled-back tokens): NaN
+    cache = dataclasses.replace(cache, k=cache.k.at[:, 1, :, 61:].set(jnp.nan), v=cache.v.at[:, 1, :, 61:].set(jnp.nan))
+    q = jnp.asarray(rng.standard_normal((2, 1, 4, 64)), jnp.float32)
+    q_pos = (cache.lengths - 1)[:, None]
+    view = cache.view(0)
+    spec = AttentionSpec(window=40)
+    got = attention(q, view, spec=spec, q_positions=q_pos, implementation="pallas_tpu")
+    want = attention(q, view, spec=spec, q_positions=q_pos, implementation="xla")
+    assert np.all(np.isfinite(np.asarray(got)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -1,5 +1,5 @@
-"""The passkey experiment runs end to end on a tiny random model through `experiments.run`,
-and refuses a context length beyond the model's capacity naming config.contexts."""
+"""The passkey experiment runs end to end (both prose tasks) on a tiny random model through
+`experiments.run`, and refuses bad settings naming the config key."""
 
 from __future__ import annotations
 
@@ -42,26 +42,31 @@ def test_passkey_end_to_end(tiny_path: Path, tmp_path: Path, capsys: pytest.Capt
     out = run_experiment(config)
     assert out == tmp_path / "results" / "passkey" / "smoke"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert json.loads((out / "config.json").read_text())["contexts"] == [64, 128]
+    assert json.loads((out / "config.json").read_text())["contexts"] == [320, 448]
     assert (out / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
 
-    contexts, depths = list(config.contexts), list(config.depths)
-    assert len(metrics["records"]) == len(contexts) * len(depths) * config.samples
-    assert [(r["context"], r["depth"]) for r in metrics["records"]] == [(n, d) for n in contexts for d in depths]
+    tasks, contexts, depths = list(config.tasks), list(config.contexts), list(config.depths)
+    assert tasks == ["classic_passkey", "kv_prose"] and metrics["tasks"] == tasks
+    assert len(metrics["records"]) == len(tasks) * len(contexts) * len(depths) * config.samples
+    assert [(r["task"], r["context"], r["depth"]) for r in metrics["records"]] == [
+        (t, n, d) for t in tasks for n in contexts for d in depths]
     for r in metrics["records"]:
-        assert r["task"] == "passkey" and r["context_tokens"] <= r["context"] and len(r["answer"]) == 5
+        assert r["context_tokens"] <= r["context"] and len(r["answer"]) == 5
         assert 0 <= r["needle_token"] < r["context_tokens"] and 0.0 <= r["digits"] <= 1.0
-    assert [(c["context"], c["depth"]) for c in metrics["cells"]] == [(n, d) for n in contexts for d in depths]
-    summaries = [*metrics["cells"], *metrics["per_context"].values(), metrics["overall"]]
-    for v in summaries:
-        assert 0.0 <= v["exact_match"] <= 1.0 and 0.0 <= v["digit_accuracy"] <= 1.0
-    assert set(metrics["per_context"]) == {"64", "128"} and metrics["overall"]["examples"] == 4
-    assert set(metrics["target"]["met"]) == {"64", "128"}
-    assert metrics["target"]["all_met"] == all(metrics["target"]["met"].values())
-    assert metrics["capacity"] == 512 - config.max_new_tokens
+    assert set(metrics["results"]) == set(tasks)
+    for result in metrics["results"].values():
+        assert [(c["context"], c["depth"]) for c in result["cells"]] == [(n, d) for n in contexts for d in depths]
+        for v in [*result["cells"], *result["per_context"].values(), result["overall"]]:
+            assert 0.0 <= v["exact_match"] <= 1.0 and 0.0 <= v["digit_accuracy"] <= 1.0
+        assert set(result["per_context"]) == {"320", "448"} and result["overall"]["examples"] == 4
+        assert result["target"]["all_met"] == all(result["target"]["met"].values())
+    assert metrics["all_met"] == all(v["target"]["all_met"] for v in metrics["results"].values())
+    assert metrics["capacity"] == 512 - config.max_new_tokens and metrics["backend"] == "efficient"
+    assert metrics["task_kwargs"] == {"classic_passkey": {}, "kv_prose": {"num_keys": 1, "style": "quiz"}}
     assert {"platform", "jax", "backend", "cpu_count"} <= set(metrics["machine"])
     printed = capsys.readouterr().out
-    assert "exact@64" in printed and "target exact >= 0.90 at 128" in printed and "[passkey" in printed
+    assert "== classic_passkey" in printed and "== kv_prose" in printed and "exact@320" in printed
+    assert "target exact >= 0.90 at 448" in printed and "[passkey" in printed
 
 
 def test_context_beyond_capacity_names_the_config_key(tiny_path: Path, tmp_path: Path) -> None:
@@ -72,16 +77,22 @@ def test_context_beyond_capacity_names_the_config_key(tiny_path: Path, tmp_path:
         run_experiment(config)
     assert not (tmp_path / "results" / "passkey").exists()
 
-    config = _config(tiny_path, tmp_path, task="multikey", contexts=(40,))  # 4 needles + question: 72 tokens
+    config = _config(tiny_path, tmp_path, tasks=("multikey",), num_keys=4, contexts=(40,))  # 4 needles + question: 72
     with pytest.raises(ValueError, match="config.contexts: cannot build a multikey prompt of 40 tokens"):
+        run_experiment(config)
+    config = _config(tiny_path, tmp_path, tasks=("classic_passkey",), contexts=(100,))  # preamble alone: 150 bytes
+    with pytest.raises(ValueError, match="config.contexts: cannot build a classic_passkey prompt of 100 tokens"):
         run_experiment(config)
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
-    ("task", "needle", "config.task: expected one of"),
+    ("tasks", ("kv_prose", "needle"), "config.tasks: expected names from"),
+    ("tasks", ("kv_prose", "kv_prose"), "config.tasks: values must be distinct"),
+    ("num_keys", 101, r"config.num_keys: expected an int in \[0, 100\]"),
     ("cache", "nope", "config.cache: caches: unknown cache"),
     ("depths", (0.5, 1.5), r"config.depths: expected values in \[0, 1\]"),
     ("samples", 0, "config.samples: expected a positive int"),
+    ("kv_style", "loud", "config.kv_style: expected one of"),
 ])
 def test_bad_settings_name_the_config_key(repo: None, tmp_path: Path, key: str, value: object,
                                           message: str) -> None:
@@ -89,3 +100,15 @@ def test_bad_settings_name_the_config_key(repo: None, tmp_path: Path, key: str, 
 
     with pytest.raises(ValueError, match=message):
         select_variants(settings_from(_config(tmp_path / "unused", tmp_path, **{key: value})))
+
+
+def test_samples_per_context_length(repo: None) -> None:
+    from configs import passkey
+    from experiments.passkey import settings_from
+
+    config = passkey.get_config()
+    assert config.model.path == "smollm2" and config.contexts == (1024, 2048, 4096, 8184)
+    assert settings_from(config).samples == (2, 2, 2, 1)
+    config.samples = (1, 2, 3)
+    with pytest.raises(ValueError, match=r"config.samples: expected a positive int or one per context length \(4\)"):
+        settings_from(config)

@@ -40,6 +40,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_quickstart_end_to_end(tiny_path: Path, tmp_path: Path) -> None:
     done = _cli("--config=configs/quickstart.py:tiny", f"--config.model.path={tiny_path}",
+                "--config.draft.path=checkpoints/draft", "--config.variants.pairs=all",
                 f"--config.results_dir={tmp_path}", "--config.run_name=smoke")
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "quickstart" / "smoke"

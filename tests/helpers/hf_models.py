@@ -36,7 +36,23 @@ FAMILIES: dict[str, dict[str, Any]] = {
                        tie_word_embeddings=True),
     # Qwen3: q/k norm and an explicit head_dim different from hidden/heads.
     "qwen3_qknorm": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=12),
+    # Gemma 3 text, one (sliding) layer: legacy rope keys, query scale 12**-0.5, and an
+    # attn_logit_softcapping that transformers ignores for Gemma 3 (so must we).
+    "gemma3_1layer": dict(model_type="gemma3_text", num_hidden_layers=1, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=12, sliding_window=5,
+                          rope_theta=10000.0, rope_local_base_freq=100.0, attn_logit_softcapping=5.0),
+    # Gemma 3 text, 7 layers: the default 5 local : 1 global pattern (layer 5 global), window 5,
+    # linear-scaled global rope, local base 100, final logit soft-capping, MQA.
+    "gemma3_7layer": dict(model_type="gemma3_text", num_hidden_layers=7, num_attention_heads=4,
+                          num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8, sliding_window=5,
+                          rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                           "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                              "rope_theta": 10000.0}},
+                          final_logit_softcapping=3.0),
 }
+
+# Families compared within ATOL * max|logit| (Gemma's scaled embeddings make logits large).
+RELATIVE_TOLERANCE = ("gemma3_1layer", "gemma3_7layer")
 
 BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             max_position_embeddings=64, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,

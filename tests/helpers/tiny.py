@@ -15,7 +15,13 @@ TINY = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_laye
 
 @functools.cache
 def tiny_model(seed: int = 0, **changes: object) -> LlamaModel:
-    """Matrices scaled up from the 0.02 init so greedy outputs vary (not one repeated token)."""
+    """Matrices scaled up from the 0.02 init so greedy outputs vary (not one repeated token).
+    Layer parameters are stacked on a leading L axis: a layer matrix has ndim 3."""
     graphdef, state = nnx.split(LlamaModel(TINY.replace(**changes), rngs=nnx.Rngs(seed)))
-    state = jax.tree_util.tree_map(lambda x: x * 10.0 if x.ndim == 2 else x, state)
+
+    def scale(path: tuple, x: jax.Array) -> jax.Array:
+        stacked = any(getattr(key, "key", None) == "layers" for key in path)
+        return x * 10.0 if x.ndim - stacked == 2 else x
+
+    state = jax.tree_util.tree_map_with_path(scale, state)
     return nnx.merge(graphdef, state)

@@ -89,3 +89,42 @@ def test_num_parameters_counts_the_model() -> None:
         model = LlamaModel(config, rngs=nnx.Rngs(0))
         actual = sum(x.size for x in __import__("jax").tree_util.tree_leaves(nnx.state(model, nnx.Param)))
         assert config.num_parameters() == actual
+
+
+GEMMA3 = {**BASE, "model_type": "gemma3_text", "num_hidden_layers": 7, "head_dim": 16, "sliding_window": 32}
+
+
+def test_gemma3_maps_pattern_ropes_and_scales() -> None:
+    c = ModelConfig.from_hf({**GEMMA3, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+                             "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+                             "final_logit_softcapping": 30.0})
+    assert c.sliding_layers == (True,) * 5 + (False, True)  # 5 local : 1 global
+    assert c.rope == RopeConfig(theta=1e6, rope_type="linear", factor=8.0)
+    assert c.rope_local == RopeConfig(theta=1e4)
+    assert c.layer_rope(0) == c.rope_local and c.layer_rope(5) == c.rope
+    kinds, ids = c.layer_kinds()
+    assert kinds == ((32, c.rope_local), (None, c.rope)) and ids == (0, 0, 0, 0, 0, 1, 0)
+    assert c.qk_norm and c.tie_embeddings and c.activation == "gelu_tanh"
+    assert (c.query_pre_attn_scalar, c.final_logit_softcapping, c.attn_logit_softcapping) == (256, 30.0, None)
+    typed = ModelConfig.from_hf({**GEMMA3, "rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 5e5},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}})
+    assert typed.rope.theta == 5e5 and typed.rope_local.theta == 100.0
+
+
+def test_unsupported_model_type_names_the_supported_ones() -> None:
+    with pytest.raises(NotImplementedError, match=r"unsupported model_type 'gemma2'.*'llama'.*'gemma3_text'"):
+        ModelConfig.from_hf({**BASE, "model_type": "gemma2"})
+    with pytest.raises(NotImplementedError, match="hidden_activation 'relu'"):
+        ModelConfig.from_hf({**GEMMA3, "hidden_activation": "relu"})
+
+
+def test_gemma3_num_parameters_counts_the_model() -> None:
+    from flax import nnx
+
+    from efficient.models import LlamaModel
+
+    config = ModelConfig.from_hf({**GEMMA3, "num_hidden_layers": 2})
+    model = LlamaModel(config, rngs=nnx.Rngs(0))
+    actual = sum(x.size for x in __import__("jax").tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+    assert config.num_parameters() == actual

@@ -1,4 +1,5 @@
-"""Logit parity with `transformers` (PyTorch CPU, float32) for every supported family."""
+"""Logit parity with `transformers` (PyTorch CPU, float32) for every supported family
+(Llama 2/3, Mistral, Qwen2, Qwen3, and Gemma 3 text with 1 and 7 layers)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,23 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers.hf_models import FAMILIES, save_hf_model
+from helpers.hf_models import FAMILIES, RELATIVE_TOLERANCE, save_hf_model
 
 from efficient.cache import DenseKVCache
 from efficient.models import forward, from_pretrained, jit_forward
 
 ATOL = 1e-4  # max abs logit error required by the foundation issue (float32)
+
+
+def _atol(family: str, expected: np.ndarray) -> float:
+    """ATOL, or for Gemma 3 ATOL relative to the largest |logit| (the "one boundary" issue)."""
+    return ATOL * max(1.0, float(np.abs(expected).max())) if family in RELATIVE_TOLERANCE else ATOL
+
+
+def _self_atol(family: str, expected: np.ndarray) -> float:
+    """Our own paths against each other: 1e-5, or the HF tolerance for the Gemma 3 models
+    (7 float32 layers on sqrt(D)-scaled embeddings)."""
+    return _atol(family, expected) if family in RELATIVE_TOLERANCE else 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +55,7 @@ def test_full_forward_matches_transformers(checkpoints: dict, family: str) -> No
     with torch.no_grad():
         expected = hf(torch.tensor(tokens)).logits.numpy()
     logits, _ = forward(ours, jnp.asarray(tokens))
-    np.testing.assert_allclose(np.asarray(logits), expected, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=_atol(family, expected), rtol=0)
     assert np.abs(expected).max() > 0.3  # the comparison is not between near-zero logits
 
 
@@ -71,11 +83,12 @@ def test_prefill_then_decode_matches_transformers(checkpoints: dict, family: str
     for t in range(prefix, tokens.shape[1]):
         logits, cache = step(jnp.asarray(tokens[:, t : t + 1]), cache=cache)
         steps.append(np.asarray(logits))
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), np.concatenate(expected, axis=1),
-                               atol=ATOL, rtol=0)
+    expected = np.concatenate(expected, axis=1)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), expected, atol=_atol(family, expected), rtol=0)
     if family != "llama_dynamic_mqa":  # otherwise cached decode also equals the full forward
         full, _ = forward(ours, jnp.asarray(tokens))
-        np.testing.assert_allclose(np.concatenate(steps, axis=1), np.asarray(full), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.concatenate(steps, axis=1), np.asarray(full), atol=_self_atol(family, expected),
+                                   rtol=0)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -98,10 +111,12 @@ def test_left_padded_ragged_batch_matches_transformers(checkpoints: dict, family
     positions = np.where(attention_mask == 1, hf_positions, -1)
     logits, _ = forward(ours, jnp.asarray(tokens), positions=jnp.asarray(positions))
     real = attention_mask == 1
-    np.testing.assert_allclose(np.asarray(logits)[real], expected[real], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(logits)[real], expected[real], atol=_atol(family, expected[real]),
+                               rtol=0)
     # A padded row also equals that prompt run alone (not for dynamic NTK rope,
     # whose frequencies depend on the longest row of the batch, as in HF).
     if family != "llama_dynamic_mqa":
         n = lengths[1]
         alone, _ = forward(ours, jnp.asarray(tokens[1:2, width - n :]))
-        np.testing.assert_allclose(np.asarray(logits)[1, width - n :], np.asarray(alone)[0], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(logits)[1, width - n :], np.asarray(alone)[0],
+                                   atol=_self_atol(family, expected[real]))

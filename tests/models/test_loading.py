@@ -114,3 +114,21 @@ def test_unsupported_architecture_and_no_weights(llama_folder: Path, tmp_path: P
     (folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="safetensors"):
         from_pretrained(folder)
+
+
+def test_gemma3_export_round_trips_through_transformers(tmp_path: Path) -> None:
+    """Our Gemma 3 save writes per-layer HF tensors and a config transformers rebuilds exactly."""
+    import torch
+    import transformers
+
+    save_hf_model("gemma3_7layer", tmp_path / "hf")
+    ours = from_pretrained(tmp_path / "hf")
+    save_pretrained(ours, tmp_path / "export")
+    assert set(load_file(tmp_path / "export" / "model.safetensors")) == set(
+        load_file(tmp_path / "hf" / "model.safetensors")) - {"lm_head.weight"}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").float().eval()
+    assert type(hf).__name__ == "Gemma3ForCausalLM"
+    tokens = np.random.RandomState(3).randint(3, 97, size=(1, 12))
+    with torch.no_grad():
+        expected = hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(forward(ours, jnp.asarray(tokens))[0]), expected, atol=1e-4)

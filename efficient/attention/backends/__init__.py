@@ -2,8 +2,8 @@
 
 "pallas_tpu" (flash + split-K decode Pallas Mosaic TPU kernels) and "cudnn"
 (jax.nn.dot_product_attention's cuDNN path). "xla" stays as registered by the
-dispatcher. Each adapter raises NotImplementedError, with the reason, for a
-case it cannot serve, and the dispatcher tries the next implementation.
+dispatcher. What each serves is declared in `efficient.attention.capabilities`;
+the dispatcher consults that table before calling an adapter.
 """
 
 from efficient.attention.backends import cudnn, pallas_tpu

@@ -37,7 +37,6 @@ from efficient.decoding.tree import DraftTree, chain, check_tree_size
 from efficient.models.config import ModelConfig
 from efficient.models.forward import forward, validate_tokens
 from efficient.models.llama import LlamaModel
-from efficient.models.rope import rotary_cos_sin
 
 
 def _check_skip_layers(skip_layers: object, num_layers: int) -> tuple[int, ...]:
@@ -169,28 +168,10 @@ def estimated_speedup(agreement: float, num_skipped: int, num_layers: int, lengt
     return expected / (1.0 + length * (num_layers - num_skipped) / num_layers)
 
 
-def _gated_logits(model: LlamaModel, tokens: Int[Array, "B T"], skip: Bool[Array, " L"],
-                  implementation: str | tuple[str, ...] | None) -> Float[Array, "B T V"]:
-    """A cacheless `forward` whose skipped layers are a traced mask (one compile for every
-    candidate set; `lax.cond` runs only the taken branch)."""
-    config = model.config
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    cos, sin = rotary_cos_sin(config.rope, config.head_dim, config.max_position_embeddings, positions)
-    x = model.embed_tokens(tokens)
-    for index, layer in enumerate(model.layers):
-        def run(x: jax.Array, layer: nnx.Module = layer) -> jax.Array:
-            return layer(x, cos, sin, positions, None, None, None, implementation)[0]
-
-        x = jax.lax.cond(skip[index], lambda x: x, run, x)
-    return model.logits(model.norm(x))
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "implementation"))
 def _reference(params: nnx.State, tokens: jax.Array, *, graphdef: nnx.GraphDef,
                implementation: str | tuple[str, ...] | None) -> tuple[Int[Array, "B T"], Float[Array, "B T V"]]:
-    model = nnx.merge(graphdef, params)
-    logits = _gated_logits(model, tokens, jnp.zeros((model.config.num_layers,), jnp.bool_), implementation)
+    logits, _ = forward(nnx.merge(graphdef, params), tokens, implementation=implementation)
     return jnp.argmax(logits, axis=-1), jax.nn.softmax(logits, axis=-1)
 
 
@@ -198,8 +179,9 @@ def _reference(params: nnx.State, tokens: jax.Array, *, graphdef: nnx.GraphDef,
 def _score(params: nnx.State, tokens: jax.Array, weights: Float[Array, "B T"], skip: Bool[Array, " L"],
            top1: Int[Array, "B T"], probs: Float[Array, "B T V"], *, graphdef: nnx.GraphDef,
            implementation: str | tuple[str, ...] | None) -> tuple[jax.Array, jax.Array]:
-    """(top-1 agreement, probability overlap) of the skipped model with the full one."""
-    logits = _gated_logits(nnx.merge(graphdef, params), tokens, skip, implementation)
+    """(top-1 agreement, probability overlap) of the skipped model with the full one; `skip`
+    is a traced mask, so every candidate set shares one compile."""
+    logits, _ = forward(nnx.merge(graphdef, params), tokens, skip_layers=skip, implementation=implementation)
     agree = (jnp.argmax(logits, axis=-1) == top1).astype(jnp.float32)
     overlap = jnp.sum(jnp.minimum(jax.nn.softmax(logits, axis=-1), probs), axis=-1)
     total = jnp.sum(weights)

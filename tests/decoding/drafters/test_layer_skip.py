@@ -33,10 +33,10 @@ def _identity_layer_model():  # noqa: ANN202
     """The 4-layer tiny model with layer 2 adding nothing (o_proj and down_proj zeroed)."""
     graphdef, state = nnx.split(_model())
 
-    def zero(path, x):  # noqa: ANN001, ANN202
+    def zero(path, x):  # noqa: ANN001, ANN202  (layer parameters are stacked on a leading L axis)
         names = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
-        hit = str(IDENTITY_LAYER) in names and ("o_proj" in names or "down_proj" in names)
-        return jnp.zeros_like(x) if hit else x
+        hit = "layers" in names and ("o_proj" in names or "down_proj" in names)
+        return x.at[IDENTITY_LAYER].set(0) if hit else x
 
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(zero, state))
 

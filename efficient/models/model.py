@@ -1,0 +1,59 @@
+"""The decoder model: embeddings, L stacked layers of the config's family, norm, LM head.
+
+Parameters of the L layers are stacked on a leading L axis (the layer module is
+created under `nnx.vmap`), so the shared `forward` runs them with one
+`lax.scan` and compile time is flat in depth. Modules hold parameters only.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from efficient.models.config import ModelConfig
+from efficient.models.families import get_family
+from efficient.models.modules import INIT, linear
+
+
+class DecoderModel(nnx.Module):
+    """Embeddings, `layers` (one module whose parameters have a leading L axis), final norm
+    and LM head (tied or not)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: str | None = None) -> None:
+        family = get_family(config.model_type)
+        self.config = config
+        param_dtype = jnp.dtype(dtype or config.dtype)
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=param_dtype,
+                                      param_dtype=param_dtype, embedding_init=INIT, rngs=rngs)
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs: nnx.Rngs) -> nnx.Module:
+            return family.layer(config, param_dtype, rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = family.norm(config.hidden_size, config.rms_norm_eps, param_dtype)
+        if not config.tie_embeddings:
+            self.lm_head = linear(config.hidden_size, config.vocab_size, False, param_dtype, rngs)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.embed_tokens.embedding[...].dtype
+
+    def embed(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+        """Token embeddings, times the family's scale (Gemma: sqrt(D), in the compute dtype)."""
+        x = self.embed_tokens(tokens)
+        scale = get_family(self.config.model_type).embed_scale(self.config)
+        return x if scale is None else x * jnp.asarray(scale, x.dtype)
+
+    def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+        """LM head in float32 accumulation (then final soft-capping, Gemma); float32 logits."""
+        if self.config.tie_embeddings:
+            weight = self.embed_tokens.embedding[...]
+            logits = jnp.einsum("btd,vd->btv", hidden, weight, preferred_element_type=jnp.float32)
+        else:
+            kernel = self.lm_head.kernel[...]
+            logits = jnp.einsum("btd,dv->btv", hidden, kernel, preferred_element_type=jnp.float32)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else jnp.tanh(logits / cap) * cap

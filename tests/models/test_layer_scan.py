@@ -1,0 +1,69 @@
+"""Layers under one `lax.scan`: stacked parameters, traced skip gates, flat program size in depth."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers.tiny import TINY, tiny_model
+
+from efficient.cache import DenseKVCache
+from efficient.models import LlamaModel, forward
+
+TOKENS = jnp.asarray(np.random.RandomState(0).randint(3, 61, size=(2, 7)))
+
+
+def test_layer_parameters_are_stacked_and_differ_per_layer() -> None:
+    model = tiny_model()
+    kernel = model.layers.self_attn.q_proj.kernel[...]
+    assert kernel.shape == (TINY.num_layers, TINY.hidden_size, TINY.num_heads * TINY.head_dim)
+    assert not np.allclose(kernel[0], kernel[1])  # split rngs: each layer its own init
+    assert model.layers.input_layernorm.weight[...].shape == (TINY.num_layers, TINY.hidden_size)
+
+
+def test_program_size_is_flat_in_depth() -> None:
+    """The traced forward has the same number of equations for 2 and 6 layers (one scan body)."""
+
+    def size(num_layers: int) -> int:
+        model = LlamaModel(TINY.replace(num_layers=num_layers), rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model)
+        jaxpr = jax.make_jaxpr(lambda p: forward(nnx.merge(graphdef, p), TOKENS)[0])(params)
+        return len(jaxpr.jaxpr.eqns)
+
+    assert size(2) == size(6)
+
+
+def test_skip_mask_equals_skip_ids_and_does_not_retrace() -> None:
+    model = tiny_model()
+    by_ids, _ = forward(model, TOKENS, skip_layers=(1,))
+    full, _ = forward(model, TOKENS)
+    graphdef, params = nnx.split(model)
+    traces = []
+
+    @jax.jit
+    def run(params: nnx.State, skip: jax.Array) -> jax.Array:
+        traces.append(1)
+        return forward(nnx.merge(graphdef, params), TOKENS, skip_layers=skip)[0]
+
+    by_mask = run(params, jnp.asarray([False, True]))
+    none_skipped = run(params, jnp.asarray([False, False]))
+    assert len(traces) == 1
+    np.testing.assert_allclose(np.asarray(by_mask), np.asarray(by_ids), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(none_skipped), np.asarray(full), atol=1e-5)
+    assert not np.allclose(np.asarray(by_ids), np.asarray(full))
+
+
+def test_skipped_layer_does_not_write_the_cache() -> None:
+    model = tiny_model()
+    cache = DenseKVCache.for_model(model.config, batch_size=2, capacity=8)
+    _, cache = forward(model, TOKENS, cache=cache, skip_layers=jnp.asarray([False, True]))
+    k = np.asarray(cache.k)
+    assert np.abs(k[0, :, :7]).max() > 0 and np.abs(k[1]).max() == 0
+
+
+@pytest.mark.parametrize("skip", [(2,), jnp.zeros((3,), jnp.bool_), jnp.zeros((2,), jnp.int32)])
+def test_bad_skip_layers_raise(skip: object) -> None:
+    with pytest.raises(ValueError, match="skip_layers"):
+        forward(tiny_model(), TOKENS, skip_layers=skip)
