@@ -115,3 +115,46 @@ def greedy_future(model: LlamaModel, prompts: Sequence[Sequence[int]], max_new_t
         row = list(prompt) + gen
         future[i, : len(row)] = row
     return jnp.asarray(future)
+
+
+# ---------------------------------------------------------------- recording drafter
+STEPS: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per verification: last_position, accepted, new [B]
+
+
+def _record(last: np.ndarray, accepted: np.ndarray, new: np.ndarray) -> None:
+    STEPS.append((np.asarray(last).copy(), np.asarray(accepted).copy(), np.asarray(new).copy()))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RecordingDrafter:
+    """Wraps a drafter and reports every verification (all rows) to STEPS."""
+
+    inner: object
+    tree_size = property(lambda self: self.inner.tree_size)
+    max_depth = property(lambda self: self.inner.max_depth)
+    is_chain = property(lambda self: self.inner.is_chain)
+
+    def check(self, target_config: object) -> None:
+        self.inner.check(target_config)
+
+    def init(self, prompt: object) -> object:
+        return self.inner.init(prompt)
+
+    def propose(self, state: object, ctx: object) -> tuple:
+        return self.inner.propose(state, ctx)
+
+    def update(self, state: object, ctx: object, outcome: object) -> object:
+        jax.debug.callback(_record, ctx.last_position, outcome.num_accepted, outcome.num_new)
+        return self.inner.update(state, ctx, outcome)
+
+
+def accepted_draft_indices(prompt_lengths: Sequence[int]) -> list[set[int]]:
+    """Per row, the output indices emitted as accepted draft tokens in the recorded STEPS."""
+    rows: list[set[int]] = [set() for _ in prompt_lengths]
+    for last, accepted, new in STEPS:
+        for b, length in enumerate(prompt_lengths):
+            if new[b] > 0:
+                first = int(last[b]) - length + 1  # output index of the step's first new token
+                rows[b] |= set(range(first, first + min(int(accepted[b]), int(new[b]))))
+    return rows

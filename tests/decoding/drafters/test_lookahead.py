@@ -7,7 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers.speculative import RAGGED_PROMPTS, SINGLE_PROMPT, assert_matches_greedy
+from helpers.speculative import (
+    RAGGED_PROMPTS,
+    SINGLE_PROMPT,
+    STEPS,
+    RecordingDrafter,
+    accepted_draft_indices,
+    assert_matches_greedy,
+)
 from helpers.tiny import tiny_model
 
 from efficient.decoding.drafters.base import DraftContext, Drafter, VerifyOutcome
@@ -146,13 +153,24 @@ def test_greedy_equivalence_single_prompt() -> None:
 
 
 def test_greedy_equivalence_ragged_batch_with_a_stop_inside_an_accepted_draft() -> None:
-    model, drafter = tiny_model(), LookaheadDrafter.create()
-    assert_matches_greedy(model, drafter, RAGGED_PROMPTS, max_new_tokens=24)
-    # 23 first appears in row 0 as an accepted draft token (the step commits 23, 17) and in
-    # row 2 as the target's next token; row 1 never emits it and runs to the end.
-    out = assert_matches_greedy(model, drafter, RAGGED_PROMPTS, max_new_tokens=24, stop_tokens=[23])
-    np.testing.assert_array_equal(out.stopped, [True, False, True])
-    np.testing.assert_array_equal(out.lengths, [13, 24, 11])
+    model, drafter = tiny_model(), RecordingDrafter(LookaheadDrafter.create())
+    STEPS.clear()
+    output = assert_matches_greedy(model, drafter, RAGGED_PROMPTS, max_new_tokens=24).sequences()
+    drafted = accepted_draft_indices([len(p) for p in RAGGED_PROMPTS])
+    # A token whose first occurrence in some row is an accepted draft token (not the row's last).
+    picks = [(b, i) for b, row in enumerate(output) for i in sorted(drafted[b])
+             if row[i] not in row[:i] and i < len(row) - 1]
+    assert picks, (output, drafted)
+    b, i = picks[0]
+    stop = output[b][i]
+    STEPS.clear()
+    out = assert_matches_greedy(model, drafter, RAGGED_PROMPTS, max_new_tokens=24, stop_tokens=[stop])
+    assert out.sequences()[b] == output[b][: i + 1] and bool(out.stopped[b])
+    assert i in accepted_draft_indices([len(p) for p in RAGGED_PROMPTS])[b]
+    # Rows that never emit the stop run to the end.
+    for row, seq in zip(output, out.sequences()):
+        if stop not in row:
+            assert seq == row
 
 
 def test_repetitive_prompt_accepts_pool_and_jacobi_drafts() -> None:
