@@ -3,7 +3,6 @@ inputs, greedy equivalence with plain decoding, and argument errors."""
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
