@@ -1,4 +1,4 @@
-"""Speculative decoders in the variant registry (imported at the end of `efficient.variants`).
+"""Speculative decoders in the variant registry (`efficient.registry`).
 
 Each entry builds its drafter from the harness's resources and options, then
 runs `speculative_generate`: greedy entries reproduce greedy decoding exactly.
@@ -12,7 +12,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from efficient.decoding import GenerateOutput, Greedy
 from efficient.decoding.drafters import (
     Drafter,
     DraftModelDrafter,
@@ -22,10 +21,12 @@ from efficient.decoding.drafters import (
     TokenRecyclingDrafter,
     calibrate_skip_layers,
 )
-from efficient.decoding.generate import CacheFactory
+from efficient.cache.protocol import CacheFactory
+from efficient.decoding.generate import GenerateOutput
+from efficient.decoding.sampling import Greedy
 from efficient.decoding.speculative import speculative_generate
 from efficient.models import LlamaModel
-from efficient.variants import Decoder, register_decoder
+from efficient.registry import Decoder, register_decoder
 
 DrafterBuilder = Callable[..., Drafter]  # (target model, **options) -> Drafter
 
