@@ -10,6 +10,7 @@ from efficient.decoding.drafters.layer_skip import (
     SkipCalibration,
     calibrate_skip_layers,
     estimated_speedup,
+    fixed_cost_fraction,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "VerifyOutcome",
     "calibrate_skip_layers",
     "estimated_speedup",
+    "fixed_cost_fraction",
 ]

@@ -17,6 +17,7 @@ from efficient.decoding.drafters.layer_skip import (
     LayerSkipDrafter,
     calibrate_skip_layers,
     estimated_speedup,
+    fixed_cost_fraction,
 )
 from efficient.decoding.speculative import speculative_generate
 from efficient.models import forward
@@ -114,15 +115,16 @@ def _direct_agreement(model, tokens, lengths, skip_layers) -> float:  # noqa: AN
 def test_calibration_agreement_and_choice() -> None:
     model = _model()
     tokens, lengths = _calibration_tokens(), np.array([24, 17])
-    calibration = calibrate_skip_layers(model, tokens, length=3, lengths=lengths)
+    calibration = calibrate_skip_layers(model, tokens, length=3, lengths=lengths, width=None, patience=None)
     trace = calibration.trace
+    fixed = fixed_cost_fraction(model)
     assert [len(step.skip_layers) for step in trace] == list(range(NUM_LAYERS))
     assert trace[0].speedup == 1.0
     for size, step in enumerate(trace[1:], start=1):
         assert set(trace[size - 1].skip_layers) < set(step.skip_layers)
         assert len(step.candidates) == NUM_LAYERS - size + 1
         assert step.agreement == max(c[1] for c in step.candidates)
-        assert step.speedup == pytest.approx(estimated_speedup(step.agreement, size, NUM_LAYERS, 3))
+        assert step.speedup == pytest.approx(estimated_speedup(step.agreement, size, NUM_LAYERS, 3, fixed))
     # The agreement matches a direct computation with `forward(skip_layers=...)`.
     for step in trace[1:3]:
         assert step.agreement == pytest.approx(_direct_agreement(model, tokens, lengths, step.skip_layers))
@@ -133,8 +135,30 @@ def test_calibration_agreement_and_choice() -> None:
     LayerSkipDrafter.create(model.config, skip_layers=calibration.skip_layers)  # a valid set
 
 
+def test_pruned_search_tries_width_layers_and_stops_after_patience() -> None:
+    model = _model()
+    calibration = calibrate_skip_layers(model, _calibration_tokens(), length=3, width=2, patience=1)
+    trace = calibration.trace
+    assert len(trace[1].candidates) == NUM_LAYERS
+    assert all(len(step.candidates) <= 2 for step in trace[2:])
+    # Stopped at the first size that did not improve on the best so far (or at max_skip).
+    best = max(range(1, len(trace)), key=lambda i: (trace[i].speedup, -i))
+    assert len(trace) - 1 in (best, best + 1, NUM_LAYERS - 1)
+    assert calibration.skip_layers == trace[best].skip_layers
+
+
+def test_fixed_cost_fraction_counts_the_lm_head() -> None:
+    model = _model()
+    config = model.config
+    head = config.vocab_size * config.hidden_size
+    layers = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model.layers)))
+    # The head (tied or not) and the final norm are read at every step; the layers can be skipped.
+    assert head / (head + layers) <= fixed_cost_fraction(model) < (head + 2 * config.hidden_size) / (head + layers)
+
+
 def test_estimated_speedup() -> None:
     assert estimated_speedup(1.0, 2, 4, 4) == pytest.approx(5 / 3)  # 5 tokens for 1 + 4 * 1/2
+    assert estimated_speedup(1.0, 2, 4, 4, 0.5) == pytest.approx(5 / 4)  # draft cost 0.5 + 0.5 * 1/2
     assert estimated_speedup(0.0, 1, 4, 4) == pytest.approx(1 / 4)
     assert estimated_speedup(0.5, 1, 2, 2) == pytest.approx(1.75 / 2)
 
