@@ -8,7 +8,8 @@ an `experiments.common.ExperimentResult` (a new experiment is one such module
 plus its configs/<name>.py). The run is written to
 <config.results_dir>/<config.experiment>/<config.run_name or a timestamp>/:
 config.json (the resolved config), metrics.json, and one PNG per figure; the
-table is printed. Configs are locked: an unknown `--config.key` is an error.
+table is printed. Configs are locked: an unknown `--config.key` is an error (one
+line naming the key and the valid keys).
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ import ml_collections
 from absl import app
 from ml_collections import config_flags
 
-from experiments.common import ExperimentResult
+from experiments.common import ExperimentResult, parse_config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: configs/<name>.py[:variant].",
-                                          lock_config=True)
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
 
 
@@ -88,4 +87,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    # Flags are defined only when run as a script, so importing this module defines none
+    # (experiments.run and experiments.train import in one process).
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: configs/<name>.py[:variant].",
+                                              lock_config=True)
+    app.run(main, flags_parser=parse_config_flags)

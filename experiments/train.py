@@ -22,12 +22,8 @@ from ml_collections import config_flags
 from efficient.data import ByteTokenizer, Corpus, Document, Tokenizer, load_tokenizer
 from efficient.models import ModelConfig, RopeConfig
 from efficient.train import TrainConfig, TrainResult, train
+from experiments.common import parse_config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Orbax checkpoint folder (default: config.workdir).")
-_OUTPUT = flags.DEFINE_string("output_dir", None, "Exported HF folder (default: config.output_dir).")
-_INIT = flags.DEFINE_string("init_from", None, "HF folder whose weights start a fresh run (warm restart).")
-_STOP = flags.DEFINE_integer("stop_at_step", None, "Stop (and checkpoint) at this step; resume later.")
 
 
 def model_config_from(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ModelConfig:
@@ -95,5 +91,12 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a script, so importing this module defines none
+    # (experiments.run and experiments.train import in one process).
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Orbax checkpoint folder (default: config.workdir).")
+    _OUTPUT = flags.DEFINE_string("output_dir", None, "Exported HF folder (default: config.output_dir).")
+    _INIT = flags.DEFINE_string("init_from", None, "HF folder whose weights start a fresh run (warm restart).")
+    _STOP = flags.DEFINE_integer("stop_at_step", None, "Stop (and checkpoint) at this step; resume later.")
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=parse_config_flags)

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from efficient.attention.capabilities import CAPABILITIES, Capabilities, unsupported
@@ -85,6 +86,10 @@ def resolve_order(implementation: str | Sequence[str] | None) -> tuple[str, ...]
     if implementation is None:
         order = DEFAULT_ORDER.get(jax.default_backend(), ("xla",))
         return tuple(name for name in order if name in _REGISTRY) or ("xla",)
+    if not isinstance(implementation, str | Sequence) or (
+        not isinstance(implementation, str) and not all(isinstance(name, str) for name in implementation)
+    ):
+        raise TypeError(f"implementation must be a name, a sequence of names or None, got {implementation!r}")
     names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
     if not names:
         raise ValueError("implementation must name at least one implementation, got an empty sequence")
@@ -138,6 +143,8 @@ def attention(
     when `q_positions` is None and a dense or paged view has lengths, the T queries
     are the last T tokens of each row (positions lengths[b] - T + t).
     """
+    if not isinstance(q, jax.Array | np.ndarray):
+        raise TypeError(f"q must be a float array [B, T, N, H], got {type(q).__name__}")
     if not isinstance(view, VIEW_TYPES):
         raise TypeError(
             f"view must be a KV view (DenseView, PagedView, QuantizedView), got {type(view).__name__}"

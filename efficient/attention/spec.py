@@ -18,9 +18,12 @@ A negative position marks padding (an empty cache slot or a padded query).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Int
 
 
@@ -45,10 +48,16 @@ class AttentionSpec:
             not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1
         ):
             raise ValueError(f"AttentionSpec.window must be a positive int or None, got {self.window!r}")
-        if self.softcap is not None and not self.softcap > 0:
-            raise ValueError(f"AttentionSpec.softcap must be > 0 or None, got {self.softcap!r}")
-        if self.scale is not None and not self.scale > 0:
-            raise ValueError(f"AttentionSpec.scale must be > 0 or None, got {self.scale!r}")
+        if not isinstance(self.causal, bool | np.bool_):
+            raise TypeError(f"AttentionSpec.causal must be a bool, got {type(self.causal).__name__} {self.causal!r}")
+        for name in ("softcap", "scale"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise TypeError(f"AttentionSpec.{name} must be a number or None, got {type(value).__name__} {value!r}")
+            if not (math.isfinite(value) and value > 0):  # inf would give NaN logits (inf * tanh(0))
+                raise ValueError(f"AttentionSpec.{name} must be finite and > 0 or None, got {value!r}")
 
     def logit_scale(self, head_dim: int) -> float:
         return self.scale if self.scale is not None else head_dim**-0.5

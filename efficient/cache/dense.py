@@ -22,6 +22,18 @@ from jaxtyping import Array, Float, Int
 from efficient.cache.protocol import DenseView, tree_nbytes
 
 
+def _floating_dtype(dtype: object) -> jnp.dtype:
+    """`dtype` as a jnp dtype; a non-floating one is refused (it would round keys and values)."""
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"DenseKVCache.init: dtype must be a floating dtype, got {dtype!r}") from e
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise ValueError(f"DenseKVCache.init: dtype must be a floating dtype (float32, bfloat16, ...), got "
+                         f"{resolved}: an integer cache would round keys and values")
+    return resolved
+
+
 def _rows(batch: int, width: int) -> Int[Array, "B W"]:
     return jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[:, None], (batch, width))
 
@@ -50,8 +62,9 @@ class DenseKVCache:
         for name, value in (("num_layers", num_layers), ("batch_size", batch_size),
                             ("capacity", capacity), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DenseKVCache.init: {name} must be a positive int, got {value!r}")
+        dtype = _floating_dtype(dtype)
         shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),
@@ -80,6 +93,22 @@ class DenseKVCache:
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[4]
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.k.dtype
 
     def next_positions(self, num_tokens: int) -> Int[Array, "B T"]:
         """Positions following the last one held in each row."""

@@ -15,19 +15,26 @@ commits an accepted tree path with `select` this way). The view is indexed by sl
 `reserve` returned), so a mask over new tokens can be placed by their slots.
 Speculative decoding rolls back with `truncate(lengths)` and compacts an
 accepted tree path with `select(source_slots, counts, start)`.
+Writes to slots past the capacity are dropped (never wrapped or clamped):
+`generate` relies on it so that a prompt's trailing padding takes no slot (its
+prefill writes the padded bucket, then truncates each row to its length).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, Self, runtime_checkable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, Self, TypeAlias, runtime_checkable
 
 import jax
 from jaxtyping import Array, Float, Int
 
 from efficient.attention.views import DenseView, KVView
 
-__all__ = ["DenseView", "KVCache", "KVView", "tree_nbytes"]
+if TYPE_CHECKING:
+    from efficient.models.config import ModelConfig
+
+__all__ = ["CacheFactory", "DenseView", "KVCache", "KVView", "tree_nbytes"]
 
 
 @runtime_checkable
@@ -57,6 +64,10 @@ class KVCache(Protocol):
     def select(self, source_slots: Int[Array, "B C"], counts: Int[Array, " B"], start: Int[Array, " B"]) -> Self: ...
 
     def nbytes(self) -> int: ...
+
+
+CacheFactory: TypeAlias = "Callable[[ModelConfig, int, int], KVCache]"
+"""`factory(config, batch, capacity) -> KVCache`: what `generate(cache=...)` takes."""
 
 
 def tree_nbytes(tree: object) -> int:

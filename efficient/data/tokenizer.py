@@ -8,6 +8,7 @@ every tokenizer reports it with `num_bytes(ids)` (special tokens count 0).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -49,6 +50,37 @@ class Tokenizer(Protocol):
     def num_bytes(self, ids: Sequence[int]) -> int: ...
 
 
+def check_text(text: object) -> str:
+    """TypeError unless `text` is a str (bytes are refused: decode them first)."""
+    if not isinstance(text, str):
+        hint = " (decode bytes to str first)" if isinstance(text, bytes | bytearray) else ""
+        raise TypeError(f"text: expected a str, got {type(text).__name__}{hint}")
+    return text
+
+
+def check_token_ids(ids: object, vocab_size: int) -> np.ndarray:
+    """`ids` as a flat int64 array: a sequence (or array) of integer ids in [0, vocab_size).
+
+    TypeError for None, str/bytes or non-integers (floats are refused, never truncated);
+    ValueError for an id outside the vocabulary.
+    """
+    if ids is None or isinstance(ids, str | bytes | bytearray):
+        raise TypeError(f"ids: expected a sequence of integer token ids, got {type(ids).__name__}")
+    try:
+        arr = np.asarray(ids)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"ids: expected a sequence of integer token ids: {e}") from e
+    if arr.size == 0:
+        return np.zeros((0,), np.int64)
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"ids: expected integer token ids, got {arr.dtype} values like {arr.reshape(-1)[0]!r}")
+    arr = arr.astype(np.int64).reshape(-1)
+    bad = (arr < 0) | (arr >= vocab_size)
+    if bad.any():
+        raise ValueError(f"ids: {int(arr[bad][0])} is outside the vocabulary [0, {vocab_size})")
+    return arr
+
+
 class ByteTokenizer:
     """UTF-8 bytes as tokens: ids 0..255 are bytes, then PAD=256, BOS=257, EOS=258.
 
@@ -82,19 +114,16 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Returns the UTF-8 bytes of `text` as ids."""
-        return list(text.encode("utf-8", errors="surrogatepass"))
+        return list(check_text(text).encode("utf-8", errors="surrogatepass"))
 
     def encode_array(self, text: str) -> np.ndarray:
         """`encode` as an int32 array, without a Python list (fast path)."""
-        data = text.encode("utf-8", errors="surrogatepass")
+        data = check_text(text).encode("utf-8", errors="surrogatepass")
         return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Decodes byte ids, skipping special ids; invalid bytes become U+FFFD."""
-        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
-        bad = (arr < 0) | (arr >= self.vocab_size)
-        if bad.any():
-            raise ValueError(f"ids: {int(arr[bad][0])} is outside the vocabulary [0, {self.vocab_size})")
+        arr = check_token_ids(ids, self.vocab_size)
         data = arr[arr < 256].astype(np.uint8).tobytes()
         try:
             return data.decode("utf-8", errors="surrogatepass")
@@ -103,7 +132,7 @@ class ByteTokenizer:
 
     def num_bytes(self, ids: Sequence[int]) -> int:
         """Number of byte (non-special) ids."""
-        return int((np.asarray(ids).reshape(-1) < 256).sum())
+        return int((check_token_ids(ids, self.vocab_size) < 256).sum())
 
     def __repr__(self) -> str:
         return "ByteTokenizer()"
@@ -144,7 +173,11 @@ class HFTokenizer:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"path: no tokenizer file at {str(self.path)!r}")
-        self._tok = _HFTok.from_file(str(self.path))
+        try:
+            self._tok = _HFTok.from_file(str(self.path))
+        except Exception as e:  # the tokenizers package raises a plain Exception on a bad file
+            raise ValueError(f"path: cannot read tokenizer file {str(self.path)!r} (corrupt or not a "
+                             f"tokenizers JSON file): {e}") from e
         config = self._read_config(self.path.parent / "tokenizer_config.json")
         self._bos = self._resolve("bos_token", bos_token, config, _BOS_NAMES)
         eos = self._resolve("eos_token", eos_token, config, _EOS_NAMES)
@@ -159,8 +192,11 @@ class HFTokenizer:
     def _read_config(path: Path) -> dict:
         if not path.is_file():
             return {}
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"path: tokenizer config {str(path)!r} is not valid JSON: {e}") from e
         return config if isinstance(config, dict) else {}
 
     def _resolve(self, key: str, explicit: str | None, config: dict, names: tuple[str, ...]) -> int | None:
@@ -192,10 +228,10 @@ class HFTokenizer:
         return self._pad
 
     def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
+        return list(self._tok.encode(check_text(text), add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        return self._tok.decode(check_token_ids(ids, self.vocab_size).tolist(), skip_special_tokens=True)
 
     def num_bytes(self, ids: Sequence[int]) -> int:
         """UTF-8 bytes of the decoded non-special tokens.
@@ -203,7 +239,7 @@ class HFTokenizer:
         Exact for whole texts; a slice that cuts a multi-byte character counts
         its replacement character (3 bytes) instead.
         """
-        kept = [int(i) for i in ids if int(i) not in self._special]
+        kept = [i for i in check_token_ids(ids, self.vocab_size).tolist() if i not in self._special]
         return len(self.decode(kept).encode("utf-8", errors="surrogatepass"))
 
     def __repr__(self) -> str:
@@ -213,10 +249,15 @@ class HFTokenizer:
 def load_tokenizer(folder: str | Path) -> HFTokenizer | GGUFTokenizer:
     """Loads `<folder>/tokenizer.json`, or the tokenizer of a `.gguf` file path;
     FileNotFoundError naming the path if absent."""
+    if not isinstance(folder, str | os.PathLike):
+        raise TypeError(f"folder: expected a path (str or Path), got {type(folder).__name__}")
     if Path(folder).suffix.lower() == ".gguf" and not Path(folder).is_dir():
         from efficient.data.gguf_tokenizer import GGUFTokenizer
 
         return GGUFTokenizer.from_file(folder)
+    if Path(folder).is_file():
+        raise ValueError(f"folder: {str(folder)!r} is a file; expected a folder holding tokenizer.json "
+                         "or a .gguf file")
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"folder: no tokenizer.json at {str(path)!r}")

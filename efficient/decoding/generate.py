@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,14 +23,14 @@ from flax import nnx
 from jaxtyping import Array, Int
 
 from efficient.cache.dense import DenseKVCache
-from efficient.cache.protocol import KVCache
+from efficient.cache.protocol import CacheFactory, KVCache
 from efficient.decoding.prompts import PromptBatch, bucket_length, make_prompt_batch
 from efficient.decoding.sampling import Greedy, SamplingRule, sample_tokens
+from efficient.models.checks import check_cache_factory, check_cache_matches, check_model, check_sampling
 from efficient.models.config import ModelConfig
 from efficient.models.forward import forward
 from efficient.models.llama import LlamaModel
 
-CacheFactory = Callable[[ModelConfig, int, int], KVCache]
 
 # Number of times each jitted stage was traced (a test asserts on it).
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
@@ -72,7 +72,10 @@ class GenerateOutput:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
+class LoopStatic:
+    """The static (hashed, not traced) arguments of the jitted prefill and decode loops,
+    shared with speculative decoding."""
+
     graphdef: nnx.GraphDef
     rule: SamplingRule
     implementation: str | tuple[str, ...] | None
@@ -91,12 +94,13 @@ class DecodeState:
     steps: jax.Array  # int32[]: decode forwards run
 
 
-def _stop_hit(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
+def stop_hit(tokens: Int[Array, " B"], stop_ids: Int[Array, " S"]) -> jax.Array:
+    """bool[B]: the token of row b is one of the stop ids."""
     return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
 
 
 @jax.jit(static_argnums=0, donate_argnums=4)
-def _prefill(static: _Static, params: nnx.State, tokens, prompt_lengths, cache, key):  # noqa: ANN001, ANN202
+def _prefill(static: LoopStatic, params: nnx.State, tokens, prompt_lengths, cache, key):  # noqa: ANN001, ANN202
     TRACE_COUNTS["prefill"] += 1
     model = nnx.merge(static.graphdef, params)
     t = tokens.shape[1]
@@ -104,21 +108,23 @@ def _prefill(static: _Static, params: nnx.State, tokens, prompt_lengths, cache, 
     positions = jnp.where(index < prompt_lengths[:, None], index, -1)
     logits, cache = forward(model, tokens, positions=positions, cache=cache,
                             logits_indices=(prompt_lengths - 1)[:, None],
-                            implementation=static.implementation)
-    # Drop the padded slots: each row continues at its own length.
+                            implementation=static.implementation, fresh_cache=True)
+    # Drop the padded slots: each row continues at its own length. Trailing padding past
+    # the capacity was never written (the cache drops writes past its capacity), so a
+    # prompt's bucket needs no cache slots beyond its real length.
     cache = cache.truncate(prompt_lengths)
     key, sub = jax.random.split(key)
     return sample_tokens(static.rule, logits[:, 0], sub), cache, key
 
 
 @jax.jit(static_argnums=0, donate_argnums=5)
-def _decode_loop(static: _Static, params, first, prompt_lengths, max_new, cache, key, stop_ids):  # noqa: ANN001, ANN202
+def _decode_loop(static: LoopStatic, params, first, prompt_lengths, max_new, cache, key, stop_ids):  # noqa: ANN001, ANN202
     TRACE_COUNTS["decode"] += 1
     model = nnx.merge(static.graphdef, params)
     b = first.shape[0]
     out = jnp.full((b, static.out_len), static.pad_id, jnp.int32).at[:, 0].set(first)
     ones = jnp.ones((b,), jnp.int32)
-    state = DecodeState(out=out, num_generated=ones, done=_stop_hit(first, stop_ids) | (ones >= max_new),
+    state = DecodeState(out=out, num_generated=ones, done=stop_hit(first, stop_ids) | (ones >= max_new),
                         cache=cache, key=key, steps=jnp.zeros((), jnp.int32))
 
     def cond(s: DecodeState) -> jax.Array:
@@ -135,12 +141,12 @@ def _decode_loop(static: _Static, params, first, prompt_lengths, max_new, cache,
         rows = jnp.arange(b)
         out = s.out.at[rows, jnp.where(s.done, static.out_len, s.num_generated)].set(token, mode="drop")
         num_generated = s.num_generated + (~s.done).astype(jnp.int32)
-        done = s.done | _stop_hit(token, stop_ids) | (num_generated >= max_new)
+        done = s.done | stop_hit(token, stop_ids) | (num_generated >= max_new)
         return DecodeState(out=out, num_generated=num_generated, done=done, cache=cache, key=key,
                            steps=s.steps + 1)
 
     final = jax.lax.while_loop(cond, body, state)
-    stopped = _stop_hit(jnp.take_along_axis(final.out, (final.num_generated - 1)[:, None], axis=1)[:, 0],
+    stopped = stop_hit(jnp.take_along_axis(final.out, (final.num_generated - 1)[:, None], axis=1)[:, 0],
                         stop_ids)
     return final.out, final.num_generated, stopped, final.steps, final.cache
 
@@ -200,8 +206,9 @@ def prepare_request(
             raise ValueError(f"stop token {stop!r} is outside the vocabulary [0, {config.vocab_size})")
     if isinstance(implementation, list):
         implementation = tuple(implementation)
-    # Prefill takes the padded bucket; decode then continues each row at its own length.
-    needed = max(batch.bucket, int((batch.lengths + max_new).max()) + extra_slots)
+    # Padding to the prompt bucket takes no slot (writes past the capacity are dropped and
+    # truncated away after prefill): a row needs its prompt + max_new_tokens (+ extra).
+    needed = int((batch.lengths + max_new).max()) + extra_slots
     if capacity is None:
         capacity = bucket_length(needed, 64)
     elif not isinstance(capacity, int | np.integer) or isinstance(capacity, bool) or capacity < 1:
@@ -211,7 +218,7 @@ def prepare_request(
         worst = int(np.argmax(batch.lengths + max_new))
         extra = f" + {extra_slots} draft-tree slots" if extra_slots else ""
         raise ValueError(
-            f"prompt {worst} ({int(batch.lengths[worst])} tokens, padded to {batch.bucket}) + "
+            f"prompt {worst} ({int(batch.lengths[worst])} tokens) + "
             f"max_new_tokens {int(max_new[worst])}{extra} needs {needed} cache slots, beyond capacity {capacity}"
         )
     stop_ids = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
@@ -219,7 +226,7 @@ def prepare_request(
                    implementation=implementation)
 
 
-def run_prefill(static: _Static, params: nnx.State, request: Request, cache: KVCache,
+def run_prefill(static: LoopStatic, params: nnx.State, request: Request, cache: KVCache,
                 key: jax.Array | int | None) -> tuple[jax.Array, KVCache, jax.Array, float]:
     """The jitted prefill; returns (first tokens, cache, key, seconds)."""
     start = time.perf_counter()
@@ -246,13 +253,17 @@ def generate(
     """Generate up to `max_new_tokens` (an int, or one per row) after each prompt.
 
     cache: a factory `(config, batch, capacity) -> cache` (default: dense).
-    capacity: cache slots per row; default: the prompt bucket + max_new_tokens,
-        rounded up to a power of two. A prompt that cannot fit raises ValueError.
+    capacity: cache slots per row; default: the longest prompt + max_new_tokens,
+        rounded up to a power of two (at least 64). Exactly prompt + max_new_tokens
+        is enough: the prompt's padding to its shape bucket takes no slot. A
+        prompt that cannot fit raises ValueError.
     key: PRNG key or int seed (sampling only; deterministic for a given key).
     stop_tokens: ids that end a row (the stop token is kept in the output);
         None: the model config's eos_token_ids; () disables stopping.
     """
-    config = model.config
+    config = check_model(model, "generate")
+    check_sampling(sampling, "generate")
+    check_cache_factory(cache, "generate")
     request = prepare_request(config, prompts, max_new_tokens=max_new_tokens, capacity=capacity,
                               stop_tokens=stop_tokens, pad_id=pad_id, prompt_lengths=prompt_lengths,
                               implementation=implementation)
@@ -260,8 +271,9 @@ def generate(
     b = batch.batch_size
     factory = cache or DenseKVCache.for_model
     kv_cache = factory(config, b, request.capacity)
+    check_cache_matches(config, kv_cache, b, "generate", capacity=request.capacity)
     graphdef, params = nnx.split(model)
-    static = _Static(graphdef=graphdef, rule=sampling, implementation=request.implementation,
+    static = LoopStatic(graphdef=graphdef, rule=sampling, implementation=request.implementation,
                      pad_id=request.pad_id, out_len=bucket_length(int(max_new.max()), 16))
     lengths = jnp.asarray(batch.lengths)
     first, kv_cache, rng, prefill_seconds = run_prefill(static, params, request, kv_cache, key)

@@ -11,6 +11,8 @@ token always survives. `Sample(temperature=0)` is greedy.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import jax
@@ -42,14 +44,24 @@ class Sample:
     min_p: float = 0.0  # 0.0: off
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, int | float) or not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
-        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.min_p, int | float) or not 0 <= self.min_p < 1:
-            raise ValueError(f"min_p must be in [0, 1), got {self.min_p!r}")
+        for name in ("temperature", "top_p", "min_p"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise TypeError(f"Sample.{name} must be a real number, got {type(value).__name__} {value!r}")
+        if not isinstance(self.top_k, numbers.Integral) or isinstance(self.top_k, bool):
+            raise TypeError(f"Sample.top_k must be an int (0 disables it), got {type(self.top_k).__name__} "
+                            f"{self.top_k!r}")
+        for name in ("temperature", "top_p", "min_p"):  # plain Python numbers: the rule is hashed by jit
+            object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "top_k", int(self.top_k))
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"Sample.temperature must be finite and >= 0 (0: greedy), got {self.temperature!r}")
+        if self.top_k < 0:
+            raise ValueError(f"Sample.top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"Sample.top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"Sample.min_p must be in [0, 1) (0 disables it), got {self.min_p!r}")
 
     @property
     def is_greedy(self) -> bool:

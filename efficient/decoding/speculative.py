@@ -33,16 +33,17 @@ from efficient.decoding.generate import (
     CacheFactory,
     GenerateOutput,
     GenerateStats,
-    _stop_hit,
+    LoopStatic,
     finish_output,
     prepare_request,
     run_prefill,
+    stop_hit,
 )
-from efficient.decoding.generate import _Static as PrefillStatic
 from efficient.decoding.prompts import bucket_length
 from efficient.decoding.sampling import Greedy, SamplingRule, sample_tokens
 from efficient.decoding.tree import DraftTree, check_tree_size, verification_inputs
 from efficient.decoding.verify import TypicalAcceptance, Verdict, accept_tree
+from efficient.models.checks import check_cache_factory, check_cache_matches, check_model, check_sampling
 from efficient.models.forward import forward
 from efficient.models.llama import LlamaModel
 
@@ -96,9 +97,10 @@ class _SpecStatic:
 def _initial_history(tokens: jax.Array, lengths: jax.Array, first: jax.Array, capacity: int,
                      pad_id: int) -> jax.Array:
     b, t = tokens.shape
+    t = min(t, capacity)  # the bucket's padding may run past the capacity; real tokens fit
     index = jnp.arange(t)[None, :]
     history = jnp.full((b, capacity), pad_id, jnp.int32)
-    history = history.at[:, :t].set(jnp.where(index < lengths[:, None], tokens, pad_id))
+    history = history.at[:, :t].set(jnp.where(index < lengths[:, None], tokens[:, :t], pad_id))
     return history.at[jnp.arange(b), lengths].set(first, mode="drop")
 
 
@@ -198,7 +200,7 @@ def _speculative_loop(static: _SpecStatic, params, drafter: Drafter, tokens, fir
     out = jnp.full((b, static.out_len), static.pad_id, jnp.int32).at[:, 0].set(first)
     ones = jnp.ones((b,), jnp.int32)
     zeros_d = jnp.zeros((depth_slots,), jnp.int32)
-    state = SpecState(out=out, num_generated=ones, done=_stop_hit(first, stop_ids) | (ones >= max_new),
+    state = SpecState(out=out, num_generated=ones, done=stop_hit(first, stop_ids) | (ones >= max_new),
                       cache=cache, history=history, drafter_state=drafter_state, key=key,
                       steps=jnp.zeros((), jnp.int32), accepted=jnp.zeros((b,), jnp.int32),
                       row_steps=jnp.zeros((b,), jnp.int32), proposed_by_depth=zeros_d,
@@ -264,7 +266,7 @@ def _speculative_loop(static: _SpecStatic, params, drafter: Drafter, tokens, fir
                          accepted_by_depth=s.accepted_by_depth + accepted_d)
 
     final = jax.lax.while_loop(cond, body, state)
-    stopped = _stop_hit(jnp.take_along_axis(final.out, (final.num_generated - 1)[:, None], axis=1)[:, 0],
+    stopped = stop_hit(jnp.take_along_axis(final.out, (final.num_generated - 1)[:, None], axis=1)[:, 0],
                         stop_ids)
     counters = (final.steps, final.accepted, final.row_steps, final.proposed_by_depth, final.accepted_by_depth)
     return final.out, final.num_generated, stopped, counters, final.cache
@@ -291,15 +293,17 @@ def speculative_generate(
     sampling: Greedy() reproduces greedy decoding exactly; a Sample rule draws
         from the target's filtered law exactly (lossless rejection sampling),
         unless `typical` (Medusa's typical acceptance, lossy) is given.
-    capacity: default max(prompt bucket, longest prompt + max_new_tokens + tree
-        size + 1), rounded up to a power of two.
+    capacity: default longest prompt + max_new_tokens + tree size + 1, rounded up
+        to a power of two (the prompt's bucket padding takes no slot).
     Returns a GenerateOutput whose `stats` is a `SpeculativeStats`.
     """
+    config = check_model(model, "speculative_generate")
+    check_sampling(sampling, "speculative_generate")
+    check_cache_factory(cache, "speculative_generate")
     if not isinstance(drafter, Drafter):
         raise TypeError(f"drafter must implement efficient.decoding.drafters.Drafter, got {type(drafter).__name__}")
     if typical is not None and not isinstance(typical, TypicalAcceptance):
         raise TypeError(f"typical must be a TypicalAcceptance or None, got {type(typical).__name__}")
-    config = model.config
     check_tree_size(drafter.tree_size, "drafter.tree_size")
     drafter.check(config)
     request = prepare_request(config, prompts, max_new_tokens=max_new_tokens, capacity=capacity,
@@ -315,9 +319,10 @@ def speculative_generate(
                          "would not be lossless there")
     b = batch.batch_size
     kv_cache = (cache or DenseKVCache.for_model)(config, b, request.capacity)
+    check_cache_matches(config, kv_cache, b, "speculative_generate", capacity=request.capacity)
     graphdef, params = nnx.split(model)
     out_len = bucket_length(int(max_new.max()), 16)
-    prefill_static = PrefillStatic(graphdef=graphdef, rule=sampling, implementation=request.implementation,
+    prefill_static = LoopStatic(graphdef=graphdef, rule=sampling, implementation=request.implementation,
                                    pad_id=request.pad_id, out_len=out_len)
     first, kv_cache, rng, prefill_seconds = run_prefill(prefill_static, params, request, kv_cache, key)
     static = _SpecStatic(graphdef=graphdef, rule=sampling, implementation=request.implementation,

@@ -188,6 +188,8 @@ class ModelConfig:
         """Map a Hugging Face `config.json` dict through the family of its model_type."""
         from efficient.models.families import get_family  # the registry imports this module
 
+        if not isinstance(hf, dict):
+            raise TypeError(f"ModelConfig.from_hf: hf must be a dict (a parsed config.json), got {type(hf).__name__}")
         family = get_family(hf.get("model_type"), architectures=hf.get("architectures"))
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads")
@@ -198,8 +200,16 @@ class ModelConfig:
 
     @classmethod
     def from_hf_file(cls, path: str | os.PathLike[str], dtype: str | None = None) -> ModelConfig:
-        with open(path) as f:
-            return cls.from_hf(json.load(f), dtype=dtype)
+        """`from_hf` of the JSON object in the file at `path`; ValueError naming the file if it
+        is not JSON or not an object."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                hf = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"path: {str(path)!r} is not a valid JSON config file ({e})") from e
+        if not isinstance(hf, dict):
+            raise ValueError(f"path: {str(path)!r} must hold a JSON object, got a JSON {type(hf).__name__}")
+        return cls.from_hf(hf, dtype=dtype)
 
 
 def hf_eos_ids(hf: dict[str, Any]) -> tuple[int, ...]:

@@ -27,6 +27,13 @@ from jaxtyping import Array, Bool, Float, Int
 
 from efficient.attention import AttentionSpec, DenseView, attention
 from efficient.cache.protocol import KVCache
+from efficient.models.checks import (
+    check_cache_matches,
+    check_int_array,
+    check_logits_indices,
+    check_model,
+    check_positions,
+)
 from efficient.models.model import DecoderModel as LlamaModel
 from efficient.models.rope import rotary_cos_sin
 
@@ -91,6 +98,7 @@ def forward(
     logits_indices: Int[Array, "B I"] | None = None,
     implementation: str | tuple[str, ...] | None = None,
     skip_layers: tuple[int, ...] | Bool[Array, " L"] = (),
+    fresh_cache: bool = False,
 ) -> tuple[Float[Array, "B I V"], KVCache | None]:
     """Run the decoder over `tokens`; returns float32 logits and the updated cache.
 
@@ -106,10 +114,27 @@ def forward(
     skip_layers: layers run as the identity (self-speculative drafting): a tuple of
         layer ids, or a (possibly traced) bool[L] mask, so different sets share one
         compile. A skipped layer does not write the cache.
+    fresh_cache: the cache holds nothing before this call (a prefill): the new
+        tokens are written to it, but attention reads them directly ([B, T]
+        keys), not the cache's whole capacity.
+
+    Checked before anything runs (typed errors naming the argument): `model` is a
+    model (not a config), `tokens` and `positions` are integer arrays (a float
+    position array is refused, not truncated), concrete positions lie below
+    `max_position_embeddings` (except dynamic-NTK RoPE, which scales past it; traced
+    positions inside jit are not checked), and the cache matches the model (layers,
+    KV heads, head size, a floating dtype) and the batch.
     """
-    config = model.config
+    config = check_model(model, "forward")
+    check_int_array(tokens, "tokens", "forward")
     validate_tokens(tokens, config.vocab_size)
     b, t = tokens.shape
+    if cache is not None:
+        check_cache_matches(config, cache, b, "forward")
+    if positions is not None:
+        check_positions(positions, config, "forward")
+    if logits_indices is not None:
+        check_logits_indices(logits_indices, b, t, "forward")
     if positions is None:
         if cache is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -129,7 +154,7 @@ def forward(
         mask = _with_new_token_mask(mask, tree_mask, slots, cache, b, t)
 
     x, cache = _run_layers(model, model.embed(tokens), positions, cache, slots, mask, skip,
-                           implementation or config.attention_implementation)
+                           implementation or config.attention_implementation, fresh_cache and mask is None)
     if logits_indices is not None:
         if logits_indices.ndim != 2 or logits_indices.shape[0] != b:
             raise ValueError(f"logits_indices must have shape [{b}, I], got {tuple(logits_indices.shape)}")
@@ -168,6 +193,7 @@ def _run_layers(
     mask: Bool[Array, "B T S"] | None,
     skip: Bool[Array, " L"] | None,
     implementation: str | tuple[str, ...] | None,
+    attend_new_only: bool = False,
 ) -> tuple[Float[Array, "B T D"], KVCache | None]:
     """`lax.scan` over the stacked layers, carrying (x, cache)."""
     config = model.config
@@ -195,10 +221,11 @@ def _run_layers(
         written = [cache]
 
         def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-            if written[0] is None:
+            if written[0] is not None:
+                written[0] = written[0].update(index, k, v, slots)
+            if written[0] is None or attend_new_only:
                 view = DenseView(k=k, v=v, positions=positions)
             else:
-                written[0] = written[0].update(index, k, v, slots)
                 view = written[0].view(index)
             if len(branches) == 1:
                 return branches[0](q, view)
@@ -231,6 +258,7 @@ def jit_forward(
     never static, and the cache buffer is donated (do not reuse the cache you
     pass in).
     """
+    config = check_model(model, "jit_forward")
     graphdef, params = nnx.split(model)
 
     def run(params, tokens, positions, cache, mask, logits_indices, tree_mask):  # noqa: ANN001, ANN202
@@ -241,8 +269,14 @@ def jit_forward(
     compiled = jax.jit(run, donate_argnums=(3,) if donate_cache else ())
 
     def call(tokens, positions=None, cache=None, mask=None, logits_indices=None, tree_mask=None):  # noqa: ANN001, ANN202
-        validate_tokens(tokens, model.config.vocab_size)
+        check_int_array(tokens, "tokens", "jit_forward")
+        validate_tokens(tokens, config.vocab_size)
+        if positions is not None:
+            check_positions(positions, config, "jit_forward")
+        if logits_indices is not None:
+            check_logits_indices(logits_indices, tokens.shape[0], tokens.shape[1], "jit_forward")
         if cache is not None:
+            check_cache_matches(config, cache, tokens.shape[0], "jit_forward")
             check_capacity(cache, tokens.shape[1])
         return compiled(params, tokens, positions, cache, mask, logits_indices, tree_mask)
 

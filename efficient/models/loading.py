@@ -53,32 +53,75 @@ def _get_variable(model: LlamaModel, path: tuple[str, ...]) -> nnx.Variable:
     return obj
 
 
+def _read_json_object(file: Path) -> dict[str, Any]:
+    """The JSON object in `file`; CheckpointError naming the file if it is empty, not JSON
+    or not an object."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{str(file)!r} is not a UTF-8 JSON file ({e})") from e
+    if not text.strip():
+        raise CheckpointError(f"{str(file)!r} is empty (expected a JSON object)")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{str(file)!r} is not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{str(file)!r} must hold a JSON object, got a JSON {type(value).__name__}")
+    return value
+
+
+def _safe_open(file: Path, framework: str) -> Any:
+    """`safe_open`, a garbage or truncated file raising CheckpointError naming it."""
+    try:
+        return safe_open(file, framework=framework)
+    except Exception as e:  # safetensors raises SafetensorError (or OSError) on bad bytes
+        raise CheckpointError(f"{str(file)!r} is not a readable safetensors file (garbage or truncated?): "
+                              f"{type(e).__name__}: {e}") from e
+
+
 def _tensor_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file holding it."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = _read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"shard index {str(index)!r} has no 'weight_map' object "
+                                  "(tensor name -> shard file)")
+        missing = sorted({file for file in weight_map.values() if not (folder / str(file)).is_file()})
+        if missing:
+            raise CheckpointError(f"shard index {str(index)!r} names shard files that do not exist: {missing}")
         return {name: folder / file for name, file in weight_map.items()}
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in checkpoint folder {str(folder)!r}")
     mapping: dict[str, Path] = {}
     for file in files:
-        with safe_open(file, framework="flax") as f:
+        with _safe_open(file, "flax") as f:
             for name in f.keys():
                 mapping[name] = file
     return mapping
 
 
 def load_config(path: str | os.PathLike[str], dtype: str | None = None) -> ModelConfig:
+    """The `ModelConfig` of an HF checkpoint folder's config.json; errors name the file."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path: expected a checkpoint folder path (str or Path), got {type(path).__name__}")
     folder = Path(path)
+    if folder.is_file():
+        raise CheckpointError(f"checkpoint path {str(folder)!r} is a file; expected a folder holding config.json")
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {str(folder)!r} does not exist")
     config_file = folder / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"checkpoint folder {str(folder)!r} has no config.json")
-    return ModelConfig.from_hf_file(config_file, dtype=dtype)
+    hf = _read_json_object(config_file)
+    try:
+        return ModelConfig.from_hf(hf, dtype=dtype)
+    except NotImplementedError as e:
+        raise NotImplementedError(f"{str(config_file)!r}: {e}") from e
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{str(config_file)!r} does not describe a valid model: {e}") from e
 
 
 class TensorSource(Protocol):
@@ -110,8 +153,11 @@ class SafetensorsSource:
     def get(self, name: str) -> np.ndarray:
         file = self._files[name]
         if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="numpy").__enter__()
-        return self._handles[file].get_tensor(name)
+            self._handles[file] = _safe_open(file, "numpy").__enter__()
+        try:
+            return self._handles[file].get_tensor(name)
+        except Exception as e:  # a tensor the header lists but the file cannot give
+            raise CheckpointError(f"cannot read tensor {name!r} from {str(file)!r}: {type(e).__name__}: {e}") from e
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -175,6 +221,9 @@ def from_pretrained(path: str | os.PathLike[str], dtype: str | None = None) -> L
     dtype: parameter/compute dtype ("float32", "bfloat16", "float16"); default
     the checkpoint's own (float32 for GGUF).
     """
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path: expected a checkpoint folder or .gguf file path (str or Path), got "
+                        f"{type(path).__name__}")
     folder = Path(path)
     if folder.suffix.lower() == ".gguf" and not folder.is_dir():
         from efficient.models.gguf import from_gguf  # imported here: gguf.py imports this module

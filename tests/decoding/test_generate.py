@@ -88,6 +88,22 @@ def test_capacity_counts_real_prompt_lengths_not_the_padded_bucket() -> None:
     assert out.sequences() == generate(tiny_model(), [[5, 6, 7]], max_new_tokens=5).sequences()
 
 
+def test_a_cache_of_exactly_prompt_plus_new_tokens_is_enough() -> None:
+    # A 20-token prompt pads to the 32 bucket; 20 + 5 slots hold it (padding takes no slot),
+    # also through speculative decoding's prefill, and the output does not change.
+    from efficient.decoding.drafters import PromptLookupDrafter
+    from efficient.decoding.speculative import speculative_generate
+
+    prompts = [list(range(1, 21)), [7, 8, 9]]
+    reference = generate(tiny_model(), prompts, max_new_tokens=5).sequences()
+    assert generate(tiny_model(), prompts, max_new_tokens=5, capacity=25).sequences() == reference
+    drafter = PromptLookupDrafter.create(length=2)
+    spec = speculative_generate(tiny_model(), prompts, drafter=drafter, max_new_tokens=5, capacity=28)
+    assert spec.sequences() == reference
+    with pytest.raises(ValueError, match="beyond capacity 24"):
+        generate(tiny_model(), prompts, max_new_tokens=5, capacity=24)
+
+
 def test_per_row_max_new_tokens() -> None:
     model = tiny_model()
     out = generate(model, PROMPTS, max_new_tokens=[2, 9, 5])

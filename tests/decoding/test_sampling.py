@@ -225,14 +225,12 @@ def test_sampling_is_deterministic_for_a_fixed_key() -> None:
     [
         (dict(temperature=-0.5), "temperature"),
         (dict(temperature=math.nan), "temperature"),
-        (dict(temperature="hot"), "temperature"),
+        (dict(temperature=math.inf), "temperature"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_p=-0.2), "top_p"),
         (dict(top_p=math.nan), "top_p"),
         (dict(top_k=-1), "top_k"),
-        (dict(top_k=2.5), "top_k"),
-        (dict(top_k=True), "top_k"),
         (dict(min_p=1.0), "min_p"),
         (dict(min_p=-0.1), "min_p"),
         (dict(min_p=math.nan), "min_p"),
@@ -240,6 +238,16 @@ def test_sampling_is_deterministic_for_a_fixed_key() -> None:
 )
 def test_bad_parameters_raise_naming_them(kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):
+        Sample(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [(dict(temperature="hot"), "temperature"), (dict(top_k=2.5), "top_k"), (dict(top_k=True), "top_k"),
+     (dict(top_p=None), "top_p"), (dict(temperature=True), "temperature")],
+)
+def test_parameters_of_the_wrong_type_raise_type_error(kwargs: dict, name: str) -> None:
+    with pytest.raises(TypeError, match=name):
         Sample(**kwargs)
 
 

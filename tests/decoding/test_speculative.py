@@ -18,6 +18,7 @@ from scipy import stats
 
 from efficient.decoding import TRACE_COUNTS, Sample, generate
 from efficient.decoding.drafters import DraftModelDrafter
+from efficient.decoding.drafters.prompt_lookup import PromptLookupDrafter
 from efficient.decoding.speculative import speculative_generate
 from efficient.decoding.tree import MAX_TREE_NODES
 from efficient.decoding.verify import TypicalAcceptance
@@ -197,3 +198,12 @@ def test_bad_input() -> None:
     with pytest.raises(ValueError, match="dynamic"):
         speculative_generate(dynamic, SINGLE_PROMPT, drafter=DraftModelDrafter.create(dynamic, dynamic.config),
                              max_new_tokens=12)
+
+
+def test_prompt_lookup_greedy_equals_generate_in_float32() -> None:
+    """In float32, greedy speculative decoding (tiny model, prompt-lookup drafter) gives
+    exactly `generate`'s tokens, with drafts accepted (the same shapes as the drafter's tests)."""
+    model = tiny_model(0)
+    assert model.dtype == jnp.float32 and model.config.dtype == "float32"
+    out = assert_matches_greedy(model, PromptLookupDrafter.create(), [[5, 6, 7, 8] * 4], max_new_tokens=16)
+    assert out.stats.draft_tokens_accepted > 0
