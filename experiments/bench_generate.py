@@ -10,7 +10,6 @@ results/bench_generate/<run>/{config.json, metrics.json} and prints a table.
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from ml_collections import config_flags
 from efficient.cache import DenseKVCache
 from efficient.decoding import generate
 from efficient.models import LlamaModel, ModelConfig, jit_forward
+from experiments.common import machine_info
 
 def _generate_seconds(model: LlamaModel, prompts: np.ndarray, new_tokens: int, capacity: int,
                       warmup: int, iters: int) -> tuple[float, float]:
@@ -82,9 +82,7 @@ def run(config) -> dict:  # noqa: ANN001
         ))
     return dict(
         parameters=model_config.num_parameters(),
-        machine=dict(platform=platform.platform(), processor=platform.processor(),
-                     backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
-                     cpu_count=__import__("os").cpu_count(), jax=jax.__version__),
+        machine=machine_info(),
         prompt_length=config.prompt_length,
         new_tokens=config.new_tokens,
         rows=rows,

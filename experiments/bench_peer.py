@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from ml_collections import config_flags  # noqa: E402
 from efficient.data import Corpus  # noqa: E402
 from efficient.decoding import generate  # noqa: E402
 from efficient.models import from_pretrained, resolve_model_path  # noqa: E402
-from experiments.common import load_tokenizer_for  # noqa: E402
+from experiments.common import load_tokenizer_for, machine_info  # noqa: E402
 
 
 def prompt_batch(tokenizer: Any, batch: int, length: int, seed: int = 0) -> np.ndarray:
@@ -167,33 +166,12 @@ def peak_rss(config: Any, path: Path) -> dict[str, float]:
     return out
 
 
-def machine() -> dict[str, Any]:
-    import jax
-
-    info = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                cpu_count=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(),
-                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
-    try:
-        import torch
-        import transformers
-
-        info.update(torch=torch.__version__, transformers=transformers.__version__)
-    except ImportError:
-        pass
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                        text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return info
-
-
 def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
     start = time.perf_counter()
     metrics = measure(config)
-    metrics.update(machine=machine(), seconds=time.perf_counter() - start,
+    metrics.update(machine=machine_info(), seconds=time.perf_counter() - start,
                    self_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     out = Path(config.out_dir) / (config.run_name or time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,57 @@ from efficient.models import (
     resolve_model_path,
     save_pretrained,
 )
+
+def config_flag_error(argv: Sequence[str], flag: str = "config") -> str | None:
+    """One line saying what is wrong with the `--<flag>` of `argv`: a config file that does not
+    load, or the first `--<flag>.<key>` override naming no key of it (with the valid keys).
+    None if nothing is (or no `--<flag>` is given: absl reports a missing required flag)."""
+    from ml_collections import config_dict
+    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+    path = None
+    for i, arg in enumerate(argv):
+        match = re.fullmatch(rf"--?{flag}(?:=(.*))?", arg)
+        if match:
+            path = match.group(1) if match.group(1) is not None else (argv[i + 1] if i + 1 < len(argv) else None)
+    if path is None:
+        return None
+    try:
+        config = ConfigFileFlagParser(name=flag).parse(path)
+        if type(config).__name__ == "_ErrorConfig":  # a file that failed to load: a stand-in holding the error
+            config._ReportError()
+    except Exception as err:  # noqa: BLE001 - the loader raises OSError, SyntaxError, anything the file raises
+        cause = err.__cause__ or err
+        return f"--{flag} {path!r} cannot be loaded: " + " ".join(str(cause).split())
+    for arg in argv:
+        match = re.match(rf"--?(?:no)?{flag}\.([^=]+)", arg)
+        if not match:
+            continue
+        node, walked = config, flag
+        for part in match.group(1).split("."):
+            if not isinstance(node, config_dict.ConfigDict) or "[" in part:
+                break  # a dict, dataclass or list field: absl checks the rest
+            if part not in node:
+                return (f"unknown config key {walked + '.' + part!r} (in --{flag}.{match.group(1)}); "
+                        f"valid keys of {walked}: {sorted(node.keys())}")
+            node, walked = node[part], f"{walked}.{part}"
+    return None
+
+
+def parse_config_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (`app.run(main, flags_parser=parse_config_flags)`), except that an
+    unknown `--config.<key>` or a config file that does not load exits (status 1) with one
+    line (naming the key and the valid keys) instead of a traceback."""
+    from absl import app
+
+    message = config_flag_error(argv)
+    if message is None:
+        try:
+            return app.parse_flags_with_usage(argv)
+        except (AttributeError, KeyError) as err:  # an override ml_collections cannot place
+            message = f"bad --config override: {err}"
+    sys.exit(f"experiments.{Path(argv[0]).stem if argv else 'run'}: {message}")
+
 
 TRAIN_HINT = "train one with `python -m experiments.train --config configs/train_target.py`"
 
@@ -178,3 +231,35 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a benchmark ran: platform, processor, cores, jax backend and device, library
+    versions (torch / transformers when installed) and the git commit of the code."""
+    import os
+    import platform
+    import subprocess
+
+    import jax
+
+    info: dict[str, Any] = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                                cpu_count=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(),
+                                device=str(jax.devices()[0].device_kind),
+                                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+    try:
+        import torch
+        import transformers
+
+        info.update(torch=torch.__version__, transformers=transformers.__version__)
+    except ImportError:
+        pass
+    try:
+        root = Path(__file__).resolve().parents[1]
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        check=True, cwd=root).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True, cwd=root).stdout.strip()
+        info["commit_dirty"] = bool(dirty)
+    except (OSError, subprocess.CalledProcessError):
+        info["commit"] = None
+    return info

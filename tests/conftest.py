@@ -19,5 +19,9 @@ import jax  # noqa: E402
 _CACHE_DIR = Path(os.environ.get("EFFICIENT_JAX_CACHE_DIR", Path(__file__).resolve().parents[1] / ".cache" / "jax"))
 _CACHE_DIR.mkdir(parents=True, exist_ok=True)
 jax.config.update("jax_compilation_cache_dir", str(_CACHE_DIR))
+# Subprocesses (the experiment scripts' end-to-end tests) share the same cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE_DIR))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
