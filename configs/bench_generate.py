@@ -2,6 +2,8 @@
 
 Run:
     python -m experiments.bench_generate --config configs/bench_generate.py
+On the real model (SmolLM2-135M-Instruct):
+    python -m experiments.bench_generate --config configs/bench_generate.py --config.model_path=smollm2
 Tiny smoke size:
     python -m experiments.bench_generate --config configs/bench_generate.py:tiny --config.out_dir=/tmp/b
 """
@@ -20,6 +22,8 @@ def get_config(size: str = "full") -> ml_collections.ConfigDict:
     c.run_name = ""  # empty: a timestamp
     c.seed = 0
     c.dtype = "float32"
+    # model_path: "" for the random model below, or a packaged name ("smollm2"), .gguf file or HF folder.
+    c.model_path = ""
     # A ~58M-parameter Llama-style random model (32k vocabulary, GQA 8:4).
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=512 if tiny else 32000, hidden_size=64 if tiny else 512,

@@ -58,4 +58,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     # Registered decoder names, comma-separated, or "all": every registered decoder except the
     # baselines greedy and sample (greedy is always run as the reference).
     c.decoders = "all"
+    # The peer: transformers' generate(prompt_lookup_num_tokens=...) against its own greedy on the
+    # same prompts at batch 1, same weights (needs torch and transformers: the test extra).
+    c.peer = ml_collections.ConfigDict(dict(transformers=not tiny, prompt_lookup_num_tokens=10, threads=2))
     return c

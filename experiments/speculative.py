@@ -94,6 +94,16 @@ class CalibrationSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class PeerSettings:
+    transformers: bool  # also time transformers' generate(prompt_lookup_num_tokens=...) at batch 1
+    prompt_lookup_num_tokens: int
+    threads: int
+
+    def __post_init__(self) -> None:
+        check_positive(self, "prompt_lookup_num_tokens", "threads")
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     model_path: str
     tokenizer: str
@@ -108,6 +118,7 @@ class Settings:
     generation: GenerationSettings
     calibration: CalibrationSettings
     decoders: str
+    peer: PeerSettings
 
     def __post_init__(self) -> None:
         for b in self.generation.batch_sizes:
@@ -129,6 +140,7 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
                                       repeats=gen.repeats, warmup=gen.warmup),
         calibration=CalibrationSettings(**config.calibration.to_dict()),
         decoders=config.decoders,
+        peer=PeerSettings(**config.peer.to_dict()),
     )
 
 
@@ -206,8 +218,11 @@ def _sequences(method: _Method) -> list[list[int]]:
 
 def benchmark(model: LlamaModel, prompts: dict[str, list[CodePrompt]], s: Settings,
               decoders: Sequence[variants.DecoderVariant], resources: dict[str, Callable[[], Any]],
-              log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Rows per (task, batch, decoder), greedy first; and {decoder: reason} for skipped ones."""
+              log: Callable[[str], None] = print,
+              greedy_outputs: dict[tuple[str, int], list[list[int]]] | None = None,
+              ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Rows per (task, batch, decoder), greedy first; and {decoder: reason} for skipped ones.
+    `greedy_outputs`, if given, receives greedy's generated ids per (task, batch)."""
     g = s.generation
     runnable, skipped = [], {}
     for d in decoders:
@@ -239,6 +254,8 @@ def benchmark(model: LlamaModel, prompts: dict[str, list[CodePrompt]], s: Settin
                         log(f"{kind} batch {b}: {m.name} failed ({m.error})")
             reference = _summary(methods[0], g.warmup)
             reference_seqs = _sequences(methods[0])
+            if greedy_outputs is not None:
+                greedy_outputs[(kind, b)] = reference_seqs
             by_name = {d.name: d for d, _ in runnable} | {"greedy": greedy}
             for m in methods:
                 d = by_name[m.name]
@@ -349,6 +366,27 @@ def _prompts(s: Settings, tokenizer: Tokenizer, limit: int) -> dict[str, list[Co
     return out
 
 
+def _peer(s: Settings, prompts: dict[str, list[CodePrompt]], greedy_outputs: dict[tuple[str, int], list[list[int]]],
+          log: Callable[[str], None]) -> list[dict[str, Any]] | None:
+    """transformers' prompt lookup on the same prompts (None when off or torch is missing)."""
+    if not s.peer.transformers:
+        return None
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        log(f"transformers peer skipped ({err}; install the test extra)")
+        return None
+    from efficient.models import resolve_model_path
+    from experiments.speculative_peer import prompt_lookup_peer
+
+    g = s.generation
+    return prompt_lookup_peer(resolve_model_path(s.model_path), s.dtype, prompts, max_new_tokens=g.max_new_tokens,
+                              num_tokens=s.peer.prompt_lookup_num_tokens, repeats=g.repeats, warmup=g.warmup,
+                              threads=s.peer.threads, log=log,
+                              ours_greedy={kind: seqs for (kind, b), seqs in greedy_outputs.items() if b == 1})
+
+
 def run(config: ml_collections.ConfigDict) -> ExperimentResult:
     s = settings_from(config)
     decoders = select_decoders(s.decoders)
@@ -376,11 +414,14 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
         return cached["calibration"]
 
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    greedy_outputs: dict[tuple[str, int], list[list[int]]] = {}
     rows, skipped = benchmark(model, prompts, s, decoders,
-                              {"draft_model": draft_model, "calibration_tokens": calibration_tokens}, log)
+                              {"draft_model": draft_model, "calibration_tokens": calibration_tokens}, log,
+                              greedy_outputs)
+    peer_rows = _peer(s, prompts, greedy_outputs, log)
     device = jax.devices()[0]
     metrics: dict[str, Any] = dict(
-        rows=rows, summary=summarize(rows), skipped=skipped,
+        rows=rows, summary=summarize(rows), skipped=skipped, transformers_prompt_lookup=peer_rows,
         decoders={d.name: dict(lossless=d.lossless, sampling=d.sampling, description=d.description,
                                paper=d.paper, needs=list(d.needs)) for d in decoders},
         model=dict(path=s.model_path, parameters=model.config.num_parameters(), dtype=s.dtype,
@@ -403,6 +444,9 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
                       f"accepted {accepted}, identical {v['all_identical']}")
     for name, reason in skipped.items():
         table += f"\nskipped decoder {name}: {reason}"
+    for row in peer_rows or ():
+        table += (f"\ntransformers prompt lookup ({row['num_tokens']}) on {row['task']} batch 1: {row['speedup']:.2f}x "
+                  f"over transformers greedy, identical {row['identical_to_own_greedy']}")
     for row in rows:
         if row["error"]:
             table += f"\nfailed {row['decoder']} on {row['task']} batch {row['batch_size']}: {row['error']}"

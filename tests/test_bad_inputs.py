@@ -157,6 +157,19 @@ def test_jit_forward_refuses_before_compiling(kwargs: dict, error: type[Exceptio
         call(args.pop("tokens"), **args)
 
 
+def test_jit_forward_without_value_checks_still_checks_types_and_the_cache() -> None:
+    """check_values=False skips only the checks that read values (a host sync per call)."""
+    call = jit_forward(tiny_model(), check_values=False)
+    with pytest.raises(TypeError, match="jit_forward: tokens must hold integers"):
+        call(jnp.asarray([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="jit_forward: cache has layers"):
+        call(TOKENS, cache=_cache(num_layers=1))
+    with pytest.raises(TypeError, match="jit_forward: positions must hold integers"):
+        call(TOKENS, positions=jnp.asarray([[0.0, 1.0, 2.0]]))
+    checked = jit_forward(tiny_model())
+    np.testing.assert_array_equal(np.asarray(call(TOKENS)[0]), np.asarray(checked(TOKENS)[0]))
+
+
 def test_jit_forward_refuses_a_config() -> None:
     with pytest.raises(TypeError, match="jit_forward: model must be"):
         jit_forward(TINY)

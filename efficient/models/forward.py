@@ -249,7 +249,8 @@ def _run_layers(
 
 
 def jit_forward(
-    model: LlamaModel, *, implementation: str | tuple[str, ...] | None = None, donate_cache: bool = True
+    model: LlamaModel, *, implementation: str | tuple[str, ...] | None = None, donate_cache: bool = True,
+    check_values: bool = True,
 ) -> Callable[..., tuple[jax.Array, KVCache | None]]:
     """A compiled `forward` for this model: `fn(tokens, positions=None, cache=None,
     mask=None, logits_indices=None, tree_mask=None) -> (logits, cache)`.
@@ -257,6 +258,12 @@ def jit_forward(
     The module is split once into (graphdef, params); params are a jit argument,
     never static, and the cache buffer is donated (do not reuse the cache you
     pass in).
+
+    check_values: also check what needs the arrays' values (token ids inside the
+        vocabulary, positions below the limit, logits indices in range, room in
+        the cache), each a device-to-host sync per call. Shapes, dtypes and the
+        cache's match with the model are always checked. Pass False in a step
+        loop whose inputs are already trusted (the sync would stall the device).
     """
     config = check_model(model, "jit_forward")
     graphdef, params = nnx.split(model)
@@ -269,14 +276,20 @@ def jit_forward(
     compiled = jax.jit(run, donate_argnums=(3,) if donate_cache else ())
 
     def call(tokens, positions=None, cache=None, mask=None, logits_indices=None, tree_mask=None):  # noqa: ANN001, ANN202
-        check_int_array(tokens, "tokens", "jit_forward")
+        check_int_array(tokens, "tokens", "jit_forward", rank=2)
+        if cache is not None:
+            check_cache_matches(config, cache, tokens.shape[0], "jit_forward")
+        if not check_values:
+            for value, name in ((positions, "positions"), (logits_indices, "logits_indices")):
+                if value is not None:
+                    check_int_array(value, name, "jit_forward")
+            return compiled(params, tokens, positions, cache, mask, logits_indices, tree_mask)
         validate_tokens(tokens, config.vocab_size)
         if positions is not None:
             check_positions(positions, config, "jit_forward")
         if logits_indices is not None:
             check_logits_indices(logits_indices, tokens.shape[0], tokens.shape[1], "jit_forward")
         if cache is not None:
-            check_cache_matches(config, cache, tokens.shape[0], "jit_forward")
             check_capacity(cache, tokens.shape[1])
         return compiled(params, tokens, positions, cache, mask, logits_indices, tree_mask)
 

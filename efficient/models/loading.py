@@ -216,7 +216,8 @@ def load_tensors(config: ModelConfig, source: TensorSource) -> LlamaModel:
 
 def from_pretrained(path: str | os.PathLike[str], dtype: str | None = None) -> LlamaModel:
     """Load a local HF checkpoint folder (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text), or a llama.cpp
-    `.gguf` file (see `efficient.models.gguf`), into a model.
+    `.gguf` file (see `efficient.models.gguf`), into a model. A packaged model's short name
+    (`efficient.models.PACKAGED_MODELS`, e.g. "smollm2") loads its installed file.
 
     dtype: parameter/compute dtype ("float32", "bfloat16", "float16"); default
     the checkpoint's own (float32 for GGUF).
@@ -224,7 +225,9 @@ def from_pretrained(path: str | os.PathLike[str], dtype: str | None = None) -> L
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"path: expected a checkpoint folder or .gguf file path (str or Path), got "
                         f"{type(path).__name__}")
-    folder = Path(path)
+    from efficient.models.packaged import PACKAGED_MODELS, resolve_model_path
+
+    folder = resolve_model_path(path) if path in PACKAGED_MODELS and not Path(path).exists() else Path(path)
     if folder.suffix.lower() == ".gguf" and not folder.is_dir():
         from efficient.models.gguf import from_gguf  # imported here: gguf.py imports this module
 

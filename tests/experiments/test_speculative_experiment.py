@@ -100,3 +100,35 @@ def test_missing_draft_is_skipped_with_reason(models: tuple[Path, Path], tmp_pat
     metrics = json.loads((out / "metrics.json").read_text())
     assert "config.draft.path" in metrics["skipped"]["spec_draft"]
     assert {r["decoder"] for r in metrics["rows"]} == {"greedy"}
+
+
+def test_transformers_prompt_lookup_peer_runs_on_the_same_prompts(tmp_path: Path) -> None:
+    """The peer times transformers' greedy and prompt-lookup generate on the same weights and
+    prompts, and reports whether its output equals its own greedy and ours."""
+    pytest.importorskip("transformers")
+    import numpy as np
+    from helpers.hf_models import FAMILIES, save_hf_model
+
+    from efficient.data.code_tasks import CodePrompt
+    from efficient.decoding import generate
+    from efficient.models import from_pretrained
+    from experiments.speculative_peer import prompt_lookup_peer
+
+    family = next(name for name, spec in FAMILIES.items()
+                  if spec["model_type"] == "llama" and spec.get("max_position_embeddings", 64) >= 64)
+    save_hf_model(family, tmp_path)
+    rng = np.random.default_rng(0)
+    pattern = rng.integers(3, 97, size=6).tolist()
+    prompts = {"repetitive": [CodePrompt(kind="repetitive", ids=pattern * 3, text="", path="p", line=1),
+                              CodePrompt(kind="repetitive", ids=rng.integers(3, 97, size=12).tolist(), text="",
+                                         path="q", line=1)]}
+    ours = generate(from_pretrained(tmp_path), [p.ids for p in prompts["repetitive"]], max_new_tokens=8,
+                    stop_tokens=()).sequences()
+    rows = prompt_lookup_peer(tmp_path, "float32", prompts, max_new_tokens=8, num_tokens=3, repeats=1, warmup=0,
+                              threads=1, ours_greedy={"repetitive": ours}, log=lambda message: None)
+    (row,) = rows
+    assert row["task"] == "repetitive" and row["prompts"] == 2 and row["num_tokens"] == 3
+    assert row["greedy_seconds"] > 0 and row["lookup_seconds"] > 0
+    assert row["speedup"] == pytest.approx(row["greedy_seconds"] / row["lookup_seconds"])
+    assert row["identical_to_own_greedy"] is True
+    assert row["greedy_identical_to_ours"] is True and row["greedy_agreement_with_ours"] == 1.0

@@ -217,7 +217,7 @@ def _smollm2_file() -> Path:
 
 def test_smollm2_q4_1_matches_transformers() -> None:
     file = _smollm2_file()
-    ours = from_pretrained(file)
+    ours = from_pretrained("smollm2")  # the packaged name loads the installed file
     config = ours.config
     assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads) == (30, 576, 9, 3)
     assert (config.head_dim, config.vocab_size, config.max_position_embeddings) == (64, 49152, 8192)
