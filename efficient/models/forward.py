@@ -234,14 +234,38 @@ def _run_layers(
         x = layer(x, cos_all[kind], sin_all[kind], attend)
         return x, written[0]
 
+    def gated_step(params: nnx.State, x: jax.Array, cache: KVCache | None, index: jax.Array, kind: jax.Array,
+                   skipped: jax.Array) -> tuple[jax.Array, KVCache | None]:
+        """A layer behind a traced skip gate. The cache never enters the `lax.cond`: a cache
+        passed through a conditional is copied whole (XLA gives its output its own buffer),
+        which made every gated layer copy the full stacked cache. So the keys and values
+        (a small part of the layer) are computed and written outside it, to dropped slots
+        when skipped, and the conditional reads the layer's view and returns x only."""
+        layer = nnx.merge(graphdef, params)
+        k, v = layer.project_kv(x, cos_all[kind], sin_all[kind])
+        if cache is None or attend_new_only:
+            view = DenseView(k=k, v=v, positions=positions)
+        if cache is not None:
+            cache = cache.update(index, k, v, jnp.where(skipped, cache.capacity, slots))
+            if not attend_new_only:
+                view = cache.view(index)
+
+        def run(x: jax.Array, view: object) -> jax.Array:
+            def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:  # k, v: already in the view
+                if len(branches) == 1:
+                    return branches[0](q, view)
+                return jax.lax.switch(kind, branches, q, view)
+
+            return nnx.merge(graphdef, params)(x, cos_all[kind], sin_all[kind], attend)
+
+        return jax.lax.cond(skipped, lambda x, view: x, run, x, view), cache
+
     def body(carry: tuple, xs: tuple) -> tuple[tuple, None]:
         x, cache = carry
         params, index, kind, skipped = xs
         if skipped is None:
             return layer_step(params, x, cache, index, kind), None
-        carry = jax.lax.cond(skipped, lambda x, cache: (x, cache),
-                             lambda x, cache: layer_step(params, x, cache, index, kind), x, cache)
-        return carry, None
+        return gated_step(params, x, cache, index, kind, skipped), None
 
     xs = (stacked, jnp.arange(config.num_layers, dtype=jnp.int32), jnp.asarray(kind_ids, jnp.int32), skip)
     (x, cache), _ = jax.lax.scan(body, (x, cache), xs)

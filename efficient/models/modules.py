@@ -73,18 +73,28 @@ class Attention(nnx.Module):
             self.q_norm = norm(c.head_dim, c.rms_norm_eps, dtype)
             self.k_norm = norm(c.head_dim, c.rms_norm_eps, dtype)
 
+    def project_kv(
+        self, x: Float[Array, "B T D"], cos: Float[Array, "B T H"], sin: Float[Array, "B T H"]
+    ) -> tuple[Float[Array, "B T K H"], Float[Array, "B T K H"]]:
+        """The keys (normed, rotated) and values of `x`: what the layer writes to a cache."""
+        c = self.config
+        b, t, _ = x.shape
+        k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            k = self.k_norm(k)
+        return apply_rotary(k, cos, sin), v
+
     def __call__(
         self, x: Float[Array, "B T D"], cos: Float[Array, "B T H"], sin: Float[Array, "B T H"], attend: Attend
     ) -> Float[Array, "B T D"]:
         c = self.config
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
-        k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attend(q, k, v)
+            q = self.q_norm(q)
+        k, v = self.project_kv(x, cos, sin)
+        out = attend(apply_rotary(q, cos, sin), k, v)
         return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim))
 
 

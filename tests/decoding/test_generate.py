@@ -83,11 +83,6 @@ def test_stop_tokens_default_to_the_model_eos_ids() -> None:
     assert generate(model, PROMPTS, max_new_tokens=12, stop_tokens=()).sequences() == free
 
 
-def test_capacity_counts_real_prompt_lengths_not_the_padded_bucket() -> None:
-    out = generate(tiny_model(), [[5, 6, 7]], max_new_tokens=5, capacity=16)
-    assert out.sequences() == generate(tiny_model(), [[5, 6, 7]], max_new_tokens=5).sequences()
-
-
 def test_a_cache_of_exactly_prompt_plus_new_tokens_is_enough() -> None:
     # A 20-token prompt pads to the 32 bucket; 20 + 5 slots hold it (padding takes no slot),
     # also through speculative decoding's prefill, and the output does not change.

@@ -41,6 +41,11 @@ class Gemma3Layer(nnx.Module):
         self.mlp = MLP(config, dtype, rngs)
         self.post_feedforward_layernorm = OffsetRMSNorm(d, eps, dtype)
 
+    def project_kv(self, x: Float[Array, "B T D"], cos: Float[Array, "B T H"], sin: Float[Array, "B T H"]
+                   ) -> tuple[Float[Array, "B T K H"], Float[Array, "B T K H"]]:
+        """The keys and values this layer writes to a cache for input `x`."""
+        return self.self_attn.project_kv(self.input_layernorm(x), cos, sin)
+
     def __call__(self, x: Float[Array, "B T D"], cos: Float[Array, "B T H"], sin: Float[Array, "B T H"],
                  attend: Attend) -> Float[Array, "B T D"]:
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, attend))

@@ -31,6 +31,11 @@ class LlamaLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, dtype, rngs)
 
+    def project_kv(self, x: Float[Array, "B T D"], cos: Float[Array, "B T H"], sin: Float[Array, "B T H"]
+                   ) -> tuple[Float[Array, "B T K H"], Float[Array, "B T K H"]]:
+        """The keys and values this layer writes to a cache for input `x`."""
+        return self.self_attn.project_kv(self.input_layernorm(x), cos, sin)
+
     def __call__(self, x: Float[Array, "B T D"], cos: Float[Array, "B T H"], sin: Float[Array, "B T H"],
                  attend: Attend) -> Float[Array, "B T D"]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
