@@ -30,10 +30,10 @@ def get_config(size: str = "full") -> ml_collections.ConfigDict:
         intermediate_size=128 if tiny else 1536, num_layers=2 if tiny else 8,
         num_heads=4 if tiny else 8, num_kv_heads=2 if tiny else 4, head_dim=16 if tiny else 64,
     ))
-    c.batch_sizes = (1, 2) if tiny else (1, 8)
+    c.batch_sizes = (2,) if tiny else (1, 8)
     c.prompt_length = 32 if tiny else 256
     c.new_tokens = 64 if tiny else 128
     c.warmup = 1
-    c.iters = 2 if tiny else 5
+    c.iters = 1 if tiny else 5
     c.lock()
     return c

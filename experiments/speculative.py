@@ -48,6 +48,7 @@ from experiments.common import (
     load_documents,
     load_model,
     load_tokenizer_for,
+    machine_info,
 )
 
 BASELINES = ("greedy", "sample")
@@ -419,7 +420,6 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
                               {"draft_model": draft_model, "calibration_tokens": calibration_tokens}, log,
                               greedy_outputs)
     peer_rows = _peer(s, prompts, greedy_outputs, log)
-    device = jax.devices()[0]
     metrics: dict[str, Any] = dict(
         rows=rows, summary=summarize(rows), skipped=skipped, transformers_prompt_lookup=peer_rows,
         decoders={d.name: dict(lossless=d.lossless, sampling=d.sampling, description=d.description,
@@ -430,9 +430,8 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
                    parameters=cached["draft"].config.num_parameters() if "draft" in cached else None),
         prompts={kind: [dict(path=p.path, line=p.line, tokens=len(p.ids), score=p.score, edit=p.edit)
                         for p in ps] for kind, ps in prompts.items()},
-        machine=dict(platform=platform.platform(), processor=platform.processor(), python=platform.python_version(),
-                     jax=jax.__version__, backend=jax.default_backend(), device=str(device.device_kind),
-                     device_count=jax.device_count(), cpu_count=os.cpu_count(), load_average_start=load_start,
+        machine=dict(machine_info(), python=platform.python_version(), device_count=jax.device_count(),
+                     load_average_start=load_start,
                      load_average_end=os.getloadavg() if hasattr(os, "getloadavg") else None),
     )
     table = format_table(rows, COLUMNS)

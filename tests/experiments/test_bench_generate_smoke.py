@@ -15,7 +15,7 @@ def test_bench_generate_tiny_runs() -> None:
     from experiments.bench_generate import run
 
     metrics = run(module.get_config("tiny"))
-    assert [row["batch"] for row in metrics["rows"]] == [1, 2]
+    assert [row["batch"] for row in metrics["rows"]] == [2]
     for row in metrics["rows"]:
         assert row["prefill_tokens_per_s"] > 0 and row["plain_step_ms"] > 0
         assert set(row) >= {"decode_tokens_per_s", "loop_step_ms", "loop_overhead_ratio"}
