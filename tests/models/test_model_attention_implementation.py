@@ -18,6 +18,6 @@ def test_pallas_tpu_implementation_matches_xla_in_prefill_and_decode() -> None:
     full_pallas, _ = forward(pallas, tokens)  # flash kernel, interpreted on CPU
     np.testing.assert_allclose(np.asarray(full_pallas), np.asarray(full_xla), atol=1e-4)
     cache = DenseKVCache.for_model(pallas.config, batch_size=2, capacity=24)
-    _, cache = forward(pallas, tokens[:, :19], cache=cache)
+    _, cache = forward(xla, tokens[:, :19], cache=cache)  # same weights; the prefill kernel ran above
     step, _ = forward(pallas, tokens[:, 19:], cache=cache)  # decode kernel (T=1)
     np.testing.assert_allclose(np.asarray(step[:, 0]), np.asarray(full_xla[:, 19]), atol=1e-4)

@@ -213,3 +213,15 @@ def test_calibrate_rejects_bad_input(kwargs: dict, name: str, error: type[Except
     args.update(kwargs)
     with pytest.raises(error, match=name):
         calibrate_skip_layers(args.pop("model"), args.pop("tokens"), **args)
+
+
+def test_calibration_warns_exactly_when_no_skip_is_estimated_to_pay() -> None:
+    import warnings
+
+    model = _model()
+    for tokens in (_calibration_tokens(), _calibration_tokens()[:, :8]):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            calibration = calibrate_skip_layers(model, tokens, length=3, width=2, patience=1)
+        warned = [w for w in caught if issubclass(w.category, RuntimeWarning) and "no skip set" in str(w.message)]
+        assert bool(warned) == (calibration.speedup <= 1.0)
