@@ -34,6 +34,23 @@ def _floating_dtype(dtype: object) -> jnp.dtype:
     return resolved
 
 
+def _storage_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """16-bit floats are stored as their uint16 bit patterns: XLA:CPU converts a whole
+    bf16 buffer to float32 and back around every scatter into it (seen in the compiled
+    HLO: 9.6 ms per one-token update of SmolLM2's 30-layer 1024-slot cache, against
+    0.0006 ms for float32); on uint16 the scatter is in place."""
+    return jnp.dtype(jnp.uint16) if dtype.itemsize == 2 else dtype
+
+
+def _to_storage(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    x = x.astype(dtype)
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if _storage_dtype(dtype) != dtype else x
+
+
+def _from_storage(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
+
+
 def _rows(batch: int, width: int) -> Int[Array, "B W"]:
     return jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[:, None], (batch, width))
 
@@ -41,12 +58,17 @@ def _rows(batch: int, width: int) -> Int[Array, "B W"]:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DenseKVCache:
-    """Keys/values [L, B, K, S, H], slot positions [B, S] (-1 empty), lengths [B]."""
+    """Keys/values [L, B, K, S, H], slot positions [B, S] (-1 empty), lengths [B].
+
+    `k`/`v` hold the values in `dtype_name`, except 16-bit floats, held as their uint16
+    bit patterns (see `_storage_dtype`); `view` hands attention the logical dtype.
+    """
 
     k: Float[Array, "L B K S H"]
     v: Float[Array, "L B K S H"]
     positions: Int[Array, "B S"]
     lengths: Int[Array, " B"]
+    dtype_name: str = dataclasses.field(default="float32", metadata=dict(static=True))
 
     @classmethod
     def init(
@@ -67,10 +89,11 @@ class DenseKVCache:
         dtype = _floating_dtype(dtype)
         shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=jnp.zeros(shape, _storage_dtype(dtype)),
+            v=jnp.zeros(shape, _storage_dtype(dtype)),
             positions=jnp.full((batch_size, capacity), -1, jnp.int32),
             lengths=jnp.zeros((batch_size,), jnp.int32),
+            dtype_name=dtype.name,
         )
 
     @classmethod
@@ -108,7 +131,8 @@ class DenseKVCache:
 
     @property
     def dtype(self) -> jnp.dtype:
-        return self.k.dtype
+        """The dtype of the keys and values (their storage may be bit patterns)."""
+        return jnp.dtype(self.dtype_name)
 
     def next_positions(self, num_tokens: int) -> Int[Array, "B T"]:
         """Positions following the last one held in each row."""
@@ -130,8 +154,9 @@ class DenseKVCache:
     ) -> Self:
         """Write k/v [B, T, K, H] of layer `layer` (an int or a traced index) at `slots`."""
         rows, heads, slots = _rows(*slots.shape)[:, :, None], self._heads(), slots[:, :, None]  # B T K
-        new_k = self.k.at[layer, rows, heads, slots].set(k.astype(self.k.dtype), mode="drop")
-        new_v = self.v.at[layer, rows, heads, slots].set(v.astype(self.v.dtype), mode="drop")
+        index = (layer, rows, heads, slots)
+        new_k = self.k.at[index].set(_to_storage(k, self.dtype), mode="drop")
+        new_v = self.v.at[index].set(_to_storage(v, self.dtype), mode="drop")
         return dataclasses.replace(self, k=new_k, v=new_v)
 
     def _heads(self) -> Int[Array, "1 1 K"]:
@@ -139,7 +164,8 @@ class DenseKVCache:
 
     def view(self, layer: int | Int[Array, ""]) -> DenseView:
         """Layer `layer` (an int or a traced index) in place ([B, K, S, H]), with the row lengths."""
-        return DenseView(k=self.k[layer], v=self.v[layer], positions=self.positions, lengths=self.lengths,
+        return DenseView(k=_from_storage(self.k[layer], self.dtype), v=_from_storage(self.v[layer], self.dtype),
+                         positions=self.positions, lengths=self.lengths,
                          layout="BKSH")
 
     def truncate(self, lengths: Int[Array, " B"]) -> Self:

@@ -61,7 +61,8 @@ def test_init_shapes_and_dtypes() -> None:
     cache = _empty(dtype=jnp.bfloat16)
     assert cache.k.shape == cache.v.shape == (L, B, K, S, H)  # the decode kernel's layout
     assert cache.capacity == S
-    assert cache.k.dtype == cache.v.dtype == jnp.bfloat16
+    assert cache.dtype == jnp.bfloat16 and cache.view(0).k.dtype == cache.view(0).v.dtype == jnp.bfloat16
+    assert cache.k.dtype == jnp.uint16  # 16-bit floats are stored as bit patterns (in-place scatter on CPU)
     assert cache.positions.shape == (B, S) and cache.positions.dtype == jnp.int32
     assert cache.lengths.shape == (B,) and cache.lengths.dtype == jnp.int32
     assert np.all(np.asarray(cache.positions) == -1)
@@ -74,9 +75,9 @@ def test_for_model_uses_config() -> None:
     cfg = _config()
     cache = DenseKVCache.for_model(cfg, batch_size=2, capacity=5)
     assert cache.k.shape == (cfg.num_layers, 2, cfg.num_kv_heads, 5, cfg.head_dim)
-    assert cache.k.dtype == jnp.float32
-    assert DenseKVCache.for_model(cfg, 2, 5, dtype=jnp.bfloat16).v.dtype == jnp.bfloat16
-    assert DenseKVCache.for_model(cfg.replace(dtype="bfloat16"), 2, 5).k.dtype == jnp.bfloat16
+    assert cache.k.dtype == cache.dtype == jnp.float32
+    assert DenseKVCache.for_model(cfg, 2, 5, dtype=jnp.bfloat16).dtype == jnp.bfloat16
+    assert DenseKVCache.for_model(cfg.replace(dtype="bfloat16"), 2, 5).view(0).k.dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("name", ["num_layers", "batch_size", "capacity", "num_kv_heads", "head_dim"])
@@ -149,7 +150,7 @@ def test_update_casts_to_cache_dtype() -> None:
     cache, slots = cache.reserve(jnp.zeros((B, 1), jnp.int32))
     k, v = _kv(3, 1)
     cache = cache.update(0, k, v, slots)
-    assert cache.k.dtype == jnp.bfloat16
+    assert cache.dtype == cache.view(0).k.dtype == jnp.bfloat16
     np.testing.assert_array_equal(_logical(cache.view(0).k)[:, :1], np.asarray(k.astype(jnp.bfloat16)))
 
 
