@@ -162,8 +162,10 @@ class DenseKVCache:
     def _heads(self) -> Int[Array, "1 1 K"]:
         return jnp.arange(self.k.shape[2], dtype=jnp.int32)[None, None, :]
 
-    def view(self, layer: int | Int[Array, ""]) -> DenseView:
-        """Layer `layer` (an int or a traced index) in place ([B, K, S, H]), with the row lengths."""
+    def view(self, layer: int | Int[Array, ""], window: int | None = None) -> DenseView:
+        """Layer `layer` (an int or a traced index) in place ([B, K, S, H]), with the row
+        lengths; every slot is kept, so any `window` (the attending layer's) is served."""
+        del window
         return DenseView(k=_from_storage(self.k[layer], self.dtype), v=_from_storage(self.v[layer], self.dtype),
                          positions=self.positions, lengths=self.lengths,
                          layout="BKSH")

@@ -15,6 +15,11 @@ commits an accepted tree path with `select` this way). The view is indexed by sl
 `reserve` returned), so a mask over new tokens can be placed by their slots.
 Speculative decoding rolls back with `truncate(lengths)` and compacts an
 accepted tree path with `select(source_slots, counts, start)`.
+`view(layer, window)` is told the attending layer's sliding window (None: full
+attention): a cache may keep fewer slots for windowed layers (`HybridKVCache`). A
+cache whose views differ in shape by window says so with `views_differ_by_window`
+and maps a mask over logical slots onto its view with `view_mask(mask, window)`; one
+that bounds the tokens a forward may append says so with `max_tokens_per_forward`.
 Writes to slots past the capacity are dropped (never wrapped or clamped):
 `generate` relies on it so that a prompt's trailing padding takes no slot (its
 prefill writes the padded bucket, then truncates each row to its length).
@@ -55,7 +60,7 @@ class KVCache(Protocol):
         self, layer: int, k: Float[Array, "B T K H"], v: Float[Array, "B T K H"], slots: Int[Array, "B T"]
     ) -> Self: ...
 
-    def view(self, layer: int) -> KVView: ...
+    def view(self, layer: int, window: int | None = None) -> KVView: ...
 
     def next_positions(self, num_tokens: int) -> Int[Array, "B T"]: ...
 

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Int
 
-from efficient.cache.dense import DenseKVCache
+from efficient.cache.hybrid import default_cache
 from efficient.cache.protocol import CacheFactory, KVCache
 from efficient.decoding.prompts import PromptBatch, bucket_length, make_prompt_batch
 from efficient.decoding.sampling import Greedy, SamplingRule, sample_tokens
@@ -252,7 +252,8 @@ def generate(
 ) -> GenerateOutput:
     """Generate up to `max_new_tokens` (an int, or one per row) after each prompt.
 
-    cache: a factory `(config, batch, capacity) -> cache` (default: dense).
+    cache: a factory `(config, batch, capacity) -> cache` (default: `default_cache`, dense, or
+        hybrid with a ring buffer for sliding-window layers).
     capacity: cache slots per row; default: the longest prompt + max_new_tokens,
         rounded up to a power of two (at least 64). Exactly prompt + max_new_tokens
         is enough: the prompt's padding to its shape bucket takes no slot. A
@@ -269,7 +270,7 @@ def generate(
                               implementation=implementation)
     batch, max_new = request.batch, request.max_new
     b = batch.batch_size
-    factory = cache or DenseKVCache.for_model
+    factory = cache or default_cache
     kv_cache = factory(config, b, request.capacity)
     check_cache_matches(config, kv_cache, b, "generate", capacity=request.capacity)
     graphdef, params = nnx.split(model)

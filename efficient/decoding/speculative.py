@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Int
 
-from efficient.cache.dense import DenseKVCache
+from efficient.cache.hybrid import default_cache
 from efficient.cache.protocol import KVCache
 from efficient.decoding.drafters.base import DraftContext, Drafter, PromptContext, VerifyOutcome
 from efficient.decoding.generate import (
@@ -318,7 +318,7 @@ def speculative_generate(
                          f"max_position_embeddings {config.max_position_embeddings}; speculative decoding "
                          "would not be lossless there")
     b = batch.batch_size
-    kv_cache = (cache or DenseKVCache.for_model)(config, b, request.capacity)
+    kv_cache = (cache or default_cache)(config, b, request.capacity)
     check_cache_matches(config, kv_cache, b, "speculative_generate", capacity=request.capacity)
     graphdef, params = nnx.split(model)
     out_len = bucket_length(int(max_new.max()), 16)

@@ -70,6 +70,17 @@ def check_capacity(cache: KVCache, num_tokens: int) -> None:
             )
 
 
+def check_step_size(cache: KVCache, num_tokens: int, fresh: bool) -> None:
+    """Raise if a cache that bounds what one forward may append (a ring buffer for
+    sliding-window layers) is given more tokens than that, outside a fresh prefill."""
+    limit = getattr(cache, "max_tokens_per_forward", None)
+    if limit is not None and not fresh and num_tokens > limit:
+        raise ValueError(
+            f"forward: {num_tokens} tokens in one forward exceed the {limit} that this {type(cache).__name__} "
+            "keeps the window for (its ring holds window + max_step - 1 entries); prefill an empty cache with "
+            "fresh_cache=True, use chunks of at most that size, or build the cache with a larger max_step")
+
+
 def _with_new_token_mask(
     mask: Bool[Array, "B T S"] | None, tree_mask: Bool[Array, "B T T"], slots: Int[Array, "B T"] | None,
     cache: KVCache | None, b: int, t: int,
@@ -149,6 +160,7 @@ def forward(
         if cache.batch_size != b:
             raise ValueError(f"cache batch size {cache.batch_size} != tokens batch size {b}")
         check_capacity(cache, t)
+        check_step_size(cache, t, fresh_cache and mask is None and tree_mask is None)
         cache, slots = cache.reserve(positions)
     if tree_mask is not None:
         mask = _with_new_token_mask(mask, tree_mask, slots, cache, b, t)
@@ -207,12 +219,32 @@ def _run_layers(
     cos_all = jnp.stack([cos for cos, _ in tables])
     sin_all = jnp.stack([sin for _, sin in tables])
 
-    def attend_with(spec: AttentionSpec) -> Callable[[jax.Array, object], jax.Array]:
-        def run(q: jax.Array, view: object) -> jax.Array:
-            return attention(q, view, spec=spec, q_positions=positions, mask=mask, implementation=implementation)
-        return run
+    # A cache whose views differ by window (the hybrid cache's ring for sliding layers) is
+    # read inside the kind's branch, where the window and so the view's shape are static.
+    per_kind_views = cache is not None and not attend_new_only and getattr(cache, "views_differ_by_window", False)
+    masks = [mask if mask is None or not per_kind_views else cache.view_mask(mask, spec.window) for spec in specs]
 
-    branches = [attend_with(spec) for spec in specs]
+    def attend_kinds(q: jax.Array, kind: jax.Array, cache: KVCache | None, index: jax.Array,
+                     view: object | None) -> jax.Array:
+        """Attention of the layer kind `kind` over `view`, or (view None) over the cache's
+        view for that kind's window."""
+        def branch(j: int) -> Callable[[jax.Array], jax.Array]:
+            def run(q: jax.Array) -> jax.Array:
+                seen = view if view is not None else cache.view(index, window=specs[j].window)
+                return attention(q, seen, spec=specs[j], q_positions=positions, mask=masks[j],
+                                 implementation=implementation)
+            return run
+
+        if len(specs) == 1:
+            return branch(0)(q)
+        return jax.lax.switch(kind, [branch(j) for j in range(len(specs))], q)
+
+    def shared_view(cache: KVCache | None, index: jax.Array, k: jax.Array, v: jax.Array) -> object | None:
+        """What every kind reads (None: read per kind from the cache)."""
+        if cache is None or attend_new_only:
+            return DenseView(k=k, v=v, positions=positions)
+        return None if per_kind_views else cache.view(index)
+
     graphdef, stacked = nnx.split(model.layers)
 
     def layer_step(params: nnx.State, x: jax.Array, cache: KVCache | None, index: jax.Array,
@@ -223,42 +255,32 @@ def _run_layers(
         def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
             if written[0] is not None:
                 written[0] = written[0].update(index, k, v, slots)
-            if written[0] is None or attend_new_only:
-                view = DenseView(k=k, v=v, positions=positions)
-            else:
-                view = written[0].view(index)
-            if len(branches) == 1:
-                return branches[0](q, view)
-            return jax.lax.switch(kind, branches, q, view)
+            return attend_kinds(q, kind, written[0], index, shared_view(written[0], index, k, v))
 
         x = layer(x, cos_all[kind], sin_all[kind], attend)
         return x, written[0]
 
     def gated_step(params: nnx.State, x: jax.Array, cache: KVCache | None, index: jax.Array, kind: jax.Array,
                    skipped: jax.Array) -> tuple[jax.Array, KVCache | None]:
-        """A layer behind a traced skip gate. The cache never enters the `lax.cond`: a cache
-        passed through a conditional is copied whole (XLA gives its output its own buffer),
-        which made every gated layer copy the full stacked cache. So the keys and values
-        (a small part of the layer) are computed and written outside it, to dropped slots
-        when skipped, and the conditional reads the layer's view and returns x only."""
+        """A layer behind a traced skip gate. The cache never enters the `lax.cond` as an
+        output: a cache passed through a conditional is copied whole (XLA gives its output
+        its own buffer), which made every gated layer copy the full stacked cache. So the
+        keys and values (a small part of the layer) are computed and written outside it, to
+        dropped slots when skipped, and the conditional reads the layer's view and returns
+        x only."""
         layer = nnx.merge(graphdef, params)
         k, v = layer.project_kv(x, cos_all[kind], sin_all[kind])
-        if cache is None or attend_new_only:
-            view = DenseView(k=k, v=v, positions=positions)
         if cache is not None:
             cache = cache.update(index, k, v, jnp.where(skipped, cache.capacity, slots))
-            if not attend_new_only:
-                view = cache.view(index)
+        view = shared_view(cache, index, k, v)
 
-        def run(x: jax.Array, view: object) -> jax.Array:
-            def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:  # k, v: already in the view
-                if len(branches) == 1:
-                    return branches[0](q, view)
-                return jax.lax.switch(kind, branches, q, view)
+        def run(x: jax.Array) -> jax.Array:
+            def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:  # k, v: already written
+                return attend_kinds(q, kind, cache, index, view)
 
             return nnx.merge(graphdef, params)(x, cos_all[kind], sin_all[kind], attend)
 
-        return jax.lax.cond(skipped, lambda x, view: x, run, x, view), cache
+        return jax.lax.cond(skipped, lambda x: x, run, x), cache
 
     def body(carry: tuple, xs: tuple) -> tuple[tuple, None]:
         x, cache = carry
