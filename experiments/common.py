@@ -246,13 +246,13 @@ def machine_info() -> dict[str, Any]:
                                 cpu_count=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(),
                                 device=str(jax.devices()[0].device_kind),
                                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
-    try:
-        import torch
-        import transformers
+    from importlib import metadata
 
-        info.update(torch=torch.__version__, transformers=transformers.__version__)
-    except ImportError:
-        pass
+    for package in ("torch", "transformers"):  # read from the installed metadata: importing torch takes seconds
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
     try:
         root = Path(__file__).resolve().parents[1]
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -18,7 +18,7 @@ def test_hybrid_cache_end_to_end(tmp_path: Path) -> None:
     config.results_dir, config.run_name = str(tmp_path), "smoke"
     out = run_experiment(config)
     rows = json.loads((out / "metrics.json").read_text())["rows"]
-    assert [(r["context"], r["cache"]) for r in rows] == [(16, "dense"), (16, "hybrid"), (64, "dense"), (64, "hybrid")]
+    assert [(r["context"], r["cache"]) for r in rows] == [(16, "dense"), (16, "hybrid"), (48, "dense"), (48, "hybrid")]
     assert all(r["max_logit_diff"] <= 1e-4 * max(1.0, r["max_abs_logit"]) for r in rows)
     hybrid = [r["cache_mib"] for r in rows if r["cache"] == "hybrid"]
     dense = [r["cache_mib"] for r in rows if r["cache"] == "dense"]
