@@ -39,6 +39,22 @@ def tiny_model_like(config: ModelConfig) -> LlamaModel:
     return nnx.merge(graphdef, state)
 
 
+@functools.cache
+def _compiled(model: LlamaModel) -> tuple:
+    """(prefill into an empty cache, step) compiled once per model and shared by the tests
+    (prompts of 12 tokens, steps of 1 and 3 tokens: a handful of compiled shapes)."""
+    def prefill(cache, tokens, positions):  # noqa: ANN001, ANN202
+        return forward(model, tokens, positions=positions, cache=cache, fresh_cache=True)
+
+    return jax.jit(prefill), jit_forward(model)
+
+
+def _prefill(model: LlamaModel, cache, tokens, positions=None):  # noqa: ANN001, ANN202
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return _compiled(model)[0](cache, tokens, positions)
+
+
 def mistral() -> LlamaModel:
     return tiny_model(sliding_window=WINDOW, sliding_layers=(True, True), max_position_embeddings=128)
 
@@ -58,10 +74,10 @@ def test_prefill_decode_and_chunks_equal_full_forward(make) -> None:  # noqa: AN
     full, _ = forward(model, tokens)
     cache = _hybrid(model)
     assert cache.ring.ring_size == WINDOW + 3 - 1 < tokens.shape[1]  # the ring wraps several times
-    got, cache = forward(model, tokens[:, :11], cache=cache, fresh_cache=True)  # longer than the ring
+    got, cache = _prefill(model, cache, tokens[:, :12])  # longer than the ring
     logits = [got]
-    step = jit_forward(model)
-    for start, size in ((11, 1), (12, 3), (15, 3), (18, 1), (19, 1), (20, 1), (21, 3)):
+    step = _compiled(model)[1]
+    for start, size in ((12, 3), (15, 3), (18, 1), (19, 1), (20, 1), (21, 3)):
         got, cache = step(tokens[:, start:start + size], cache=cache)
         logits.append(got)
     np.testing.assert_allclose(np.concatenate(logits, axis=1), np.asarray(full), **TOL)
@@ -78,10 +94,11 @@ def test_rollback_and_ragged_left_padding_equal_dense() -> None:
     caches = {"dense": DenseKVCache.for_model(model.config, 2, 48), "hybrid": _hybrid(model)}
     out = {}
     for name, cache in caches.items():
-        first, cache = forward(model, tokens[:, :12], positions=positions, cache=cache, fresh_cache=True)
-        wrong, cache = forward(model, (tokens[:, 12:15] + 7) % 61, cache=cache)
+        step = _compiled(model)[1]
+        first, cache = _prefill(model, cache, tokens[:, :12], positions)
+        wrong, cache = step((tokens[:, 12:15] + 7) % 61, cache=cache)
         cache = cache.truncate(jnp.asarray([12, 13], jnp.int32))  # row 1 keeps one wrong token
-        right, cache = forward(model, tokens[:, 13:16], cache=cache)
+        right, cache = step(tokens[:, 13:16], cache=cache)
         out[name] = (first, wrong, right, cache.next_positions(1))
     for dense, hybrid in zip(out["dense"], out["hybrid"], strict=True):
         np.testing.assert_allclose(np.asarray(hybrid), np.asarray(dense), **TOL)
@@ -90,18 +107,19 @@ def test_rollback_and_ragged_left_padding_equal_dense() -> None:
 
 def test_select_compacts_a_tree_path_like_dense() -> None:
     model = gemma3()
-    tokens = _tokens(2, t=14)
+    tokens = _tokens(2, t=16)
     out = {}
     for name, cache in (("dense", DenseKVCache.for_model(model.config, 2, 48)), ("hybrid", _hybrid(model))):
-        _, cache = forward(model, tokens[:, :10], cache=cache, fresh_cache=True)
+        step = _compiled(model)[1]
+        _, cache = _prefill(model, cache, tokens[:, :12])
         # 3 new tokens as a tree: root 0 with children 1 and 2 (siblings at one position)
         tree_mask = jnp.asarray([[1, 0, 0], [1, 1, 0], [1, 0, 1]], bool)[None].repeat(2, 0)
-        positions = jnp.asarray([[10, 11, 11]] * 2, jnp.int32)
-        _, cache = forward(model, tokens[:, 10:13], positions=positions, cache=cache, tree_mask=tree_mask)
+        positions = jnp.asarray([[12, 13, 13]] * 2, jnp.int32)
+        _, cache = step(tokens[:, 12:15], positions=positions, cache=cache, tree_mask=tree_mask)
         # row 0 accepts root + node 2, row 1 the root only
-        cache = cache.select(jnp.asarray([[10, 12], [10, 11]], jnp.int32), jnp.asarray([2, 1], jnp.int32),
-                             jnp.asarray([10, 10], jnp.int32))
-        out[name], _ = forward(model, tokens[:, 13:14], cache=cache)
+        cache = cache.select(jnp.asarray([[12, 14], [12, 13]], jnp.int32), jnp.asarray([2, 1], jnp.int32),
+                             jnp.asarray([12, 12], jnp.int32))
+        out[name], _ = step(tokens[:, 15:16], cache=cache)
     np.testing.assert_allclose(np.asarray(out["hybrid"]), np.asarray(out["dense"]), **TOL)
 
 
