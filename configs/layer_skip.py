@@ -23,5 +23,5 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(source="stdlib", suffixes=(".py",), split="validation"))
     # The speculative benchmark's calibration: rows x tokens of held-out text, drafts of `length`.
     c.calibration = ml_collections.ConfigDict(dict(rows=2, tokens=32 if tiny else 256, length=4, width=6,
-                                                   patience=3))
+                                                   patience=2))
     return c

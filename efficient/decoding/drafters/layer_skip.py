@@ -213,7 +213,7 @@ def calibrate_skip_layers(
     lengths: Int[Array, " B"] | None = None,
     implementation: str | tuple[str, ...] | None = None,
     width: int | None = 6,
-    patience: int | None = 3,
+    patience: int | None = 2,
 ) -> SkipCalibration:
     """Choose the layers to skip on calibration text (SWIFT's idea, with a greedy search).
 
