@@ -119,7 +119,7 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
         dense, hybrid = rows[-2], rows[-1]
         log(f"[hybrid_cache] context {context}: dense {dense['cache_mib']:.1f} MiB {dense['step_ms']:.2f} ms, "
             f"hybrid {hybrid['cache_mib']:.1f} MiB {hybrid['step_ms']:.2f} ms, max |logit diff| {diff:.2e}")
-    windowed = sum(cfg.layer_window(i) is not None for i in range(cfg.num_layers))
+    windowed = sum(cfg.windowed_layers())
     metrics = dict(rows=rows, machine=machine_info(), steps=s.steps, max_step=s.max_step,
                    model=dict(hf=s.model, layers=cfg.num_layers, windowed_layers=windowed,
                               window=cfg.sliding_window, parameters=cfg.num_parameters()))

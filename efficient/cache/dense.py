@@ -55,9 +55,53 @@ def _rows(batch: int, width: int) -> Int[Array, "B W"]:
     return jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[:, None], (batch, width))
 
 
+def positive_int(value: object, name: str, caller: str) -> int:
+    """`value` if it is a positive int (not a bool), else a ValueError naming `name`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{caller}: {name} must be a positive int, got {value!r}")
+    return value
+
+
+def positions_after(last: Int[Array, " B"], num_tokens: int) -> Int[Array, "B T"]:
+    """The `num_tokens` positions following each row's last one (-1 for an empty row)."""
+    return last[:, None] + 1 + jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
+
+
+class LayerStackedKV:
+    """Shape properties of a cache storing keys/values [L, B, K, slots, H] in `k` with
+    a static `dtype_name` (the dense and the ring cache)."""
+
+    k: jax.Array
+    dtype_name: str
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[4]
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The dtype of the keys and values (their storage may be bit patterns)."""
+        return jnp.dtype(self.dtype_name)
+
+    def _heads(self) -> Int[Array, "1 1 K"]:
+        return jnp.arange(self.k.shape[2], dtype=jnp.int32)[None, None, :]
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class DenseKVCache:
+class DenseKVCache(LayerStackedKV):
     """Keys/values [L, B, K, S, H], slot positions [B, S] (-1 empty), lengths [B].
 
     `k`/`v` hold the values in `dtype_name`, except 16-bit floats, held as their uint16
@@ -84,8 +128,7 @@ class DenseKVCache:
         for name, value in (("num_layers", num_layers), ("batch_size", batch_size),
                             ("capacity", capacity), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DenseKVCache.init: {name} must be a positive int, got {value!r}")
+            positive_int(value, name, "DenseKVCache.init")
         dtype = _floating_dtype(dtype)
         shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
         return cls(
@@ -113,31 +156,9 @@ class DenseKVCache:
     def capacity(self) -> int:
         return self.k.shape[3]
 
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def num_layers(self) -> int:
-        return self.k.shape[0]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.k.shape[4]
-
-    @property
-    def dtype(self) -> jnp.dtype:
-        """The dtype of the keys and values (their storage may be bit patterns)."""
-        return jnp.dtype(self.dtype_name)
-
     def next_positions(self, num_tokens: int) -> Int[Array, "B T"]:
         """Positions following the last one held in each row."""
-        last = jnp.max(self.positions, axis=1)  # -1 for an empty row
-        return last[:, None] + 1 + jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
+        return positions_after(jnp.max(self.positions, axis=1), num_tokens)
 
     def reserve(self, positions: Int[Array, "B T"]) -> tuple[Self, Int[Array, "B T"]]:
         """Take the next T slots of every row for tokens at `positions` (-1: padding).
@@ -158,9 +179,6 @@ class DenseKVCache:
         new_k = self.k.at[index].set(_to_storage(k, self.dtype), mode="drop")
         new_v = self.v.at[index].set(_to_storage(v, self.dtype), mode="drop")
         return dataclasses.replace(self, k=new_k, v=new_v)
-
-    def _heads(self) -> Int[Array, "1 1 K"]:
-        return jnp.arange(self.k.shape[2], dtype=jnp.int32)[None, None, :]
 
     def view(self, layer: int | Int[Array, ""], window: int | None = None) -> DenseView:
         """Layer `layer` (an int or a traced index) in place ([B, K, S, H]), with the row

@@ -47,7 +47,7 @@ class HybridKVCache:
     def for_model(cls, config, batch_size: int, capacity: int, dtype=None,  # noqa: ANN001
                   max_step: int = DEFAULT_MAX_STEP) -> HybridKVCache:
         """A hybrid cache for `config`'s sliding-window layers (ValueError if it has none)."""
-        windowed = tuple(config.layer_window(layer) is not None for layer in range(config.num_layers))
+        windowed = config.windowed_layers()
         if not any(windowed):
             raise ValueError(f"HybridKVCache.for_model: model_type {config.model_type!r} has no sliding-window "
                              "layer; use DenseKVCache (or default_cache)")
@@ -154,7 +154,6 @@ def default_cache(config, batch_size: int, capacity: int, dtype=None) -> KVCache
     """The cache `generate` and `speculative_generate` build when given none: a
     `HybridKVCache` for a model with sliding-window layers whose ring is smaller than
     the capacity, else a `DenseKVCache`."""
-    window = config.sliding_window if any(config.layer_window(i) for i in range(config.num_layers)) else None
-    if window is not None and window + DEFAULT_MAX_STEP - 1 < capacity:
+    if any(config.windowed_layers()) and config.sliding_window + DEFAULT_MAX_STEP - 1 < capacity:
         return HybridKVCache.for_model(config, batch_size, capacity, dtype)
     return DenseKVCache.for_model(config, batch_size, capacity, dtype)

@@ -30,19 +30,22 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from efficient.cache.dense import _floating_dtype, _from_storage, _rows, _storage_dtype, _to_storage
+from efficient.cache.dense import (
+    LayerStackedKV,
+    _floating_dtype,
+    _from_storage,
+    _rows,
+    _storage_dtype,
+    _to_storage,
+    positions_after,
+    positive_int,
+)
 from efficient.cache.protocol import DenseView, tree_nbytes
-
-
-def _positive_int(value: object, name: str, caller: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{caller}: {name} must be a positive int, got {value!r}")
-    return value
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class RingKVCache:
+class RingKVCache(LayerStackedKV):
     """Keys/values [L, B, K, R, H] for layers of one sliding window W; ring entry r of
     row b holds logical slot `ring_slots[b, r]` at position `ring_positions[b, r]`."""
 
@@ -70,7 +73,7 @@ class RingKVCache:
         for name, value in (("num_layers", num_layers), ("batch_size", batch_size), ("capacity", capacity),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim), ("window", window),
                             ("max_step", max_step)):
-            _positive_int(value, name, caller)
+            positive_int(value, name, caller)
         dtype = _floating_dtype(dtype)
         ring = min(window + max_step - 1, capacity)
         shape = (num_layers, batch_size, num_kv_heads, ring, head_dim)
@@ -93,30 +96,9 @@ class RingKVCache:
         """The most tokens one forward may append to a non-empty cache."""
         return self.ring_size - self.window + 1 if self.ring_size < self.capacity else self.capacity
 
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def num_layers(self) -> int:
-        return self.k.shape[0]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.k.shape[4]
-
-    @property
-    def dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype_name)
-
     def next_positions(self, num_tokens: int) -> Int[Array, "B T"]:
         """Positions following the last one held in each row (the newest token is always in the ring)."""
-        last = jnp.max(self.ring_positions, axis=1)
-        return last[:, None] + 1 + jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
+        return positions_after(jnp.max(self.ring_positions, axis=1), num_tokens)
 
     def reserve(self, positions: Int[Array, "B T"]) -> tuple[Self, Int[Array, "B T"]]:
         """Take logical slots lengths[b] + t; a real token (position >= 0) below the capacity
@@ -144,8 +126,7 @@ class RingKVCache:
     ) -> Self:
         """Write layer `layer`'s k/v at the ring entries `reserve` gave `slots` (others dropped)."""
         rows = _rows(*slots.shape)[:, :, None]
-        heads = jnp.arange(self.num_kv_heads, dtype=jnp.int32)[None, None, :]
-        index = (layer, rows, heads, self.entries(slots)[:, :, None])
+        index = (layer, rows, self._heads(), self.entries(slots)[:, :, None])
         return dataclasses.replace(self, k=self.k.at[index].set(_to_storage(k, self.dtype), mode="drop"),
                                    v=self.v.at[index].set(_to_storage(v, self.dtype), mode="drop"))
 
@@ -183,7 +164,7 @@ class RingKVCache:
         dest = start[:, None] + index
         src = self.entries(source_slots)
         dst = jnp.where(index < counts[:, None], dest % self.ring_size, self.ring_size)
-        r3, h3 = rows[:, :, None], jnp.arange(self.num_kv_heads, dtype=jnp.int32)[None, None, :]
+        r3, h3 = rows[:, :, None], self._heads()
         s3, d3 = src[:, :, None], dst[:, :, None]
         k = self.k.at[:, r3, h3, d3].set(self.k[:, r3, h3, s3], mode="drop")  # indexed [L, B, C, K, H]
         v = self.v.at[:, r3, h3, d3].set(self.v[:, r3, h3, s3], mode="drop")

@@ -142,6 +142,10 @@ class ModelConfig:
             return self.sliding_window
         return None
 
+    def windowed_layers(self) -> tuple[bool, ...]:
+        """Per layer: True where it attends through the sliding window."""
+        return tuple(self.layer_window(layer) is not None for layer in range(self.num_layers))
+
     def layer_rope(self, layer: int) -> RopeConfig:
         """The RoPE of `layer`: `rope_local` on sliding layers when set, else `rope`."""
         if self.rope_local is not None and self.layer_window(layer) is not None:

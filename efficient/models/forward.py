@@ -155,18 +155,20 @@ def forward(
     if positions.shape != (b, t):
         raise ValueError(f"positions must have shape {(b, t)}, got {tuple(positions.shape)}")
     skip = skip_mask(skip_layers, config.num_layers)
+    # A prefill into an empty cache with no extra mask attends its new tokens directly.
+    attend_new_only = fresh_cache and mask is None and tree_mask is None
     slots = None
     if cache is not None:
         if cache.batch_size != b:
             raise ValueError(f"cache batch size {cache.batch_size} != tokens batch size {b}")
         check_capacity(cache, t)
-        check_step_size(cache, t, fresh_cache and mask is None and tree_mask is None)
+        check_step_size(cache, t, attend_new_only)
         cache, slots = cache.reserve(positions)
     if tree_mask is not None:
         mask = _with_new_token_mask(mask, tree_mask, slots, cache, b, t)
 
     x, cache = _run_layers(model, model.embed(tokens), positions, cache, slots, mask, skip,
-                           implementation or config.attention_implementation, fresh_cache and mask is None)
+                           implementation or config.attention_implementation, attend_new_only)
     if logits_indices is not None:
         if logits_indices.ndim != 2 or logits_indices.shape[0] != b:
             raise ValueError(f"logits_indices must have shape [{b}, I], got {tuple(logits_indices.shape)}")
