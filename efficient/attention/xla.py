@@ -7,8 +7,11 @@ copied to float32 (the reference upcasts everything and uses HIGHEST
 precision). It still materialises the [B, K, G, T, S] logits.
 
 `xla_implementation` serves every view type: a dense view is read in its
-stored layout, a paged view is gathered through its page table and a quantized
-view dequantized inside the attention computation (`views.dense_kv`). A
+stored layout; a paged or quantized view is read one key block at a time (a
+block of pages through the page table, or a dequantized block of codes) with an
+online softmax across blocks (`view_blocks.attention_over_blocks`), never as a
+whole dense float copy. The float32 oracle (`reference_implementation`) and
+requests for key statistics use the materialised path (`views.dense_kv`). A
 [B, S, K, H] dense view whose shape `prefers_blockwise` goes to the online-softmax
 `attention_blockwise` (never materialises the logits; its gradient is the
 materialised path's, recomputed in the backward pass).
@@ -24,7 +27,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 from efficient.attention.blockwise import attention_blockwise, prefers_blockwise
 from efficient.attention.reference import grouped_attention
-from efficient.attention.spec import AttentionSpec, KeyStats
+from efficient.attention.spec import AttentionSpec, KeyStats, default_positions
+from efficient.attention.view_blocks import attention_over_blocks
 from efficient.attention.views import DenseView, KVView, dense_kv, slot_positions
 
 
@@ -115,6 +119,11 @@ def _view_attention(exact: bool):  # noqa: ANN202
             arrays = dict(q_positions=q_positions, kv_positions=view.positions, q_segment_ids=q_segment_ids,
                           kv_segment_ids=kv_segment_ids, mask=mask, lengths=view.lengths)
             return _blockwise(spec, return_lse, q, view.k, view.v, arrays)
+        if not exact and key_stats is None and not isinstance(view, DenseView):
+            if q_positions is None:
+                q_positions = default_positions(q.shape[0], q.shape[1], view.num_slots)[0]
+            return attention_over_blocks(q, view, spec=spec, q_positions=q_positions, q_segment_ids=q_segment_ids,
+                                         kv_segment_ids=kv_segment_ids, mask=mask, return_lse=return_lse)
         k, v, kv_positions, layout = view_arrays(view)
         return grouped_attention(
             q, k, v, spec=spec, q_positions=q_positions, kv_positions=kv_positions,

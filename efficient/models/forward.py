@@ -224,7 +224,10 @@ def _run_layers(
     # A cache whose views differ by window (the hybrid cache's ring for sliding layers) is
     # read inside the kind's branch, where the window and so the view's shape are static.
     per_kind_views = cache is not None and not attend_new_only and getattr(cache, "views_differ_by_window", False)
-    masks = [mask if mask is None or not per_kind_views else cache.view_mask(mask, spec.window) for spec in specs]
+    # A cache whose view is not laid out by logical slot (a ring, a quantized store and its
+    # residual) maps a mask over logical slots onto its view.
+    maps_mask = mask is not None and cache is not None and not attend_new_only and hasattr(cache, "view_mask")
+    masks = [cache.view_mask(mask, spec.window) if maps_mask else mask for spec in specs]
 
     def attend_kinds(q: jax.Array, kind: jax.Array, cache: KVCache | None, index: jax.Array,
                      view: object | None) -> jax.Array:

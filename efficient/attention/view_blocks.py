@@ -1,0 +1,120 @@
+"""Attention over a paged or quantized view, one key block at a time (the "xla" path).
+
+A paged view is read a block of pages at a time through its page table, a
+quantized view is dequantized a block of slots at a time (KIVI's codes, scales
+and zeros of that block only), and its full-precision residual is one more
+block: the cache is never copied whole into a dense float array. Each block's
+normalised output and log-sum-exp are merged with the running ones (the online
+softmax's associativity, Milakov & Gimelshein 2018), and the loop stops after
+the last block below the longest row's length. Temporary memory is one block,
+O(B * block * K * H), whatever the capacity.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from efficient.attention.reference import grouped_attention, pack_outputs
+from efficient.attention.spec import AttentionSpec
+from efficient.attention.views import PagedView, QuantizedView, dequantize
+
+TARGET_BLOCK = 512  # slots per block: measured on XLA:CPU like the blockwise dense path's decode blocks
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, max(limit, 1)) + 1) if n % d == 0)
+
+
+def block_slots(view: PagedView | QuantizedView) -> int:
+    """Slots per block: whole pages (paged) or whole key groups (quantized), dividing the store."""
+    if isinstance(view, PagedView):
+        pages = view.page_table.shape[1]
+        return view.page_size * _largest_divisor_at_most(pages, TARGET_BLOCK // view.page_size)
+    g = view.group_size
+    return g * _largest_divisor_at_most(view.num_quantized // g, TARGET_BLOCK // g)
+
+
+def _store_slots(view: PagedView | QuantizedView) -> int:
+    return view.num_slots if isinstance(view, PagedView) else view.num_quantized
+
+
+def view_block(
+    view: PagedView | QuantizedView, start: Int[Array, ""], size: int
+) -> tuple[Float[Array, "B C K H"], Float[Array, "B C K H"], Int[Array, "B C"]]:
+    """Keys, values and positions (-1 past a row's length) of logical slots [start, start + size)."""
+    b = view.batch_size
+    if isinstance(view, PagedView):
+        p = view.page_size
+        pages = jax.lax.dynamic_slice_in_dim(view.page_table, start // p, size // p, axis=1)
+        pages = jnp.clip(pages, 0, view.k_pages.shape[0] - 1)
+        k = view.k_pages[pages].reshape(b, size, view.num_kv_heads, view.head_dim)
+        v = view.v_pages[pages].reshape(b, size, view.num_kv_heads, view.head_dim)
+        pos = view.positions[pages].reshape(b, size)
+    else:
+        g = view.group_size
+        cut = lambda x, first, n: jax.lax.dynamic_slice_in_dim(x, first, n, axis=1)  # noqa: E731
+        q = dict(bits=view.bits, group_size=g)
+        k = dequantize(cut(view.k_codes, start, size), cut(view.k_scale, start // g, size // g),
+                       cut(view.k_zero, start // g, size // g), axis="channel", **q).astype(view.dtype)
+        v = dequantize(cut(view.v_codes, start, size), cut(view.v_scale, start, size),
+                       cut(view.v_zero, start, size), axis="token", **q).astype(view.dtype)
+        pos = cut(view.positions, start, size)
+    slot = start + jnp.arange(size, dtype=jnp.int32)[None, :]
+    if view.lengths is not None:
+        pos = jnp.where(slot < view.lengths[:, None], pos, -1)
+    return k, v, pos.astype(jnp.int32)
+
+
+def _merge(acc: tuple[jax.Array, jax.Array], part: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Combine two normalised partial attentions by their log-sum-exps (-inf: empty)."""
+    (o1, l1), (o2, l2) = acc, part
+    lse = jnp.logaddexp(l1, l2)
+    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    w1 = jnp.where(jnp.isfinite(l1), jnp.exp(l1 - safe), 0.0)[..., None]
+    w2 = jnp.where(jnp.isfinite(l2), jnp.exp(l2 - safe), 0.0)[..., None]
+    return o1 * w1 + o2.astype(jnp.float32) * w2, lse
+
+
+def attention_over_blocks(
+    q: Float[Array, "B T N H"],
+    view: PagedView | QuantizedView,
+    *,
+    spec: AttentionSpec,
+    q_positions: Int[Array, "B T"],
+    q_segment_ids: Int[Array, "B T"] | None = None,
+    kv_segment_ids: Int[Array, "B S"] | None = None,
+    mask: Bool[Array, "B T S"] | None = None,
+    return_lse: bool = False,
+    exact: bool = False,
+):  # noqa: ANN201  out, or (out, lse)
+    """Attention of q over `view`, key block by key block (see the module docstring)."""
+    b, t, n, h = q.shape
+    size = block_slots(view)
+    stored = _store_slots(view)
+    lengths = view.lengths if view.lengths is not None else jnp.full((b,), stored, jnp.int32)
+    num_blocks = -(-jnp.max(lengths) // size)
+
+    def attend(k: jax.Array, v: jax.Array, pos: jax.Array, first: jax.Array | int, width: int):  # noqa: ANN202
+        cut = lambda x: None if x is None else jax.lax.dynamic_slice_in_dim(x, first, width, axis=2)  # noqa: E731
+        seg = None if kv_segment_ids is None else jax.lax.dynamic_slice_in_dim(kv_segment_ids, first, width, axis=1)
+        v = jnp.where((pos >= 0)[:, :, None, None], v, jnp.zeros((), v.dtype))  # undefined slots: never NaN
+        out, lse = grouped_attention(q, k, v, spec=spec, q_positions=q_positions, kv_positions=pos,
+                                     q_segment_ids=q_segment_ids, kv_segment_ids=seg, mask=cut(mask),
+                                     return_lse=True, exact=exact)
+        return out, lse
+
+    def body(i: jax.Array, acc: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        start = i * size
+        k, v, pos = view_block(view, start, size)
+        return _merge(acc, attend(k, v, pos, start, size))
+
+    acc = (jnp.zeros((b, t, n, h), jnp.float32), jnp.full((b, t, n), -jnp.inf, jnp.float32))
+    acc = jax.lax.fori_loop(0, num_blocks, body, acc)
+    if isinstance(view, QuantizedView):
+        residual = attend(view.residual_k, view.residual_v, view.residual_positions.astype(jnp.int32), stored,
+                          view.residual_k.shape[1])
+        acc = _merge(acc, residual)
+    out, lse = acc
+    return pack_outputs(out.astype(q.dtype), lse, None, return_lse)

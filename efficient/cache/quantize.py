@@ -1,0 +1,60 @@
+"""Asymmetric min-max integer quantization of key/value groups (KIVI, Liu et al. 2024).
+
+A group of values x is stored as b-bit codes c = round((x - min) / scale) with
+scale = (max - min) / (2^b - 1) and zero = min, dequantized as c * scale + zero;
+every element is reconstructed within scale / 2 (plus the rounding of scale and
+zero to their storage dtype). KIVI's grouping: keys per channel over groups of g
+consecutive tokens (outlier channels get their own range), values per token over
+groups of g channels.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, UInt8
+
+from efficient.attention.views import QUANT_BITS, pack_codes
+
+
+def check_bits(bits: object, caller: str) -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in QUANT_BITS:
+        raise ValueError(f"{caller}: bits={bits!r} cannot be packed into bytes; choose one of {QUANT_BITS}")
+    return bits
+
+
+def quantize_minmax(
+    x: Float[Array, "... g"], bits: int, axis: int
+) -> tuple[UInt8[Array, "... g"], Float[Array, "..."], Float[Array, "..."]]:
+    """Codes (uint8, unpacked) of `x` with one scale/zero per slice along `axis` (float32;
+    the reduced axis is dropped from scale and zero)."""
+    x = x.astype(jnp.float32)
+    lo = jnp.min(x, axis=axis)
+    hi = jnp.max(x, axis=axis)
+    levels = (1 << bits) - 1
+    scale = (hi - lo) / levels
+    safe = jnp.where(scale > 0, scale, 1.0)
+    codes = jnp.clip(jnp.round((x - jnp.expand_dims(lo, axis)) / jnp.expand_dims(safe, axis)), 0, levels)
+    return codes.astype(jnp.uint8), scale, lo
+
+
+def quantize_keys(
+    k: Float[Array, "B F g K H"], bits: int
+) -> tuple[UInt8[Array, "B F g K Hp"], Float[Array, "B F K H"], Float[Array, "B F K H"]]:
+    """Keys per channel: F groups of g tokens, one scale/zero per (group, head, channel)."""
+    codes, scale, zero = quantize_minmax(k, bits, axis=2)
+    return pack_codes(codes, bits), scale, zero
+
+
+def quantize_values(
+    v: Float[Array, "B S K H"], bits: int, group_size: int
+) -> tuple[UInt8[Array, "B S K Hp"], Float[Array, "B S K Hg"], Float[Array, "B S K Hg"]]:
+    """Values per token: groups of g channels, one scale/zero per (token, head, group)."""
+    b, s, kh, h = v.shape
+    codes, scale, zero = quantize_minmax(v.reshape(b, s, kh, h // group_size, group_size), bits, axis=4)
+    return pack_codes(codes.reshape(b, s, kh, h), bits), scale, zero
+
+
+def error_bound(scale: jax.Array) -> jax.Array:
+    """The largest reconstruction error of min-max rounding: half a quantization step."""
+    return scale / 2
