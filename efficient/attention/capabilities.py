@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient.attention.spec import AttentionSpec, KeyStats
-from efficient.attention.views import LAYOUTS, VIEW_TYPES, DenseView, KVView
+from efficient.attention.views import LAYOUTS, VIEW_TYPES, DenseView, KVView, PagedView, QuantizedView
 from kernels_pallas.decode_attention import MAX_QUERIES
 from kernels_pallas.flash_attention import SUPPORTED_HEAD_DIMS
 
@@ -43,6 +43,7 @@ class Capabilities:
     mask_max_t: int | None = None  # an arbitrary mask for T <= this (None: any T; 0: never)
     mask_with_segments: bool = True
     causal_needs_t_eq_s: bool = False
+    max_t: int | None = None  # the most queries per call (None: any)
 
 
 CAPABILITIES: dict[str, Capabilities] = {
@@ -52,6 +53,15 @@ CAPABILITIES: dict[str, Capabilities] = {
     "pallas_tpu": Capabilities(
         views=(DenseView,), backends=("tpu", "cpu"), dtypes=(F32, BF16), same_dtype=True,
         head_dims=SUPPORTED_HEAD_DIMS, mask_max_t=MAX_QUERIES, mask_with_segments=False,
+    ),
+    # Decode kernels reading a paged view through its page table / dequantizing a KIVI view in place.
+    "pallas_tpu_paged": Capabilities(
+        views=(PagedView,), backends=("tpu", "cpu"), dtypes=(F32, BF16), same_dtype=True,
+        head_dims=SUPPORTED_HEAD_DIMS, segments=False, key_stats=False, max_t=MAX_QUERIES,
+    ),
+    "pallas_tpu_quantized": Capabilities(
+        views=(QuantizedView,), backends=("tpu", "cpu"), dtypes=(F32, BF16), same_dtype=True,
+        head_dims=SUPPORTED_HEAD_DIMS, segments=False, key_stats=False, max_t=MAX_QUERIES,
     ),
     # jax.nn.dot_product_attention(implementation="cudnn"): default positions only.
     "cudnn": Capabilities(
@@ -109,6 +119,7 @@ def unsupported(
          lambda: f"an arbitrary mask is served for T <= {caps.mask_max_t}, got T={t}"),
         (mask is not None and q_segment_ids is not None and not caps.mask_with_segments,
          lambda: "a mask together with segment ids is not served"),
+        (caps.max_t is not None and t > caps.max_t, lambda: f"serves T <= {caps.max_t} queries, got T={t}"),
         (spec.causal and caps.causal_needs_t_eq_s and t != s,
          lambda: f"causal with T={t} != S={s} is not served (top-left aligned mask)"),
     )

@@ -49,7 +49,7 @@ _REGISTRY: dict[str, AttentionImplementation] = {}
 
 # Default order of preference per JAX backend; names not registered are skipped.
 DEFAULT_ORDER: dict[str, tuple[str, ...]] = {
-    "tpu": ("pallas_tpu", "xla"),
+    "tpu": ("pallas_tpu", "pallas_tpu_paged", "pallas_tpu_quantized", "xla"),
     "gpu": ("pallas_gpu", "cudnn", "xla"),
     "cuda": ("pallas_gpu", "cudnn", "xla"),
     "cpu": ("xla",),

@@ -67,7 +67,7 @@ def view_block(
     return k, v, pos.astype(jnp.int32)
 
 
-def _merge(acc: tuple[jax.Array, jax.Array], part: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+def merge_partials(acc: tuple[jax.Array, jax.Array], part: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """Combine two normalised partial attentions by their log-sum-exps (-inf: empty)."""
     (o1, l1), (o2, l2) = acc, part
     lse = jnp.logaddexp(l1, l2)
@@ -108,13 +108,13 @@ def attention_over_blocks(
     def body(i: jax.Array, acc: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         start = i * size
         k, v, pos = view_block(view, start, size)
-        return _merge(acc, attend(k, v, pos, start, size))
+        return merge_partials(acc, attend(k, v, pos, start, size))
 
     acc = (jnp.zeros((b, t, n, h), jnp.float32), jnp.full((b, t, n), -jnp.inf, jnp.float32))
     acc = jax.lax.fori_loop(0, num_blocks, body, acc)
     if isinstance(view, QuantizedView):
         residual = attend(view.residual_k, view.residual_v, view.residual_positions.astype(jnp.int32), stored,
                           view.residual_k.shape[1])
-        acc = _merge(acc, residual)
+        acc = merge_partials(acc, residual)
     out, lse = acc
     return pack_outputs(out.astype(q.dtype), lse, None, return_lse)

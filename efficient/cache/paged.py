@@ -173,25 +173,27 @@ class PagedKVCache:
         refcounts = self.refcounts.at[jnp.where(held, self.page_table, self.num_pages)].add(-1, mode="drop")
         return dataclasses.replace(self, refcounts=refcounts, page_table=jnp.where(held, NO_PAGE, self.page_table))
 
-    def _allocate(self, wanted: Bool[Array, "B R"]) -> Self:
-        """Give every (row, page index) in `wanted` a fresh page of its own: an unmapped entry
-        gets an empty page, a shared one a copy of its page (copy on write). Entries that
-        find no free page are unmapped and set `exhausted`."""
-        m = self.num_pages
-        old = self.page_table
+    def _allocate(self, first: Int[Array, " B"], wanted: Bool[Array, "B W"]) -> Self:
+        """Give page-table entries first[b] + w (where `wanted`) a fresh page of their own: an
+        unmapped entry gets an empty page, a shared one a copy of its page (copy on write).
+        Entries that find no free page are unmapped and set `exhausted`. Only the W entries a
+        forward touches are looked at, so a decode step copies at most one page per row."""
+        m, r = self.num_pages, self.page_table.shape[1]
+        b, w = wanted.shape
+        index = first[:, None] + jnp.arange(w, dtype=jnp.int32)[None, :]
+        wanted = wanted & (index < r)
+        index = jnp.minimum(index, r - 1)
+        old = jnp.take_along_axis(self.page_table, index, axis=1)
         shared = (old != NO_PAGE) & (self.refcounts[jnp.maximum(old, 0)] > 1)
         need = wanted & ((old == NO_PAGE) | shared)
         flat_need = need.reshape(-1)
         rank = jnp.cumsum(flat_need) - 1
         free = jnp.nonzero(self.refcounts == 0, size=m, fill_value=m)[0]
-        num_free = jnp.sum(self.refcounts == 0)
-        got = flat_need & (rank < num_free)
-        new = jnp.where(got, free[jnp.clip(rank, 0, m - 1)], m).reshape(need.shape)  # m: none
-        got = got.reshape(need.shape)
+        got = (flat_need & (rank < jnp.sum(self.refcounts == 0))).reshape(need.shape)
+        new = jnp.where(got, free[jnp.clip(rank, 0, m - 1)].reshape(need.shape), m)  # m: none
         failed = need & ~got
-        # Shared pages the row leaves (copied or not) lose one reference.
-        leaving = need & (old != NO_PAGE)
-        refcounts = self.refcounts.at[jnp.where(leaving, old, m)].add(-1, mode="drop")
+        # Pages the row leaves (shared ones, copied or not) lose one reference.
+        refcounts = self.refcounts.at[jnp.where(need & (old != NO_PAGE), old, m)].add(-1, mode="drop")
         refcounts = refcounts.at[new].set(1, mode="drop")
         # Copy on write: the new page starts as the shared one (all layers, positions).
         copy_from = jnp.where(got & shared, old, 0).reshape(-1)
@@ -199,7 +201,9 @@ class PagedKVCache:
         k_pages = self.k_pages.at[:, copy_to].set(self.k_pages[:, copy_from], mode="drop")
         v_pages = self.v_pages.at[:, copy_to].set(self.v_pages[:, copy_from], mode="drop")
         page_positions = self.page_positions.at[copy_to].set(self.page_positions[copy_from], mode="drop")
-        table = jnp.where(got, new, jnp.where(failed, NO_PAGE, old))
+        entries = jnp.where(need, jnp.where(got, new, NO_PAGE), old)
+        rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, w))
+        table = self.page_table.at[rows, jnp.where(wanted, index, r)].set(entries, mode="drop")
         return dataclasses.replace(
             self, k_pages=k_pages, v_pages=v_pages, page_positions=page_positions, page_table=table,
             refcounts=refcounts, exhausted=self.exhausted | jnp.any(failed))
@@ -220,11 +224,12 @@ class PagedKVCache:
         """Take the next T logical slots of every row, mapping pages for them (fresh pages,
         or a private copy of a shared page); slots past the capacity are dropped."""
         b, t = positions.shape
+        p = self.page_size
         slots = self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        index = jnp.arange(self.page_table.shape[1], dtype=jnp.int32)[None, :] * self.page_size
-        end = jnp.minimum(self.lengths + t, self.capacity)[:, None]
-        touched = (index + self.page_size > self.lengths[:, None]) & (index < end)
-        cache = self._allocate(touched)
+        first = self.lengths // p  # the page-table entries t tokens touch: first .. first + W - 1
+        touched = first[:, None] + jnp.arange((t + p - 2) // p + 1, dtype=jnp.int32)[None, :]
+        end = jnp.minimum(self.lengths + t, self.capacity)
+        cache = self._allocate(first, touched * p < end[:, None])
         page, offset = cache._page_and_offset(slots)
         page_positions = cache.page_positions.at[page, offset].set(positions.astype(jnp.int32), mode="drop")
         return dataclasses.replace(cache, page_positions=page_positions, lengths=self.lengths + t), slots

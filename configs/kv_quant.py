@@ -1,0 +1,36 @@
+"""Paged and KIVI-quantized caches on SmolLM2-135M-Instruct: bits/byte, passkey retrieval,
+memory and decode speed, with transformers' QuantizedCache beside them when optimum-quanto
+is installed (`pip install -e ".[peer]"`).
+
+    python -m experiments.run --config configs/kv_quant.py
+Smoke size (seconds, for tests):
+    python -m experiments.run --config configs/kv_quant.py:tiny --config.model.path=<folder>
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config(size: str = "default") -> ml_collections.ConfigDict:
+    if size not in ("default", "tiny"):
+        raise ValueError(f"config variant must be 'default' or 'tiny', got {size!r}")
+    tiny = size == "tiny"
+    c = ml_collections.ConfigDict()
+    c.experiment = "kv_quant"
+    c.results_dir = "results"
+    c.run_name = ""  # empty: a timestamp
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(dict(path="smollm2", tokenizer="auto", dtype="float32"))
+    # chunk <= residual_length: each chunk attends to its own tokens in full precision (as the peer does).
+    c.perplexity = ml_collections.ConfigDict(dict(seq_len=64 if tiny else 1024, max_windows=2 if tiny else 4,
+                                                  batch_size=2 if tiny else 4, chunk=16 if tiny else 32))
+    c.kivi = ml_collections.ConfigDict(dict(bits=(8, 4, 2), group_size=8 if tiny else 32,
+                                            residual_length=16 if tiny else 32))
+    c.paged = ml_collections.ConfigDict(dict(page_size=16))
+    c.memory_capacity = 64 if tiny else 4096
+    c.retrieval = ml_collections.ConfigDict(dict(contexts=(48,) if tiny else (2048, 4096),
+                                                 depths=(0.5,) if tiny else (0.1, 0.5, 0.9), samples=1))
+    c.speed = ml_collections.ConfigDict(dict(prompt_tokens=16 if tiny else 512, new_tokens=4 if tiny else 32))
+    c.peer = ml_collections.ConfigDict(dict(bits=() if tiny else (2, 4)))
+    return c

@@ -1,0 +1,38 @@
+"""The KV-quantization experiment runs end to end on a tiny random model: every cache has a
+row, the lossless ones match dense, quantized ones are smaller and not better than exact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from configs import kv_quant as kv_quant_config
+from experiments.common import save_random_model
+from experiments.kv_quant import settings_from
+from experiments.run import run_experiment
+
+
+def test_kv_quant_end_to_end(tmp_path: Path) -> None:
+    config = kv_quant_config.get_config("tiny")
+    config.model.path = str(save_random_model(tmp_path / "model"))
+    config.results_dir, config.run_name = str(tmp_path), "smoke"
+    out = run_experiment(config)
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = {r["cache"]: r for r in metrics["rows"]}
+    assert list(rows) == ["dense", "dense_bf16", "paged", "kivi8", "kivi4", "kivi2"]
+    assert rows["paged"]["bits_per_byte"] == pytest.approx(rows["dense"]["bits_per_byte"], rel=1e-6)
+    assert rows["paged"]["greedy_agrees_with_dense"]
+    # (at this toy size, head_dim 8 and groups of 8, scales and the residual outweigh 8-bit codes)
+    assert rows["kivi2"]["memory_bytes"] < rows["kivi4"]["memory_bytes"] < rows["kivi8"]["memory_bytes"] \
+        < rows["dense"]["memory_bytes"]
+    assert rows["kivi2"]["bits_per_byte"] != rows["dense"]["bits_per_byte"]  # quantization happened
+    assert (out / "kv_quant.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_chunk_longer_than_the_residual_is_refused_with_its_key() -> None:
+    config = kv_quant_config.get_config("tiny")
+    config.perplexity.chunk = 64
+    with pytest.raises(ValueError, match="config.perplexity.chunk=64"):
+        settings_from(config)
