@@ -26,8 +26,12 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     c.perplexity = ml_collections.ConfigDict(dict(seq_len=64 if tiny else 1024, max_windows=2 if tiny else 4,
                                                   batch_size=2 if tiny else 4, chunk=16 if tiny else 32))
     # bits: any of 8, 4, 2 (the default run measures 4 and 2 to fit the CPU's time).
-    c.kivi = ml_collections.ConfigDict(dict(bits=(8, 4, 2) if tiny else (4, 2), group_size=8 if tiny else 32,
-                                            residual_length=16 if tiny else 32))
+    c.kivi = ml_collections.ConfigDict(dict(bits=(4, 2), group_size=8 if tiny else 32,
+                                            residual_length=16 if tiny else 32,
+                                            # also stored in bfloat16 (scales, zeros, residual) at these widths
+                                            bf16_bits=() if tiny else (4, 2)))
+    # GEAR (Kang et al. 2024) on KIVI: rank of each group's error approximation, fraction of exact outliers.
+    c.gear = ml_collections.ConfigDict(dict(bits=(2,), rank=2, outlier_fraction=0.02))
     c.paged = ml_collections.ConfigDict(dict(page_size=16))
     c.memory_capacity = 64 if tiny else 4096
     # Passkey contexts the dense model solves at >= 90% (SmolLM2 on 3 depths: 1.00 at 2048, 0.67 at 4096).

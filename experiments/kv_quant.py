@@ -1,6 +1,7 @@
 """Paged and quantized KV caches on the real model: quality against memory and speed.
 
-For each cache (dense, dense bf16, paged, KIVI at each configured bit width) on the
+For each cache (dense, dense bf16, paged, KIVI at each configured bit width, GEAR on
+KIVI: a low-rank approximation of the quantization error and exact outliers) on the
 embedded default (SmolLM2-135M-Instruct): bits/byte of held-out stdlib windows
 prefilled through the cache in chunks (a lossy cache changes the logits of every
 chunk after the first), passkey retrieval at the configured context lengths,
@@ -60,6 +61,10 @@ class Settings:
     new_tokens: int
     peer_bits: tuple[int, ...]
     seed: int
+    gear_bits: tuple[int, ...] = ()
+    bf16_bits: tuple[int, ...] = ()
+    gear_rank: int = 2
+    gear_outlier_fraction: float = 0.02
 
     def __post_init__(self) -> None:
         check_positive(self, "seq_len", "max_windows", "batch_size", "chunk", "group_size", "residual_length",
@@ -78,7 +83,9 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
         memory_capacity=config.memory_capacity, contexts=tuple(config.retrieval.contexts),
         depths=tuple(config.retrieval.depths), samples=config.retrieval.samples,
         prompt_tokens=config.speed.prompt_tokens, new_tokens=config.speed.new_tokens,
-        peer_bits=tuple(config.peer.bits), seed=int(config.seed))
+        peer_bits=tuple(config.peer.bits), seed=int(config.seed), gear_bits=tuple(config.gear.bits),
+        gear_rank=config.gear.rank, gear_outlier_fraction=config.gear.outlier_fraction,
+        bf16_bits=tuple(config.kivi.bf16_bits))
 
 
 def cache_factories(s: Settings) -> dict[str, tuple[Callable[..., Any], bool]]:
@@ -91,6 +98,14 @@ def cache_factories(s: Settings) -> dict[str, tuple[Callable[..., Any], bool]]:
     for bits in s.bits:
         out[f"kivi{bits}"] = (functools.partial(KIVICache.for_model, bits=bits, group_size=s.group_size,
                                                 residual_length=s.residual_length), False)
+    for bits in s.bf16_bits:  # scales, zeros and the residual in bfloat16, as a bf16 model would keep them
+        out[f"kivi{bits}_bf16"] = (functools.partial(KIVICache.for_model, dtype="bfloat16", bits=bits,
+                                                     group_size=s.group_size, residual_length=s.residual_length),
+                                   False)
+    for bits in s.gear_bits:
+        out[f"gear{bits}"] = (functools.partial(KIVICache.for_model, bits=bits, group_size=s.group_size,
+                                                residual_length=s.residual_length, rank=s.gear_rank,
+                                                outlier_fraction=s.gear_outlier_fraction), False)
     return out
 
 

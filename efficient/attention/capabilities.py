@@ -44,6 +44,7 @@ class Capabilities:
     mask_with_segments: bool = True
     causal_needs_t_eq_s: bool = False
     max_t: int | None = None  # the most queries per call (None: any)
+    corrections: bool = True  # a QuantizedView's GEAR low-rank/outlier corrections
 
 
 CAPABILITIES: dict[str, Capabilities] = {
@@ -61,7 +62,7 @@ CAPABILITIES: dict[str, Capabilities] = {
     ),
     "pallas_tpu_quantized": Capabilities(
         views=(QuantizedView,), backends=("tpu", "cpu"), dtypes=(F32, BF16), same_dtype=True,
-        head_dims=SUPPORTED_HEAD_DIMS, segments=False, key_stats=False, max_t=MAX_QUERIES,
+        head_dims=SUPPORTED_HEAD_DIMS, segments=False, key_stats=False, max_t=MAX_QUERIES, corrections=False,
     ),
     # jax.nn.dot_product_attention(implementation="cudnn"): default positions only.
     "cudnn": Capabilities(
@@ -119,6 +120,8 @@ def unsupported(
          lambda: f"an arbitrary mask is served for T <= {caps.mask_max_t}, got T={t}"),
         (mask is not None and q_segment_ids is not None and not caps.mask_with_segments,
          lambda: "a mask together with segment ids is not served"),
+        (getattr(view, "has_corrections", False) and not caps.corrections,
+         lambda: "GEAR low-rank/outlier corrections are not served"),
         (caps.max_t is not None and t > caps.max_t, lambda: f"serves T <= {caps.max_t} queries, got T={t}"),
         (spec.causal and caps.causal_needs_t_eq_s and t != s,
          lambda: f"causal with T={t} != S={s} is not served (top-left aligned mask)"),

@@ -18,7 +18,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from efficient.attention.reference import grouped_attention, pack_outputs
 from efficient.attention.spec import AttentionSpec
-from efficient.attention.views import PagedView, QuantizedView, dequantize
+from efficient.attention.views import PagedView, QuantizedView, add_corrections, dequantize
 
 TARGET_BLOCK = 512  # slots per block: measured on XLA:CPU like the blockwise dense path's decode blocks
 
@@ -60,6 +60,14 @@ def view_block(
                        cut(view.k_zero, start // g, size // g), axis="channel", **q).astype(view.dtype)
         v = dequantize(cut(view.v_codes, start, size), cut(view.v_scale, start, size),
                        cut(view.v_zero, start, size), axis="token", **q).astype(view.dtype)
+        if view.has_corrections:  # GEAR: per-slot, per-group, per-group
+            def block(fields: tuple) -> tuple:
+                a, b_, values, index = fields
+                return (None if a is None else cut(a, start, size), None if b_ is None else cut(b_, start // g, size // g),
+                        None if values is None else cut(values, start // g, size // g),
+                        None if index is None else cut(index, start // g, size // g))
+            k = add_corrections(k, g, *block(view.corrections("k")))
+            v = add_corrections(v, g, *block(view.corrections("v")))
         pos = cut(view.positions, start, size)
     slot = start + jnp.arange(size, dtype=jnp.int32)[None, :]
     if view.lengths is not None:

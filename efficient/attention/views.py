@@ -171,6 +171,28 @@ def dequantize(
     return codes * scale + zero
 
 
+def add_corrections(
+    x: Float[Array, "B S K H"], group_size: int, a: jax.Array | None, b: jax.Array | None,
+    outlier_values: jax.Array | None, outlier_index: jax.Array | None,
+) -> Float[Array, "B S K H"]:
+    """x + a @ b per group of g tokens (a [B, S, K, R], b [B, S/g, K, R, H]), then the
+    outliers (values/index [B, S/g, K, O]) written back exactly."""
+    bsz, s, kh, h = x.shape
+    g = group_size
+    out = x.astype(jnp.float32).reshape(bsz, s // g, g, kh, h)
+    if a is not None:
+        lr = jnp.einsum("bngkr,bnkrh->bngkh", a.astype(jnp.float32).reshape(bsz, s // g, g, kh, -1),
+                        b.astype(jnp.float32))
+        out = out + lr
+    if outlier_values is not None:
+        block = jnp.moveaxis(out, 3, 2).reshape(bsz, s // g, kh, g * h)
+        rows = jnp.indices(outlier_index.shape)
+        block = block.at[rows[0], rows[1], rows[2], outlier_index.astype(jnp.int32)].set(
+            outlier_values.astype(jnp.float32))
+        out = jnp.moveaxis(block.reshape(bsz, s // g, kh, g, h), 2, 3)
+    return out.reshape(bsz, s, kh, h).astype(x.dtype)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantizedView:
@@ -180,6 +202,10 @@ class QuantizedView:
     (see `dequantize`); positions [B, S] of the quantized slots; lengths [B]: the
     quantized slots in use; residual_k/v [B, R, K, H] with residual_positions [B, R].
     Logical slot order is the S quantized slots, then the R residual ones.
+    Optional GEAR corrections (Kang et al. 2024), per k/v: a rank-R approximation of the
+    quantization error of each group of g slots (`*_lowrank_a` [B, S, K, R] per slot,
+    `*_lowrank_b` [B, S/g, K, R, H] per group) and exact outliers (`*_outlier_values` and
+    int16 `*_outlier_index` into the group's flattened [g, H] block, [B, S/g, K, O]).
     """
 
     k_codes: UInt8[Array, "B S K Hp"]
@@ -193,6 +219,14 @@ class QuantizedView:
     residual_v: Float[Array, "B R K H"]
     residual_positions: Int[Array, "B R"]
     lengths: Int[Array, " B"] | None = None
+    k_lowrank_a: jax.Array | None = None
+    k_lowrank_b: jax.Array | None = None
+    k_outlier_values: jax.Array | None = None
+    k_outlier_index: jax.Array | None = None
+    v_lowrank_a: jax.Array | None = None
+    v_lowrank_b: jax.Array | None = None
+    v_outlier_values: jax.Array | None = None
+    v_outlier_index: jax.Array | None = None
     bits: int = _static(4)
     group_size: int = _static(32)
     k_axis: str = _static("channel")
@@ -210,6 +244,16 @@ class QuantizedView:
     @property
     def batch_size(self) -> int:
         return self.k_codes.shape[0]
+
+    @property
+    def has_corrections(self) -> bool:
+        return any(getattr(self, f"{p}_{name}") is not None for p in "kv"
+                   for name in ("lowrank_a", "outlier_values"))
+
+    def corrections(self, prefix: str) -> tuple:
+        """(lowrank_a, lowrank_b, outlier_values, outlier_index) of "k" or "v" (None where absent)."""
+        return tuple(getattr(self, f"{prefix}_{name}")
+                     for name in ("lowrank_a", "lowrank_b", "outlier_values", "outlier_index"))
 
     @property
     def num_quantized(self) -> int:
@@ -296,6 +340,9 @@ def dense_kv(view: KVView, layout: str = "BSKH") -> tuple[jax.Array, jax.Array]:
         dt = view.dtype
         k = dequantize(view.k_codes, view.k_scale, view.k_zero, axis=view.k_axis, **q).astype(dt)
         v = dequantize(view.v_codes, view.v_scale, view.v_zero, axis=view.v_axis, **q).astype(dt)
+        if view.has_corrections:
+            k = add_corrections(k, view.group_size, *view.corrections("k"))
+            v = add_corrections(v, view.group_size, *view.corrections("v"))
         k = jnp.concatenate([k, view.residual_k], axis=1)
         v = jnp.concatenate([v, view.residual_v], axis=1)
     if layout == "BKSH":

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, UInt8
 
-from efficient.attention.views import QuantizedView, dequantize
+from efficient.attention.views import QuantizedView, add_corrections, dequantize
 from efficient.cache.dense import (
     _floating_dtype,
     _from_storage,
@@ -39,7 +39,10 @@ from efficient.cache.dense import (
     positive_int,
 )
 from efficient.cache.protocol import tree_nbytes
-from efficient.cache.quantize import check_bits, quantize_keys, quantize_values
+from efficient.cache.quantize import check_bits, low_rank, quantize_keys, quantize_values, split_outliers
+
+GEAR_FIELDS = tuple(f"{p}_{name}" for p in "kv" for name in ("lowrank_a", "lowrank_b", "outlier_values",
+                                                             "outlier_index"))
 
 
 def _take(x: jax.Array, index: Int[Array, "B C"]) -> jax.Array:
@@ -72,19 +75,34 @@ class KIVICache:
     flush_start: Int[Array, " B"]
     flush_groups: Int[Array, " B"]
     append_start: Int[Array, " B"]
+    # GEAR (rank > 0 / outliers > 0): per-slot [L, B, S, K, R] and per-group [L, B, S/g, K, R, H]
+    # low-rank factors of the quantization error; per-group outliers [L, B, S/g, K, O].
+    k_lowrank_a: jax.Array | None = None
+    k_lowrank_b: jax.Array | None = None
+    k_outlier_values: jax.Array | None = None
+    k_outlier_index: jax.Array | None = None
+    v_lowrank_a: jax.Array | None = None
+    v_lowrank_b: jax.Array | None = None
+    v_outlier_values: jax.Array | None = None
+    v_outlier_index: jax.Array | None = None
     bits: int = dataclasses.field(default=4, metadata=dict(static=True))
     group_size: int = dataclasses.field(default=32, metadata=dict(static=True))
     residual_length: int = dataclasses.field(default=32, metadata=dict(static=True))
+    rank: int = dataclasses.field(default=0, metadata=dict(static=True))
+    outliers: int = dataclasses.field(default=0, metadata=dict(static=True))
     dtype_name: str = dataclasses.field(default="float32", metadata=dict(static=True))
 
     @classmethod
     def init(
         cls, *, num_layers: int, batch_size: int, capacity: int, num_kv_heads: int, head_dim: int,
         bits: int = 4, group_size: int = 32, residual_length: int = 32, dtype: jnp.dtype | str = jnp.float32,
+        rank: int = 0, outlier_fraction: float = 0.0,
     ) -> KIVICache:
         """capacity: logical slots per row (rounded up to a multiple of `group_size`);
         residual_length: recent tokens always kept in full precision (the residual ring
-        holds residual_length + group_size)."""
+        holds residual_length + group_size). GEAR (Kang et al. 2024) on top: `rank` > 0
+        keeps a rank-`rank` approximation of each group's quantization error and
+        `outlier_fraction` > 0 that fraction of each (group, head)'s g * H entries exactly."""
         caller = "KIVICache.init"
         for name, value in (("num_layers", num_layers), ("batch_size", batch_size), ("capacity", capacity),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim), ("group_size", group_size),
@@ -97,6 +115,14 @@ class KIVICache:
         if (head_dim * bits) % 8:
             raise ValueError(f"{caller}: head_dim={head_dim} at bits={bits} does not fill whole bytes")
         capacity = -(-capacity // group_size) * group_size
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= min(group_size, head_dim):
+            raise ValueError(f"{caller}: rank={rank!r} must be an int in [0, min(group_size, head_dim)]")
+        if not isinstance(outlier_fraction, int | float) or not 0.0 <= outlier_fraction < 0.5:
+            raise ValueError(f"{caller}: outlier_fraction={outlier_fraction!r} must be in [0, 0.5)")
+        outliers = int(round(outlier_fraction * group_size * head_dim))
+        if outlier_fraction > 0 and outliers == 0:
+            raise ValueError(f"{caller}: outlier_fraction={outlier_fraction} keeps no entry of a group of "
+                             f"{group_size} x {head_dim}")
         if residual_length > capacity:
             raise ValueError(f"{caller}: residual_length={residual_length} is larger than the capacity {capacity}")
         dtype = _floating_dtype(dtype)
@@ -119,14 +145,31 @@ class KIVICache:
             residual_slots=jnp.full((batch_size, ring), -1, jnp.int32),
             lengths=zeros_b(), quantized=zeros_b(), flush_start=zeros_b(), flush_groups=zeros_b(), append_start=zeros_b(),
             bits=bits, group_size=group_size, residual_length=residual_length, dtype_name=dtype.name,
+            rank=rank, outliers=outliers, **cls._gear_fields(lb, capacity, num_kv_heads, head_dim, group_size,
+                                                              rank, outliers, store),
         )
+
+    @staticmethod
+    def _gear_fields(lb: tuple, capacity: int, kh: int, h: int, g: int, rank: int, outliers: int,
+                     store: jnp.dtype) -> dict:
+        fields: dict = {}
+        for p in "kv":
+            if rank:
+                fields[f"{p}_lowrank_a"] = jnp.zeros((*lb, capacity, kh, rank), store)
+                fields[f"{p}_lowrank_b"] = jnp.zeros((*lb, capacity // g, kh, rank, h), store)
+            if outliers:
+                fields[f"{p}_outlier_values"] = jnp.zeros((*lb, capacity // g, kh, outliers), store)
+                fields[f"{p}_outlier_index"] = jnp.zeros((*lb, capacity // g, kh, outliers), jnp.int16)
+        return fields
 
     @classmethod
     def for_model(cls, config, batch_size: int, capacity: int, dtype=None, *, bits: int = 4,  # noqa: ANN001
-                  group_size: int = 32, residual_length: int = 32) -> KIVICache:
+                  group_size: int = 32, residual_length: int = 32, rank: int = 0,
+                  outlier_fraction: float = 0.0) -> KIVICache:
         return cls.init(num_layers=config.num_layers, batch_size=batch_size, capacity=capacity,
                         num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, bits=bits,
-                        group_size=group_size, residual_length=residual_length, dtype=dtype or config.dtype)
+                        group_size=group_size, residual_length=residual_length, dtype=dtype or config.dtype,
+                        rank=rank, outlier_fraction=outlier_fraction)
 
     # ------------------------------------------------------------ shapes
     @property
@@ -219,8 +262,22 @@ class KIVICache:
         pick = lambda res, x: jnp.where(old[:, :, None, None], _take(res, flush_slots % r),  # noqa: E731
                                         _take(x.astype(dt), new_index))
         fk, fv = pick(res_k, k), pick(res_v, v)  # B F*g K H
-        kc, ks, kz = quantize_keys(fk.reshape(b, num_groups, g, *fk.shape[2:]), self.bits)
-        vc, vs, vz = quantize_values(fv, self.bits, g)
+        kh, h = fk.shape[2:]
+        gear: dict[str, jax.Array] = {}
+        fk5, fv5 = (x.reshape(b, num_groups, g, kh, h) for x in (fk, fv))
+        if self.outliers:
+            fk5, gear["k_outlier_values"], gear["k_outlier_index"] = split_outliers(fk5, self.outliers)
+            fv5, gear["v_outlier_values"], gear["v_outlier_index"] = split_outliers(fv5, self.outliers)
+        kc, ks, kz = quantize_keys(fk5, self.bits)
+        vc, vs, vz = quantize_values(fv5.reshape(b, num_groups * g, kh, h), self.bits, g)
+        if self.rank:
+            q = dict(bits=self.bits, group_size=g)
+            k_err = fk5 - dequantize(kc.reshape(b, num_groups * g, kh, -1), ks, kz, axis="channel",
+                                     **q).reshape(fk5.shape)
+            v_err = fv5 - dequantize(vc, vs, vz, axis="token", **q).reshape(fv5.shape)
+            for p, err in (("k", k_err), ("v", v_err)):
+                a, bm = low_rank(err, self.rank)
+                gear[f"{p}_lowrank_a"], gear[f"{p}_lowrank_b"] = a.reshape(b, num_groups * g, kh, -1), bm
         valid = jnp.arange(num_groups * g, dtype=jnp.int32)[None, :] < (self.flush_groups * g)[:, None]
         dest = jnp.where(valid, flush_slots, cap)
         group_index = self.flush_start[:, None] // g + jnp.arange(num_groups, dtype=jnp.int32)[None, :]
@@ -236,6 +293,11 @@ class KIVICache:
             v_scale=self.v_scale.at[layer, rows, dest].set(store(vs), mode="drop"),
             v_zero=self.v_zero.at[layer, rows, dest].set(store(vz), mode="drop"),
         )
+        for name, x in gear.items():  # per slot (lowrank_a) or per group (the rest)
+            stored = x if name.endswith("index") else store(x)
+            target = getattr(self, name)
+            fields[name] = (target.at[layer, rows, dest].set(stored, mode="drop") if name.endswith("lowrank_a")
+                            else target.at[layer, grows, group_dest].set(stored, mode="drop"))
         # New tokens not flushed go to the residual ring (slots past the capacity: dropped).
         flushed_to = self.flush_start + self.flush_groups * g
         entry = jnp.where((slots >= flushed_to[:, None]) & (slots < cap), slots % r, r)
@@ -254,7 +316,12 @@ class KIVICache:
             v_scale=_from_storage(self.v_scale[layer], dt), v_zero=_from_storage(self.v_zero[layer], dt),
             positions=self.positions, residual_k=_from_storage(self.residual_k[layer], dt),
             residual_v=_from_storage(self.residual_v[layer], dt), residual_positions=self.residual_positions,
-            lengths=self.quantized, bits=self.bits, group_size=self.group_size, k_axis="channel", v_axis="token")
+            lengths=self.quantized, bits=self.bits, group_size=self.group_size, k_axis="channel", v_axis="token",
+            **{name: self._layer(name, layer) for name in GEAR_FIELDS if getattr(self, name) is not None})
+
+    def _layer(self, name: str, layer: int | Int[Array, ""]) -> jax.Array:
+        x = getattr(self, name)[layer]
+        return x if name.endswith("index") else _from_storage(x, self.dtype)
 
     @property
     def views_differ_by_window(self) -> bool:
@@ -306,6 +373,18 @@ class KIVICache:
         v = jax.vmap(lambda c, s, z: dequantize(c, s, z, axis="token", **q))(
             take(self.v_codes, slots), take(_from_storage(self.v_scale, dt), slots),
             take(_from_storage(self.v_zero, dt), slots))
+        if self.rank or self.outliers:  # GEAR corrections of that group, all layers
+            def fields(p: str) -> list:
+                out = []
+                for name in ("lowrank_a", "lowrank_b", "outlier_values", "outlier_index"):
+                    x = getattr(self, f"{p}_{name}")
+                    if x is not None:
+                        x = x if name.endswith("index") else _from_storage(x, dt)
+                        x = take(x, slots if name == "lowrank_a" else group)
+                    out.append(x)
+                return out
+            k = jax.vmap(lambda x, *c: add_corrections(x, g, *c))(k, *fields("k"))
+            v = jax.vmap(lambda x, *c: add_corrections(x, g, *c))(v, *fields("v"))
         return k.astype(dt), v.astype(dt)
 
     def select(

@@ -58,3 +58,34 @@ def quantize_values(
 def error_bound(scale: jax.Array) -> jax.Array:
     """The largest reconstruction error of min-max rounding: half a quantization step."""
     return scale / 2
+
+
+# ------------------------------------------------------------------ GEAR (Kang et al. 2024)
+
+
+def split_outliers(
+    x: Float[Array, "B F g K H"], count: int
+) -> tuple[Float[Array, "B F g K H"], Float[Array, "B F K O"], jax.Array]:
+    """GEAR's sparse part: per (group, head) the `count` entries farthest from the group's mean,
+    kept exactly (values, and int16 indices into the flattened [g, H] block); the inliers
+    get the mean at those entries, so the outliers do not stretch the quantization range."""
+    b, f, g, kh, h = x.shape
+    x = x.astype(jnp.float32)
+    block = jnp.moveaxis(x, 3, 2).reshape(b, f, kh, g * h)  # B F K gH
+    mean = jnp.mean(block, axis=-1, keepdims=True)
+    _, index = jax.lax.top_k(jnp.abs(block - mean), count)
+    values = jnp.take_along_axis(block, index, axis=-1)
+    rows = jnp.indices(index.shape)
+    inliers = block.at[rows[0], rows[1], rows[2], index].set(jnp.broadcast_to(mean, index.shape))
+    inliers = jnp.moveaxis(inliers.reshape(b, f, kh, g, h), 2, 3)
+    return inliers, values, index.astype(jnp.int16)
+
+
+def low_rank(error: Float[Array, "B F g K H"], rank: int) -> tuple[Float[Array, "B F g K R"], Float[Array, "B F K R H"]]:
+    """GEAR's low-rank part: the best rank-`rank` approximation (truncated SVD) of the
+    quantization error of each (group, head) [g, H] block: error ~ a @ b."""
+    block = jnp.moveaxis(error.astype(jnp.float32), 3, 2)  # B F K g H
+    u, s, vt = jnp.linalg.svd(block, full_matrices=False)
+    a = u[..., :rank] * s[..., None, :rank]  # B F K g R
+    return jnp.moveaxis(a, 2, 3), vt[..., :rank, :]
+

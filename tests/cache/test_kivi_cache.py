@@ -5,6 +5,7 @@ rollback and tree commits move the right entries, and bad settings are refused."
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 from helpers.tiny import tiny_model
 
-from efficient.attention import AttentionSpec, attention
+import efficient.attention.backends  # noqa: F401  (registers the pallas adapters)
+from efficient.attention import CAPABILITIES, AttentionSpec, attention, unsupported
 from efficient.attention.views import dense_kv, slot_positions
 from efficient.cache import DenseKVCache
 from efficient.cache.kivi import KIVICache
@@ -27,8 +29,9 @@ def _model():  # noqa: ANN202
     return tiny_model(head_dim=16)
 
 
-def _kivi(bits: int, b: int = 2, capacity: int = 64) -> KIVICache:
-    return KIVICache.for_model(_model().config, b, capacity, bits=bits, group_size=G, residual_length=RESIDUAL)
+def _kivi(bits: int, b: int = 2, capacity: int = 64, **gear: object) -> KIVICache:
+    return KIVICache.for_model(_model().config, b, capacity, bits=bits, group_size=G, residual_length=RESIDUAL,
+                               **gear)
 
 
 def _tokens(seed: int, b: int = 2, t: int = 40) -> jax.Array:
@@ -47,14 +50,21 @@ def _run(cache, tokens: jax.Array, chunks: list[int]) -> tuple[np.ndarray, objec
 CHUNKS = [13, 1, 3, 1, 3, 3, 3, 13]  # 40 tokens: flushes from the residual and from a long chunk
 
 
+@functools.cache
+def _prefilled(bits: int | None, **gear: object) -> tuple[np.ndarray, object]:
+    """Logits and cache after CHUNKS of the shared tokens (bits None: the dense cache);
+    shared by the tests of this module (one run per cache setting)."""
+    cache = DenseKVCache.for_model(_model().config, 2, 64) if bits is None else _kivi(bits, **gear)
+    return _run(cache, _tokens(0), CHUNKS)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_stored_keys_and_values_are_within_the_rounding_bound_and_really_quantized(bits: int) -> None:
     """Layer 0's keys and values depend on the tokens only, so dense and KIVI caches store the
     same ones: every quantized entry is within half a step of the exact one, some error is
     nonzero, the residual is exact."""
-    tokens = _tokens(0)
-    _, dense = _run(DenseKVCache.for_model(_model().config, 2, 64), tokens, CHUNKS)
-    _, kivi = _run(_kivi(bits), tokens, CHUNKS)
+    _, dense = _prefilled(None)
+    _, kivi = _prefilled(bits)
     q = np.asarray(kivi.quantized)
     assert np.all(q % G == 0) and np.all(q >= 40 - RESIDUAL - G) and np.all(q <= 40 - RESIDUAL)
     for layer in (0,):
@@ -78,8 +88,9 @@ def test_stored_keys_and_values_are_within_the_rounding_bound_and_really_quantiz
             np.testing.assert_array_equal(k[row, kivi.capacity:][live], k_ref[row, slots])
 
 
-def test_blockwise_attention_over_the_view_equals_the_oracle() -> None:
-    _, kivi = _run(_kivi(4), _tokens(1), CHUNKS)
+@pytest.mark.parametrize("gear", [{}, dict(rank=2, outlier_fraction=0.05)], ids=["kivi", "gear"])
+def test_blockwise_attention_over_the_view_equals_the_oracle(gear: dict) -> None:
+    _, kivi = _prefilled(4, **gear)
     view = kivi.view(1)
     q = jnp.asarray(np.random.default_rng(2).normal(size=(2, 3, 4, 16)), jnp.float32)
     q_positions = jnp.asarray([[37, 38, 39]] * 2, jnp.int32)
@@ -97,12 +108,11 @@ def test_blockwise_attention_over_the_view_equals_the_oracle() -> None:
 def test_decode_stays_near_dense_and_lossier_at_fewer_bits() -> None:
     """Max logit distance to the dense cache over 40 tokens (tiny model, logits ~ +-20):
     8-bit within 0.1, and the distance grows as bits shrink (a skipped quantizer fails)."""
-    tokens = _tokens(4)
-    want, _ = _run(DenseKVCache.for_model(_model().config, 2, 64), tokens, CHUNKS)
-    err = {bits: np.abs(_run(_kivi(bits), tokens, CHUNKS)[0] - want).max() for bits in (2, 4, 8)}
+    want, _ = _prefilled(None)
+    err = {bits: np.abs(_prefilled(bits)[0] - want).max() for bits in (2, 4, 8)}
     assert 0 < err[8] < 0.1 < err[4] < err[2], err
     # Tokens attended in full precision (the first prompt chunk fits the residual + one group) are exact.
-    np.testing.assert_allclose(_run(_kivi(2), tokens, CHUNKS)[0][:, :13], want[:, :13], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_prefilled(2)[0][:, :13], want[:, :13], rtol=1e-5, atol=1e-5)
 
 
 def test_rollback_into_the_packed_store_and_select_keep_positions_and_values() -> None:
@@ -129,7 +139,30 @@ def test_rollback_into_the_packed_store_and_select_keep_positions_and_values() -
     assert np.all(np.isfinite(a))
 
 
+def test_gear_corrections_shrink_the_error_and_keep_outliers_exact() -> None:
+    """GEAR on 2-bit KIVI (Kang et al. 2024): the low-rank part and the outliers bring layer 0's
+    stored keys and values closer to the exact ones; kernels without corrections refuse the view."""
+    _, dense = _prefilled(None)
+    ref = dense.view(0)
+    exact = np.concatenate([np.swapaxes(np.asarray(x), 1, 2) for x in (ref.k, ref.v)], axis=-1)
+    errors = {}
+    for name, gear in (("kivi", {}), ("lowrank", dict(rank=2)), ("outliers", dict(outlier_fraction=0.05)),
+                       ("gear", dict(rank=2, outlier_fraction=0.05))):
+        _, cache = _prefilled(2, **gear)
+        n = int(np.min(cache.quantized))
+        got = np.concatenate([np.asarray(x) for x in dense_kv(cache.view(0))], axis=-1)
+        errors[name] = float(np.linalg.norm(got[:, :n] - exact[:, :n]))
+    assert errors["gear"] < errors["lowrank"] < errors["kivi"] and errors["outliers"] < errors["kivi"], errors
+    view = cache.view(0)
+    q = jnp.zeros((2, 1, 4, 16), jnp.float32)
+    caps = dataclasses.replace(CAPABILITIES["pallas_tpu_quantized"], head_dims=None)  # this model's H is 16
+    reason = unsupported("pallas_tpu_quantized", q, view, AttentionSpec(), capabilities=caps)
+    assert reason is not None and "GEAR" in reason
+
+
 @pytest.mark.parametrize("kwargs, match", [
+    (dict(rank=9), "rank=9 must be an int in"),
+    (dict(outlier_fraction=0.6), "outlier_fraction=0.6 must be in"),
     (dict(bits=3), "bits=3 cannot be packed"),
     (dict(group_size=12), "group_size=12 must divide head_dim=16"),
     (dict(residual_length=200), "residual_length=200 is larger than the capacity 64"),
