@@ -81,11 +81,28 @@ def split_outliers(
     return inliers, values, index.astype(jnp.int16)
 
 
-def low_rank(error: Float[Array, "B F g K H"], rank: int) -> tuple[Float[Array, "B F g K R"], Float[Array, "B F K R H"]]:
-    """GEAR's low-rank part: the best rank-`rank` approximation (truncated SVD) of the
-    quantization error of each (group, head) [g, H] block: error ~ a @ b."""
-    block = jnp.moveaxis(error.astype(jnp.float32), 3, 2)  # B F K g H
-    u, s, vt = jnp.linalg.svd(block, full_matrices=False)
-    a = u[..., :rank] * s[..., None, :rank]  # B F K g R
-    return jnp.moveaxis(a, 2, 3), vt[..., :rank, :]
+def _orthonormal_columns(y: Float[Array, "... H R"]) -> Float[Array, "... H R"]:
+    """Gram-Schmidt on the R (few) columns: matmuls only (XLA:CPU's batched SVD/QR inside
+    the layer scan took minutes for a 512-token prefill)."""
+    cols = []
+    for j in range(y.shape[-1]):
+        c = y[..., j]
+        for prev in cols:
+            c = c - jnp.sum(c * prev, axis=-1, keepdims=True) * prev
+        cols.append(c / jnp.maximum(jnp.linalg.norm(c, axis=-1, keepdims=True), 1e-12))
+    return jnp.stack(cols, axis=-1)
 
+
+def low_rank(error: Float[Array, "B F g K H"], rank: int, iterations: int = 4
+             ) -> tuple[Float[Array, "B F g K R"], Float[Array, "B F K R H"]]:
+    """GEAR's low-rank part: a rank-`rank` approximation error ~ a @ b of each (group, head)
+    [g, H] block by subspace (power) iteration, as GEAR computes it: q spans the top right
+    singular vectors after `iterations` rounds of q <- orth(E^T E q)."""
+    block = jnp.moveaxis(error.astype(jnp.float32), 3, 2)  # B F K g H
+    h = block.shape[-1]
+    start = jnp.eye(h, rank, dtype=jnp.float32) + 0.01 * jnp.cos(jnp.arange(h * rank, dtype=jnp.float32)).reshape(h, rank)
+    q = _orthonormal_columns(jnp.broadcast_to(start, (*block.shape[:3], h, rank)))
+    for _ in range(iterations):
+        q = _orthonormal_columns(jnp.einsum("...gh,...gr->...hr", block, block @ q))
+    a = block @ q  # B F K g R
+    return jnp.moveaxis(a, 2, 3), jnp.swapaxes(q, -1, -2)
