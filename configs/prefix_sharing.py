@@ -22,6 +22,6 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(path="smollm2", tokenizer="auto", dtype="float32"))
     c.system_tokens = 40 if tiny else 1024
     c.suffix_tokens = 8 if tiny else 32
-    c.requests = (1, 2) if tiny else (1, 2, 4)
+    c.requests = (1, 2) if tiny else (1, 2, 4, 8)
     c.page_size = 8 if tiny else 16
     return c
