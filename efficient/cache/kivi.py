@@ -17,6 +17,12 @@ the view is a `QuantizedView` (codes packed along H into uint8, float scales and
 zeros, residual), read in place, and `view_mask` maps a mask over logical slots
 onto it. `nbytes` is the real memory: packed codes, scales, zeros, residual and
 bookkeeping.
+
+GEAR (Kang et al. 2024) is a policy on this layout (`rank=`, `outlier_fraction=`):
+when a group is flushed, its entries farthest from the mean are kept exactly, the
+rest is quantized, and each (group, head) block's quantization error is kept as a
+rank-r factorisation (per-slot coefficients, per-group basis, found by power
+iteration); the view carries them and attention applies them block by block.
 """
 
 from __future__ import annotations
