@@ -85,6 +85,19 @@ def merge_partials(acc: tuple[jax.Array, jax.Array], part: tuple[jax.Array, jax.
     return o1 * w1 + o2.astype(jnp.float32) * w2, lse
 
 
+def attend_slots(
+    q: Float[Array, "B T N H"], k: Float[Array, "B C K H"], v: Float[Array, "B C K H"], positions: Int[Array, "B C"],
+    *, spec: AttentionSpec, q_positions: Int[Array, "B T"], q_segment_ids: Int[Array, "B T"] | None = None,
+    kv_segment_ids: Int[Array, "B C"] | None = None, mask: Bool[Array, "B T C"] | None = None, exact: bool = False,
+) -> tuple[Float[Array, "B T N H"], Float[Array, "B T N"]]:
+    """(normalised out, lse) over C slots of a block; empty slots (position -1) have their
+    values zeroed, so whatever they hold (NaN included) cannot reach the output."""
+    v = jnp.where((positions >= 0)[:, :, None, None], v, jnp.zeros((), v.dtype))
+    return grouped_attention(q, k, v, spec=spec, q_positions=q_positions, kv_positions=positions,
+                             q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, mask=mask,
+                             return_lse=True, exact=exact)
+
+
 def attention_over_blocks(
     q: Float[Array, "B T N H"],
     view: PagedView | QuantizedView,
@@ -105,13 +118,9 @@ def attention_over_blocks(
     num_blocks = -(-jnp.max(lengths) // size)
 
     def attend(k: jax.Array, v: jax.Array, pos: jax.Array, first: jax.Array | int, width: int):  # noqa: ANN202
-        cut = lambda x: None if x is None else jax.lax.dynamic_slice_in_dim(x, first, width, axis=2)  # noqa: E731
-        seg = None if kv_segment_ids is None else jax.lax.dynamic_slice_in_dim(kv_segment_ids, first, width, axis=1)
-        v = jnp.where((pos >= 0)[:, :, None, None], v, jnp.zeros((), v.dtype))  # undefined slots: never NaN
-        out, lse = grouped_attention(q, k, v, spec=spec, q_positions=q_positions, kv_positions=pos,
-                                     q_segment_ids=q_segment_ids, kv_segment_ids=seg, mask=cut(mask),
-                                     return_lse=True, exact=exact)
-        return out, lse
+        cut = lambda x, axis: None if x is None else jax.lax.dynamic_slice_in_dim(x, first, width, axis=axis)  # noqa: E731
+        return attend_slots(q, k, v, pos, spec=spec, q_positions=q_positions, q_segment_ids=q_segment_ids,
+                            kv_segment_ids=cut(kv_segment_ids, 1), mask=cut(mask, 2), exact=exact)
 
     def body(i: jax.Array, acc: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         start = i * size

@@ -22,14 +22,14 @@ from jaxtyping import Array, Float, Int
 from efficient.cache.protocol import DenseView, tree_nbytes
 
 
-def _floating_dtype(dtype: object) -> jnp.dtype:
+def _floating_dtype(dtype: object, caller: str = "DenseKVCache.init") -> jnp.dtype:
     """`dtype` as a jnp dtype; a non-floating one is refused (it would round keys and values)."""
     try:
         resolved = jnp.dtype(dtype)
     except TypeError as e:
-        raise TypeError(f"DenseKVCache.init: dtype must be a floating dtype, got {dtype!r}") from e
+        raise TypeError(f"{caller}: dtype must be a floating dtype, got {dtype!r}") from e
     if not jnp.issubdtype(resolved, jnp.floating):
-        raise ValueError(f"DenseKVCache.init: dtype must be a floating dtype (float32, bfloat16, ...), got "
+        raise ValueError(f"{caller}: dtype must be a floating dtype (float32, bfloat16, ...), got "
                          f"{resolved}: an integer cache would round keys and values")
     return resolved
 

@@ -131,7 +131,7 @@ class KIVICache:
                              f"{group_size} x {head_dim}")
         if residual_length > capacity:
             raise ValueError(f"{caller}: residual_length={residual_length} is larger than the capacity {capacity}")
-        dtype = _floating_dtype(dtype)
+        dtype = _floating_dtype(dtype, caller)
         store = _storage_dtype(dtype)
         lb = (num_layers, batch_size)
         ring = residual_length + group_size

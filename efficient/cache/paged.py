@@ -101,7 +101,7 @@ class PagedKVCache:
         if num_pages < pages_per_row:
             raise ValueError(f"{caller}: num_pages={num_pages} cannot hold one row at capacity {capacity} "
                              f"({pages_per_row} pages of {page_size})")
-        dtype = _floating_dtype(dtype)
+        dtype = _floating_dtype(dtype, caller)
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
         return cls(
             k_pages=jnp.zeros(shape, _storage_dtype(dtype)),

@@ -74,7 +74,7 @@ class RingKVCache(LayerStackedKV):
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim), ("window", window),
                             ("max_step", max_step)):
             positive_int(value, name, caller)
-        dtype = _floating_dtype(dtype)
+        dtype = _floating_dtype(dtype, caller)
         ring = min(window + max_step - 1, capacity)
         shape = (num_layers, batch_size, num_kv_heads, ring, head_dim)
         return cls(k=jnp.zeros(shape, _storage_dtype(dtype)), v=jnp.zeros(shape, _storage_dtype(dtype)),

@@ -23,8 +23,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from efficient.attention.dispatcher import register_implementation
 from efficient.attention.spec import AttentionSpec, KeyStats
-from efficient.attention.reference import grouped_attention, pack_outputs
-from efficient.attention.view_blocks import merge_partials
+from efficient.attention.reference import pack_outputs
+from efficient.attention.view_blocks import attend_slots, merge_partials
 from efficient.attention.views import DenseView, PagedView, QuantizedView, slot_positions
 from kernels_pallas.decode_attention import MAX_QUERIES, decode_attention
 from kernels_pallas.flash_attention import flash_attention
@@ -114,12 +114,8 @@ def pallas_tpu_quantized_attention(
         q, view.k_codes, view.k_scale, view.k_zero, view.v_codes, view.v_scale, view.v_zero, lengths,
         bits=view.bits, group_size=view.group_size, q_positions=q_positions, kv_positions=view.positions,
         mask=packed_mask, **_kernel_options(spec))
-    residual_positions = view.residual_positions.astype(jnp.int32)
-    residual_v = jnp.where((residual_positions >= 0)[:, :, None, None], view.residual_v,
-                           jnp.zeros((), view.residual_v.dtype))
-    residual = grouped_attention(q, view.residual_k, residual_v, spec=spec, q_positions=q_positions,
-                                 kv_positions=residual_positions, q_segment_ids=None, kv_segment_ids=None,
-                                 mask=None if mask is None else mask[:, :, stored:], return_lse=True, exact=False)
+    residual = attend_slots(q, view.residual_k, view.residual_v, view.residual_positions.astype(jnp.int32),
+                            spec=spec, q_positions=q_positions, mask=None if mask is None else mask[:, :, stored:])
     out, lse = merge_partials(packed, residual)
     return pack_outputs(out.astype(q.dtype), lse, None, return_lse)
 
