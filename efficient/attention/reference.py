@@ -44,15 +44,19 @@ def masked_softmax_attention(
     return out, lse, (p / safe if want_probs else None)
 
 
-def key_mass(probs: Float[Array, "B K G T S"], request: KeyStats) -> Float[Array, "B S"]:
-    """Softmax probabilities summed over the requested query heads (n = k * G + g) and queries."""
+def key_mass(probs: Float[Array, "B K G T S"], request: KeyStats) -> Float[Array, "B *KT S"]:
+    """Softmax probabilities summed over the requested query heads (n = k * G + g) and
+    queries: [B, S], or [B, K, S] / [B, T, S] / [B, K, T, S] as `request` keeps axes."""
     b, kh, g, t, s = probs.shape
-    probs = probs.reshape(b, kh * g, t, s)
     if request.heads is not None:
-        probs = probs[:, jnp.asarray(request.heads, jnp.int32)]
+        weights = jnp.zeros((kh * g,), probs.dtype).at[jnp.asarray(request.heads, jnp.int32)].set(1.0)
+        probs = probs * weights.reshape(1, kh, g, 1, 1)
     if request.queries is not None:
-        probs = probs[:, :, jnp.asarray(request.queries, jnp.int32)]
-    return jnp.sum(probs, axis=(1, 2))
+        probs = probs[:, :, :, jnp.asarray(request.queries, jnp.int32)]
+    mass = jnp.sum(probs, axis=2)  # B K T S
+    if not request.per_query:
+        mass = jnp.sum(mass, axis=2)
+    return mass if request.per_kv_head else jnp.sum(mass, axis=1)
 
 
 def pack_outputs(out: jax.Array, lse: jax.Array | None, mass: jax.Array | None, return_lse: bool):  # noqa: ANN201

@@ -150,12 +150,22 @@ class KeyStats:
     """A static request for per-slot attention mass [B, S]: the softmax probabilities
     summed over the named query heads and query indices (None: all), e.g. the
     accumulated attention score of H2O (Zhang et al. 2023) or the observation-window
-    vote of SnapKV (Li et al. 2024). `attention(..., key_stats=True)` means all."""
+    vote of SnapKV (Li et al. 2024). `attention(..., key_stats=True)` means all.
+
+    per_kv_head: keep the KV-head axis (summed over each head's G query heads only):
+        [B, K, S], what a cache that evicts per KV head scores with.
+    per_query: keep the query axis: [B, (K,) T, S], so the cache can weigh queries
+        by their positions (an observation window that skips padding)."""
 
     heads: tuple[int, ...] | None = None
     queries: tuple[int, ...] | None = None
+    per_kv_head: bool = False
+    per_query: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("per_kv_head", "per_query"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"KeyStats.{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("heads", "queries"):
             value = getattr(self, name)
             if value is not None and (

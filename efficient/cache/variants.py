@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+import math
 
 from efficient.cache.dense import DenseKVCache
+from efficient.cache.evicting import EvictingKVCache
 from efficient.cache.kivi import KIVICache
 from efficient.cache.paged import PagedKVCache
+from efficient.cache.press import press_for_budget
 from efficient.registry import register_cache
 
 register_cache("dense", DenseKVCache.for_model, lossless=True,
@@ -37,3 +40,31 @@ register_cache("gear2", kivi_factory(2, rank=2, outlier_fraction=0.02), lossless
                            "2% of its entries kept exactly",
                paper="Kang et al. 2024, GEAR: An Efficient KV Cache Compression Recipe for Near-Lossless "
                      "Generative Inference of LLM")
+
+
+def evicting_factory(press: str, kept: float = 0.25, max_step: int = 128):  # noqa: ANN201
+    """An evicting cache factory keeping `kept` of the capacity (at least 8 tokens) with the
+    named press (`press_for_budget`); `max_step` tokens of room for one forward (a prefill
+    chunk, a draft tree), so memory is budget + max_step entries."""
+    def factory(config, batch_size: int, capacity: int, dtype=None) -> EvictingKVCache:  # noqa: ANN001
+        budget = min(capacity, max(8, math.ceil(kept * capacity)))
+        return EvictingKVCache.for_model(config, batch_size, capacity, dtype, press=press_for_budget(press, budget),
+                                         budget=budget, max_step=max_step)
+
+    return factory
+
+
+EVICTION_PAPERS = {
+    "streaming_llm": ("attention sinks (4) and the most recent tokens",
+                      "Xiao et al. 2024, Efficient Streaming Language Models with Attention Sinks"),
+    "h2o": ("heavy hitters by accumulated attention plus the recent half of the budget",
+            "Zhang et al. 2023, H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs"),
+    "tova": ("the keys the newest query attends to most (head-averaged)",
+             "Oren et al. 2024, Transformers are Multi-State RNNs"),
+    "snapkv": ("keys voted for by the last 32 queries, pooled over 7 neighbours",
+               "Li et al. 2024, SnapKV: LLM Knows What You are Looking for Before Generation"),
+}
+for _press, (_what, _paper) in EVICTION_PAPERS.items():
+    register_cache(_press, evicting_factory(_press), lossless=False,
+                   description=f"Evicting cache keeping 25% of the capacity: {_what}; 128 entries of room "
+                               "per forward", paper=_paper)

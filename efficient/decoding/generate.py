@@ -99,6 +99,46 @@ def stop_hit(tokens: Int[Array, " B"], stop_ids: Int[Array, " S"]) -> jax.Array:
     return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
 
 
+def prefill_in_chunks(model, tokens: Int[Array, "B T"], positions: Int[Array, "B T"],  # noqa: ANN001
+                      prompt_lengths: Int[Array, " B"], cache: KVCache,
+                      implementation: str | tuple[str, ...] | None) -> tuple[jax.Array, KVCache]:
+    """A prefill into an empty cache; logits [B, 1, V] at each row's last prompt token.
+
+    A cache that holds only so many tokens per forward (an evicting cache:
+    `max_tokens_per_fresh_forward`) is prefilled in chunks of that size: the first
+    chunk fresh, the rest under one `lax.scan` (one compiled chunk, however long the
+    prompt), with the prompt padded to a whole number of chunks (padding takes no
+    position and is truncated away by the caller)."""
+    t = tokens.shape[1]
+    last = prompt_lengths - 1
+    chunk = getattr(cache, "max_tokens_per_fresh_forward", None)
+    if chunk is None or t <= chunk:
+        return forward(model, tokens, positions=positions, cache=cache, logits_indices=last[:, None],
+                       implementation=implementation, fresh_cache=True)
+    logits, cache = forward(model, tokens[:, :chunk], positions=positions[:, :chunk], cache=cache,
+                            logits_indices=jnp.clip(last, 0, chunk - 1)[:, None],
+                            implementation=implementation, fresh_cache=True)
+    rest = -(-(t - chunk) // chunk)
+    pad = chunk + rest * chunk - t
+    tokens = jnp.pad(tokens[:, chunk:], ((0, 0), (0, pad)))
+    positions = jnp.pad(positions[:, chunk:], ((0, 0), (0, pad)), constant_values=-1)
+    b = tokens.shape[0]
+    xs = (tokens.reshape(b, rest, chunk).swapaxes(0, 1), positions.reshape(b, rest, chunk).swapaxes(0, 1),
+          chunk + chunk * jnp.arange(rest, dtype=jnp.int32))
+
+    def step(carry: tuple, x: tuple) -> tuple[tuple, None]:
+        logits, cache = carry
+        ids, pos, start = x
+        out, cache = forward(model, ids, positions=pos, cache=cache,
+                             logits_indices=jnp.clip(last - start, 0, chunk - 1)[:, None],
+                             implementation=implementation)
+        inside = (last >= start) & (last < start + chunk)
+        return (jnp.where(inside[:, None, None], out, logits), cache), None
+
+    (logits, cache), _ = jax.lax.scan(step, (logits, cache), xs)
+    return logits, cache
+
+
 @jax.jit(static_argnums=0, donate_argnums=4)
 def _prefill(static: LoopStatic, params: nnx.State, tokens, prompt_lengths, cache, key):  # noqa: ANN001, ANN202
     TRACE_COUNTS["prefill"] += 1
@@ -106,9 +146,7 @@ def _prefill(static: LoopStatic, params: nnx.State, tokens, prompt_lengths, cach
     t = tokens.shape[1]
     index = jnp.arange(t, dtype=jnp.int32)[None, :]
     positions = jnp.where(index < prompt_lengths[:, None], index, -1)
-    logits, cache = forward(model, tokens, positions=positions, cache=cache,
-                            logits_indices=(prompt_lengths - 1)[:, None],
-                            implementation=static.implementation, fresh_cache=True)
+    logits, cache = prefill_in_chunks(model, tokens, positions, prompt_lengths, cache, static.implementation)
     # Drop the padded slots: each row continues at its own length. Trailing padding past
     # the capacity was never written (the cache drops writes past its capacity), so a
     # prompt's bucket needs no cache slots beyond its real length.

@@ -73,6 +73,12 @@ def check_capacity(cache: KVCache, num_tokens: int) -> None:
 def check_step_size(cache: KVCache, num_tokens: int, fresh: bool) -> None:
     """Raise if a cache that bounds what one forward may append (a ring buffer for
     sliding-window layers) is given more tokens than that, outside a fresh prefill."""
+    fresh_limit = getattr(cache, "max_tokens_per_fresh_forward", None)
+    if fresh and fresh_limit is not None and num_tokens > fresh_limit:
+        raise ValueError(
+            f"forward: {num_tokens} tokens in one forward exceed the {fresh_limit} that this {type(cache).__name__} "
+            "holds beyond its budget (max_step), even in a prefill; prefill in chunks of at most that size "
+            "(`generate` does) or build the cache with a larger max_step")
     limit = getattr(cache, "max_tokens_per_forward", None)
     if limit is not None and not fresh and num_tokens > limit:
         raise ValueError(
@@ -228,16 +234,21 @@ def _run_layers(
     # residual) maps a mask over logical slots onto its view.
     maps_mask = mask is not None and cache is not None and not attend_new_only and hasattr(cache, "view_mask")
     masks = [cache.view_mask(mask, spec.window) if maps_mask else mask for spec in specs]
+    # A cache that scores its keys (eviction) gets the attention mass of each layer's queries.
+    key_stats = getattr(cache, "key_stats", None) if cache is not None else None
+    if key_stats is not None and (len(specs) > 1 or skip is not None):
+        raise ValueError(f"forward: a {type(cache).__name__} that scores keys serves models with one layer kind "
+                         f"and no skipped layers (got {len(specs)} kinds, skip_layers={skip is not None})")
 
     def attend_kinds(q: jax.Array, kind: jax.Array, cache: KVCache | None, index: jax.Array,
                      view: object | None) -> jax.Array:
         """Attention of the layer kind `kind` over `view`, or (view None) over the cache's
-        view for that kind's window."""
+        view for that kind's window (with `key_stats`: (out, mass))."""
         def branch(j: int) -> Callable[[jax.Array], jax.Array]:
             def run(q: jax.Array) -> jax.Array:
                 seen = view if view is not None else cache.view(index, window=specs[j].window)
                 return attention(q, seen, spec=specs[j], q_positions=positions, mask=masks[j],
-                                 implementation=implementation)
+                                 key_stats=key_stats, implementation=implementation)
             return run
 
         if len(specs) == 1:
@@ -260,7 +271,12 @@ def _run_layers(
         def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
             if written[0] is not None:
                 written[0] = written[0].update(index, k, v, slots)
-            return attend_kinds(q, kind, written[0], index, shared_view(written[0], index, k, v))
+            out = attend_kinds(q, kind, written[0], index, shared_view(written[0], index, k, v))
+            if key_stats is None:
+                return out
+            out, mass = out
+            written[0] = written[0].observe(index, mass, positions)
+            return out
 
         x = layer(x, cos_all[kind], sin_all[kind], attend)
         return x, written[0]

@@ -70,9 +70,14 @@ def _oracle_mass(q, k, q_pos, kv_pos, spec, request: KeyStats) -> np.ndarray:  #
     top = np.max(logits, axis=-1, keepdims=True)
     p = np.where(vis, np.exp(logits - np.where(np.isfinite(top), top, 0.0)), 0.0)
     p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
-    heads = list(request.heads) if request.heads is not None else slice(None)
+    weights = np.zeros(p.shape[1]) if request.heads is not None else np.ones(p.shape[1])
+    if request.heads is not None:
+        weights[list(request.heads)] = 1.0
     queries = list(request.queries) if request.queries is not None else slice(None)
-    return p[:, heads][:, :, queries].sum(axis=(1, 2))
+    p = (p * weights[None, :, None, None])[:, :, queries]  # B N T S
+    p = p.reshape(p.shape[0], k.shape[2], g, *p.shape[2:]).sum(axis=2)  # B K T S
+    p = p if request.per_query else p.sum(axis=2)
+    return p if request.per_kv_head else p.sum(axis=1)
 
 
 def _check(view, q, k, v, q_pos, kv_pos, spec, dtype="float32") -> None:  # noqa: ANN001
@@ -229,7 +234,8 @@ def test_quantized_view_validates_fields() -> None:
 # ------------------------------------------------------------------ key statistics
 
 
-REQUESTS = (KeyStats(), KeyStats(heads=(1, 3)), KeyStats(heads=(0,), queries=(0, 2)))
+REQUESTS = (KeyStats(), KeyStats(heads=(1, 3)), KeyStats(heads=(0,), queries=(0, 2)),
+            KeyStats(heads=(1, 2), per_kv_head=True, per_query=True), KeyStats(per_kv_head=True))
 
 
 @pytest.mark.parametrize("request_", REQUESTS, ids=str)
@@ -255,7 +261,7 @@ def test_key_stats_match_oracle_probabilities(kind: str, request_: KeyStats) -> 
     for name in ("xla", "reference"):
         out, lse, mass = attention(q, view, spec=spec, q_positions=jnp.asarray(q_pos), return_lse=True,
                                    key_stats=request_, implementation=name)
-        assert mass.shape == (B, view.num_slots) and mass.dtype == jnp.float32
+        assert mass.shape == want.shape and mass.shape[-1] == view.num_slots and mass.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(mass), want, rtol=1e-5, atol=1e-5, err_msg=name)
         assert_close(out, ref, "float32")
         assert_lse_close(lse, ref_lse)
