@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers.speculative import RAGGED_PROMPTS, OracleDrafter, assert_matches_greedy, greedy_future
-from helpers.tiny import tiny_model
+from helpers.tiny import run_in_chunks, tiny_model
 
 from efficient.cache import DenseKVCache
 from efficient.cache.evicting import EvictingKVCache
@@ -43,13 +43,7 @@ def _evicting(press: Press, budget: int, max_step: int = 8, b: int = 2, capacity
 
 
 def _run(cache, chunks=CHUNKS, tokens=None):  # noqa: ANN001, ANN202
-    tokens = _tokens() if tokens is None else tokens
-    step, out, at = jit_forward(_model()), [], 0
-    for size in chunks:
-        logits, cache = step(tokens[:, at:at + size], cache=cache)
-        out.append(np.asarray(logits))
-        at += size
-    return np.concatenate(out, axis=1), cache
+    return run_in_chunks(_model(), cache, _tokens() if tokens is None else tokens, chunks)
 
 
 @functools.cache

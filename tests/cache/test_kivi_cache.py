@@ -12,14 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers.tiny import tiny_model
+from helpers.tiny import run_in_chunks, tiny_model
 
 import efficient.attention.backends  # noqa: F401  (registers the pallas adapters)
 from efficient.attention import CAPABILITIES, AttentionSpec, attention, unsupported
 from efficient.attention.views import dense_kv, slot_positions
 from efficient.cache import DenseKVCache
 from efficient.cache.kivi import KIVICache
-from efficient.models import jit_forward
 
 G, RESIDUAL = 8, 8
 
@@ -39,12 +38,7 @@ def _tokens(seed: int, b: int = 2, t: int = 40) -> jax.Array:
 
 
 def _run(cache, tokens: jax.Array, chunks: list[int]) -> tuple[np.ndarray, object]:  # noqa: ANN001
-    step, out, at = jit_forward(_model()), [], 0
-    for size in chunks:
-        logits, cache = step(tokens[:, at:at + size], cache=cache)
-        out.append(np.asarray(logits))
-        at += size
-    return np.concatenate(out, axis=1), cache
+    return run_in_chunks(_model(), cache, tokens, chunks)
 
 
 CHUNKS = [13, 1, 3, 1, 3, 3, 3, 13]  # 40 tokens: flushes from the residual and from a long chunk

@@ -25,3 +25,18 @@ def tiny_model(seed: int = 0, **changes: object) -> LlamaModel:
 
     state = jax.tree_util.tree_map_with_path(scale, state)
     return nnx.merge(graphdef, state)
+
+
+def run_in_chunks(model: LlamaModel, cache: object, tokens: jax.Array, chunks: list[int]) -> tuple[object, object]:
+    """Feed `tokens` [B, T] through `cache` in forwards of `chunks` tokens (jitted); returns the
+    concatenated logits (a numpy array [B, sum(chunks), V]) and the cache."""
+    import numpy as np
+
+    from efficient.models import jit_forward
+
+    step, out, at = jit_forward(model), [], 0
+    for size in chunks:
+        logits, cache = step(tokens[:, at:at + size], cache=cache)
+        out.append(np.asarray(logits))
+        at += size
+    return np.concatenate(out, axis=1), cache
