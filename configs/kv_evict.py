@@ -33,6 +33,6 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     c.retrieval = ml_collections.ConfigDict(dict(
         context_tokens=320 if tiny else 1024, depths=(0.5,) if tiny else (0.1, 0.3, 0.5, 0.7, 0.9),
         samples=1 if tiny else 2, kept=(0.25,) if tiny else (0.5, 0.25, 0.125), new_tokens=4 if tiny else 8))
-    c.speed = ml_collections.ConfigDict(dict(contexts=(32,) if tiny else (1024, 4096),
+    c.speed = ml_collections.ConfigDict(dict(contexts=(32,) if tiny else (1024, 4096, 8192),
                                              budget=16 if tiny else 256))
     return c

@@ -164,35 +164,49 @@ def retrieval_rows(model: Any, tokenizer: Any, s: Settings, log: Callable[[str],
 
 
 # ----------------------------------------------------------------------------- speed
-def step_ms(model: Any, factory: Callable[..., Any], context: int, chunk: int, repeats: int = 5) -> tuple[float, int]:
-    """Median ms of one decode step after `context` random tokens, and the cache's bytes."""
-    cache = factory(model.config, 1, context + repeats + 1)
+def prefilled(model: Any, factory: Callable[..., Any], context: int, chunk: int, steps: int) -> tuple[Any, Any]:
+    """(jitted step, cache) after `context` random tokens, with room for `steps` more."""
+    cache = factory(model.config, 1, context + steps)
     step = jit_forward(model)
     rng = np.random.default_rng(0)
     for start in range(0, context, chunk):
         size = min(chunk, context - start)
         ids = jnp.asarray(rng.integers(1, model.config.vocab_size, (1, size)), jnp.int32)
         _, cache = step(ids, cache=cache, logits_indices=jnp.zeros((1, 1), jnp.int32))
-    token = jnp.ones((1, 1), jnp.int32)
-    logits, cache = step(token, cache=cache)  # compile
-    jax.block_until_ready(logits)
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        logits, cache = step(token, cache=cache)
-        jax.block_until_ready(logits)
-        times.append(time.perf_counter() - began)
-    return 1000 * float(np.median(times)), cache.nbytes()
+    return step, cache
 
 
-def speed_rows(model: Any, s: Settings, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    rows = []
+def speed_rows(model: Any, s: Settings, log: Callable[[str], None], rounds: int = 3,
+               repeats: int = 8) -> list[dict[str, Any]]:
+    """Median ms of a decode step per (cache, context): every cache is prefilled first, then
+    timed in `rounds` interleaved rounds of `repeats` steps (a shared machine's slow spells
+    then hit every configuration alike)."""
+    states = {}
     for context in s.speed_contexts:
         for press in ("dense", "streaming_llm", "h2o"):
             factory = DenseKVCache.for_model if press == "dense" else evicting(press, s.speed_budget, s.chunk)
-            ms, nbytes = step_ms(model, factory, context, s.chunk)
-            rows.append(dict(press=press, context=context, step_ms=ms, memory_mib=nbytes / 2**20))
-            log(f"[kv_evict] speed {press} at {context}: {ms:.1f} ms/step, {nbytes / 2**20:.1f} MiB")
+            step, cache = prefilled(model, factory, context, 512 if press == "dense" else s.chunk,
+                                    rounds * repeats + 2)
+            token = jnp.ones((1, 1), jnp.int32)
+            logits, cache = step(token, cache=cache)  # compile
+            jax.block_until_ready(logits)
+            states[press, context] = [step, cache, []]
+    token = jnp.ones((1, 1), jnp.int32)
+    for _ in range(rounds):
+        for state in states.values():
+            step, cache, times = state
+            for _ in range(repeats):
+                began = time.perf_counter()
+                logits, cache = step(token, cache=cache)
+                jax.block_until_ready(logits)
+                times.append(time.perf_counter() - began)
+            state[1] = cache
+    rows = []
+    for (press, context), (_, cache, times) in states.items():
+        rows.append(dict(press=press, context=context, step_ms=1000 * float(np.median(times)),
+                         memory_mib=cache.nbytes() / 2**20))
+        log(f"[kv_evict] speed {press} at {context}: {rows[-1]['step_ms']:.1f} ms/step, "
+            f"{rows[-1]['memory_mib']:.1f} MiB")
     return rows
 
 
