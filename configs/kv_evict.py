@@ -23,7 +23,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = ml_collections.ConfigDict(dict(path="smollm2", tokenizer="auto", dtype="float32"))
     # presses: any of streaming_llm, h2o, tova, snapkv (efficient/cache/press.py).
-    c.presses = ("streaming_llm", "h2o") if tiny else ("streaming_llm", "h2o", "tova", "snapkv")
+    c.presses = ("h2o",) if tiny else ("streaming_llm", "h2o", "tova", "snapkv")
     c.kept = (0.25,) if tiny else (0.5, 0.25, 0.125)  # of each window's tokens
     c.perplexity = ml_collections.ConfigDict(dict(seq_len=64 if tiny else 1024, max_windows=2 if tiny else 4,
                                                   batch_size=2 if tiny else 4, chunk=16 if tiny else 32))

@@ -26,7 +26,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     c.perplexity = ml_collections.ConfigDict(dict(seq_len=64 if tiny else 1024, max_windows=2 if tiny else 4,
                                                   batch_size=2 if tiny else 4, chunk=16 if tiny else 32))
     # bits: any of 8, 4, 2 (the default run measures 4 and 2 to fit the CPU's time).
-    c.kivi = ml_collections.ConfigDict(dict(bits=(4, 2), group_size=8 if tiny else 32,
+    c.kivi = ml_collections.ConfigDict(dict(bits=(2,) if tiny else (4, 2), group_size=8 if tiny else 32,
                                             residual_length=16 if tiny else 32,
                                             # also stored in bfloat16 (scales, zeros, residual) at these widths
                                             bf16_bits=() if tiny else (4, 2)))
