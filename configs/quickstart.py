@@ -56,11 +56,13 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     # "each" (every cache with greedy, every decoder with the dense cache) or "all" (every pair).
     # The default leaves out spec_lookahead and spec_layer_skip: on SmolLM2 on a 2-core CPU both are
     # slower than greedy (results/speculative/smollm2-cpu-2core: 0.63-0.88x) and together took
-    # ~4 of the job's minutes; `--config.variants.decoders=all` runs them. Caches: each one
+    # ~4 of the job's minutes; and spec_recycling, slower than greedy at this batch of 4 (11.4 against
+    # 43.6 tok/s; 80 s of the job; its batch-1 speedups are in results/speculative/).
+    # `--config.variants.decoders=all` runs them. Caches: each one
     # costs the job about 70 s here, so the default runs the lossless baseline, its bf16 form and
     # 4-bit KIVI (the job stays within 5 minutes); `--config.variants.caches=all` adds paged, KIVI-2
     # and GEAR-2 (all measured in results/kv_quant/).
     c.variants = ml_collections.ConfigDict(dict(
-        decoders="all" if tiny else "greedy,sample,spec_draft,spec_adaptive,spec_prompt_lookup,spec_recycling",
+        decoders="all" if tiny else "greedy,sample,spec_draft,spec_adaptive,spec_prompt_lookup",
         caches="all" if tiny else "dense,dense_bf16,kivi4", pairs="each"))
     return c
