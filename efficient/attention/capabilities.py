@@ -45,11 +45,12 @@ class Capabilities:
     causal_needs_t_eq_s: bool = False
     max_t: int | None = None  # the most queries per call (None: any)
     corrections: bool = True  # a QuantizedView's GEAR low-rank/outlier corrections
+    per_head_positions: bool = False  # a DenseView with positions [B, K, S] (an evicting cache's)
 
 
 CAPABILITIES: dict[str, Capabilities] = {
-    "xla": Capabilities(key_stats=True),
-    "reference": Capabilities(key_stats=True),
+    "xla": Capabilities(key_stats=True, per_head_positions=True),
+    "reference": Capabilities(key_stats=True, per_head_positions=True),
     # Decode kernel (T <= 16, no segment ids, any mask) or flash kernel (segment ids, no mask).
     "pallas_tpu": Capabilities(
         views=(DenseView,), backends=("tpu", "cpu"), dtypes=(F32, BF16), same_dtype=True,
@@ -114,6 +115,8 @@ def unsupported(
         (q_segment_ids is not None and not caps.segments, lambda: "segment ids are not served"),
         (given_positions and not caps.positions, lambda: "explicit positions are not served"),
         (view.lengths is not None and not caps.lengths, lambda: "view lengths are not served"),
+        (getattr(getattr(view, "positions", None), "ndim", 2) == 3 and not caps.per_head_positions,
+         lambda: "per-KV-head positions [B, K, S] are not served"),
         (return_lse and not caps.lse, lambda: "return_lse is not served"),
         (key_stats is not None and not caps.key_stats, lambda: "key_stats is not served"),
         (mask is not None and caps.mask_max_t is not None and t > caps.mask_max_t,

@@ -102,7 +102,8 @@ def grouped_attention(
         q_segment_ids=q_segment_ids,
         kv_segment_ids=kv_segment_ids,
         mask=mask,
-    )[:, None, None]  # B 1 1 T S
+    )
+    visible = visible[:, :, None] if visible.ndim == 4 else visible[:, None, None]  # B K|1 1 T S
 
     compute = jnp.float32 if exact else q.dtype
     qg = q.astype(compute).reshape(b, t, kv_heads, g, h)

@@ -83,8 +83,14 @@ def visibility_mask(
     q_segment_ids: Int[Array, "B T"] | None = None,
     kv_segment_ids: Int[Array, "B S"] | None = None,
     mask: Bool[Array, "B T S"] | None = None,
-) -> Bool[Array, "B T S"]:
-    """The boolean mask of the module docstring, materialised (reference use)."""
+) -> Bool[Array, "B T S"] | Bool[Array, "B K T S"]:
+    """The boolean mask of the module docstring, materialised (reference use); [B, K, T, S]
+    when `kv_positions` is per KV head ([B, K, S]: each head holds its own tokens)."""
+    if kv_positions.ndim == 3:
+        def one_head(kv: jax.Array) -> jax.Array:
+            return visibility_mask(spec, q_positions, kv, q_segment_ids=q_segment_ids,
+                                   kv_segment_ids=kv_segment_ids, mask=mask)
+        return jax.vmap(one_head, in_axes=1, out_axes=1)(kv_positions)
     qp = q_positions[:, :, None]
     kp = kv_positions[:, None, :]
     visible = (qp >= 0) & (kp >= 0)
@@ -128,7 +134,7 @@ def validate_inputs(
     s = k.shape[1]
     checks = (
         ("q_positions", q_positions, (b, t)),
-        ("kv_positions", kv_positions, (b, s)),
+        ("kv_positions", kv_positions, (b, kv_heads, s) if getattr(kv_positions, "ndim", 2) == 3 else (b, s)),
         ("q_segment_ids", q_segment_ids, (b, t)),
         ("kv_segment_ids", kv_segment_ids, (b, s)),
         ("mask", mask, (b, t, s)),

@@ -42,11 +42,12 @@ def _static(default: object = dataclasses.MISSING) -> dataclasses.Field:
 @dataclasses.dataclass(frozen=True)
 class DenseView:
     """Keys and values in `layout` ([B, S, K, H] or [B, K, S, H]), slot positions [B, S]
-    and optional row lengths [B]."""
+    (or [B, K, S] when each KV head holds its own tokens: an evicting cache; served by
+    "xla" and "reference") and optional row lengths [B]."""
 
     k: Float[Array, "B S K H"] | Float[Array, "B K S H"]
     v: Float[Array, "B S K H"] | Float[Array, "B K S H"]
-    positions: Int[Array, "B S"] | None = None
+    positions: Int[Array, "B S"] | Int[Array, "B K S"] | None = None
     lengths: Int[Array, " B"] | None = None
     layout: str = _static("BSKH")
 
@@ -303,8 +304,9 @@ KVView = DenseView | PagedView | QuantizedView
 VIEW_TYPES = (DenseView, PagedView, QuantizedView)
 
 
-def slot_positions(view: KVView) -> Int[Array, "B S"]:
-    """Positions of the view's logical slots [B, S], -1 where empty (lengths applied)."""
+def slot_positions(view: KVView) -> Int[Array, "B S"] | Int[Array, "B K S"]:
+    """Positions of the view's logical slots [B, S] (a dense view's may be per KV head,
+    [B, K, S]), -1 where empty (lengths applied)."""
     b, s = view.batch_size, view.num_slots
     if isinstance(view, DenseView):
         pos = view.positions
@@ -318,7 +320,8 @@ def slot_positions(view: KVView) -> Int[Array, "B S"]:
     pos = pos.astype(jnp.int32)
     if view.lengths is not None:
         n = view.positions.shape[1] if isinstance(view, QuantizedView) else s
-        pos = jnp.where(jnp.arange(n, dtype=jnp.int32)[None, :] < view.lengths[:, None], pos, -1)
+        inside = jnp.arange(n, dtype=jnp.int32)[None, :] < view.lengths[:, None]
+        pos = jnp.where(inside[:, None] if pos.ndim == 3 else inside, pos, -1)
     if isinstance(view, QuantizedView):
         pos = jnp.concatenate([pos, view.residual_positions.astype(jnp.int32)], axis=1)
     return pos

@@ -65,7 +65,10 @@ def view_arrays(view: KVView) -> tuple[jax.Array, jax.Array, jax.Array | None, s
     k, v = dense_kv(view, layout)
     positions = slot_positions(view)
     live = positions >= 0
-    live = live[:, :, None, None] if layout == "BSKH" else live[:, None, :, None]
+    if live.ndim == 3:  # per KV head [B, K, S]
+        live = jnp.swapaxes(live, 1, 2)[..., None] if layout == "BSKH" else live[..., None]
+    else:
+        live = live[:, :, None, None] if layout == "BSKH" else live[:, None, :, None]
     return k, jnp.where(live, v, jnp.zeros((), v.dtype)), positions, layout
 
 
@@ -115,6 +118,7 @@ def _view_attention(exact: bool):  # noqa: ANN202
         key_stats: KeyStats | None = None,
     ):  # noqa: ANN202
         if (not exact and key_stats is None and isinstance(view, DenseView) and view.layout == "BSKH"
+                and (view.positions is None or view.positions.ndim == 2)
                 and prefers_blockwise(q.shape[1], view.num_slots)):
             arrays = dict(q_positions=q_positions, kv_positions=view.positions, q_segment_ids=q_segment_ids,
                           kv_segment_ids=kv_segment_ids, mask=mask, lengths=view.lengths)

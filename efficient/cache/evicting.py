@@ -20,11 +20,9 @@ A row holds at most budget + T tokens while a forward runs and budget + max_step
 entries of memory; until a row outgrows its budget nothing is evicted and the cache
 equals the dense one.
 
-The view is a `DenseView` [B, K, R, H] in place with lengths. Its positions [B, R]
-are per entry, shared by the heads: the new tokens sit at the same entries in every
-head, and each older entry gets the largest position its heads hold there, which is
-older than any new query, so causal masking is exact. Sliding-window layers need
-true per-head positions and are refused (`view(window=...)`).
+The view is a `DenseView` [B, K, R, H] in place with lengths and per-head positions
+[B, K, R], so causal, window and padding masks are exact for every head (the "xla"
+and "reference" implementations serve per-head positions; the kernels decline them).
 
 Keys are cached after RoPE at their original positions, so relative distances stay
 those of dense attention after eviction; StreamingLLM's re-indexing of positions
@@ -239,15 +237,12 @@ class EvictingKVCache(LayerStackedKV):
         return dataclasses.replace(self, scores=self.scores.at[layer].set(scores))
 
     def view(self, layer: int | Int[Array, ""], window: int | None = None) -> DenseView:
-        """Layer `layer`'s entries in place ([B, K, R, H]), their positions shared by the heads
-        (see the module docstring) and the row's entries in use."""
-        if window is not None:
-            raise ValueError(f"EvictingKVCache.view: a layer with sliding window {window} needs per-head "
-                             "positions, which this cache does not hand attention; use it on global layers")
-        positions = self.entry_positions[layer]
-        shared = jnp.where(jnp.min(positions, axis=1) >= 0, jnp.max(positions, axis=1), -1)  # B R
+        """Layer `layer`'s entries in place ([B, K, R, H]) with each head's positions
+        [B, K, R] (heads keep different tokens) and the row's entries in use. Any `window`
+        is served: attention masks each head by its own positions."""
+        del window
         return DenseView(k=_from_storage(self.k[layer], self.dtype), v=_from_storage(self.v[layer], self.dtype),
-                         positions=shared, lengths=self.held, layout="BKSH")
+                         positions=self.entry_positions[layer], lengths=self.held, layout="BKSH")
 
     def view_mask(self, mask: Bool[Array, "B T S"], window: int | None = None) -> Bool[Array, "B T R"]:
         """A mask over logical slots, read at the slot each entry holds (first head, first

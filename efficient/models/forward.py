@@ -236,9 +236,9 @@ def _run_layers(
     masks = [cache.view_mask(mask, spec.window) if maps_mask else mask for spec in specs]
     # A cache that scores its keys (eviction) gets the attention mass of each layer's queries.
     key_stats = getattr(cache, "key_stats", None) if cache is not None else None
-    if key_stats is not None and (len(specs) > 1 or skip is not None):
-        raise ValueError(f"forward: a {type(cache).__name__} that scores keys serves models with one layer kind "
-                         f"and no skipped layers (got {len(specs)} kinds, skip_layers={skip is not None})")
+    if key_stats is not None and skip is not None:
+        raise ValueError(f"forward: a {type(cache).__name__} that scores keys does not serve skip_layers "
+                         "(a skipped layer's attention would give it no statistics)")
 
     def attend_kinds(q: jax.Array, kind: jax.Array, cache: KVCache | None, index: jax.Array,
                      view: object | None) -> jax.Array:

@@ -314,3 +314,32 @@ def test_xla_goes_blockwise_for_long_dense_views_and_differentiates() -> None:
     want = jax.grad(lambda *a: jnp.sum(oracle(*a) * cot), (0, 1, 2))(q, k, v)
     for g, w in zip(got, want):
         assert_close(g, w, "float32", kind="gradient")
+
+
+# ------------------------------------------------------------------ per-KV-head positions
+
+
+def test_per_head_positions_match_the_oracle_run_head_by_head() -> None:
+    """A dense view whose KV heads hold different tokens ([B, K, S] positions, an evicting
+    cache's) equals the oracle run on each KV head with its own positions; kernels decline it."""
+    rng = _rng(11)
+    t, s, g = 3, 12, N // K
+    spec = AttentionSpec(window=6)
+    q = jnp.asarray(rng.standard_normal((B, t, N, H)), jnp.float32)
+    k, v = rng.standard_normal((2, B, K, s, H)).astype(np.float32)
+    kv_pos = np.stack([np.stack([rng.permutation(20)[:s] for _ in range(K)]) for _ in range(B)]).astype(np.int32)
+    kv_pos[0, 1, :4] = -1  # empty entries in one head only
+    q_pos = np.broadcast_to(np.arange(17, 20, dtype=np.int32), (B, t)).copy()
+    lengths = np.array([12, 9, 12], np.int32)
+    view = DenseView(jnp.asarray(k), jnp.asarray(v), jnp.asarray(kv_pos), jnp.asarray(lengths), layout="BKSH")
+    kept = np.where(np.arange(s)[None, None] < lengths[:, None, None], kv_pos, -1)
+    for name in ("xla", "reference"):
+        out, lse = attention(q, view, spec=spec, q_positions=jnp.asarray(q_pos), return_lse=True, implementation=name)
+        for head in range(K):
+            want, want_lse = _oracle(q[:, :, head * g:(head + 1) * g], np.swapaxes(k[:, head:head + 1], 1, 2),
+                                     np.swapaxes(v[:, head:head + 1], 1, 2), q_pos, kept[:, head], spec)
+            assert_close(out[:, :, head * g:(head + 1) * g], want, "float32")
+            assert_lse_close(lse[:, :, head * g:(head + 1) * g], want_lse)
+    q64, kv64 = jnp.zeros((B, t, N, 64)), jnp.zeros((B, K, s, 64))  # a head size the kernel serves
+    view64 = DenseView(kv64, kv64, jnp.asarray(kv_pos), jnp.asarray(lengths), layout="BKSH")
+    assert unsupported("pallas_tpu", q64, view64, spec) == "per-KV-head positions [B, K, S] are not served"

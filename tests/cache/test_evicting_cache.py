@@ -211,7 +211,35 @@ def test_bad_settings_are_refused_with_the_argument_named() -> None:
     cache = _evicting(H2OPress(), budget=12, max_step=8)
     with pytest.raises(ValueError, match="9 tokens in one forward exceed the 8"):
         forward(_model(), _tokens()[:, :9], cache=cache, fresh_cache=True)
-    with pytest.raises(ValueError, match="sliding window 4"):
-        cache.view(0, window=4)
-    with pytest.raises(ValueError, match="scores keys serves models with one layer kind and no skipped"):
+    with pytest.raises(ValueError, match="scores keys does not serve skip_layers"):
         forward(_model(), _tokens()[:, :4], cache=cache, skip_layers=(0,))
+
+
+def test_windowed_layers_are_masked_per_head() -> None:
+    """On an all-windowed model (window 4), a press whose recent window (8) covers the
+    model's keeps every key a query can see: equal to the dense cache past the budget.
+    H2O, which may evict inside the window, stays finite."""
+    model = tiny_model(head_dim=16, sliding_window=4, sliding_layers=(True, True), max_position_embeddings=128)
+    tokens = _tokens(3)
+    dense, _ = run_in_chunks(model, DenseKVCache.for_model(model.config, 2, 64), tokens, CHUNKS)
+    cache = EvictingKVCache.for_model(model.config, 2, 64, press=StreamingLLMPress(sinks=2, window=8), budget=12,
+                                      max_step=8)
+    logits, cache = run_in_chunks(model, cache, tokens, CHUNKS)
+    np.testing.assert_allclose(logits, dense, rtol=1e-5, atol=1e-5)
+    assert cache.lengths.tolist() == [34, 34] and cache.held.tolist() == [13, 13]
+    cache = EvictingKVCache.for_model(model.config, 2, 64, press=H2OPress(window=2), budget=12, max_step=8)
+    logits, _ = run_in_chunks(model, cache, tokens, CHUNKS)
+    assert np.isfinite(logits).all()
+
+
+def test_a_model_with_two_layer_kinds_scores_through_each_kinds_branch() -> None:
+    """Gemma 3's local and global layers (a `lax.switch` per layer) both hand their attention
+    mass to the cache: equal to dense while the rows fit."""
+    from cache.test_hybrid_cache import gemma3
+
+    model, tokens = gemma3(), _tokens(4)
+    dense, _ = run_in_chunks(model, DenseKVCache.for_model(model.config, 2, 64), tokens, CHUNKS)
+    cache = EvictingKVCache.for_model(model.config, 2, 64, press=H2OPress(window=2), budget=40, max_step=8)
+    logits, cache = run_in_chunks(model, cache, tokens, CHUNKS)
+    np.testing.assert_allclose(logits, dense, rtol=1e-5, atol=1e-5)
+    assert float(np.asarray(cache.scores).sum()) > 0  # statistics arrived
