@@ -33,3 +33,20 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():  # noqa: ANN202
+    """Drop every compiled program after each test module. Each XLA:CPU executable keeps
+    about 6 memory mappings; an xdist worker that ran most of the suite held over 10,000
+    executables, past Linux's 65,530 mappings per process, and segfaulted inside a later
+    compile (seen three times near the end of the suite, in different tests). Programs a
+    later module needs again come back from the persistent compilation cache."""
+    yield
+    jax.clear_caches()
+    gc.collect()
