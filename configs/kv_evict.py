@@ -22,8 +22,11 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     c.run_name = ""  # empty: a timestamp
     c.seed = 0
     c.model = ml_collections.ConfigDict(dict(path="smollm2", tokenizer="auto", dtype="float32"))
-    # presses: any of streaming_llm, h2o, tova, snapkv (efficient/cache/press.py).
-    c.presses = ("h2o",) if tiny else ("streaming_llm", "h2o", "tova", "snapkv")
+    # policies: the presses streaming_llm, h2o, tova, snapkv (efficient/cache/press.py); pyramidkv
+    # (snapkv with budgets falling with depth); razor and needle_heads (retrieval heads keep every
+    # token, found by calibration: experiments/kv_evict.py).
+    c.presses = ("h2o", "needle_heads") if tiny else ("streaming_llm", "h2o", "tova", "snapkv", "pyramidkv", "razor",
+                                                      "needle_heads")
     c.kept = (0.25,) if tiny else (0.5, 0.25, 0.125)  # of each window's tokens
     c.perplexity = ml_collections.ConfigDict(dict(seq_len=64 if tiny else 1024, max_windows=2 if tiny else 4,
                                                   batch_size=2 if tiny else 4, chunk=16 if tiny else 32))
@@ -35,4 +38,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
         samples=1 if tiny else 2, kept=(0.25,) if tiny else (0.5, 0.25, 0.125), new_tokens=4 if tiny else 8))
     c.speed = ml_collections.ConfigDict(dict(contexts=(32,) if tiny else (1024, 4096, 8192),
                                              budget=16 if tiny else 256))
+    # Calibration of the retrieval-head policies: tokens per sequence (random tokens repeated
+    # twice for razor; kv_prose prompts of another seed than the evaluation's for needle_heads).
+    c.calibration = ml_collections.ConfigDict(dict(tokens=320 if tiny else 1024))
     return c

@@ -1,7 +1,11 @@
 """Evicting KV caches on the real model: what each press keeps, measured.
 
-On the embedded default (SmolLM2-135M-Instruct), for each press (StreamingLLM,
-H2O, TOVA, SnapKV) and kept fraction of the context:
+On the embedded default (SmolLM2-135M-Instruct), for each policy (the presses
+StreamingLLM, H2O, TOVA and SnapKV with one budget for every layer and head; PyramidKV's
+budgets falling with depth; retrieval heads keeping everything while the other heads keep
+a sink and a window, the heads found by RazorAttention's calibration or by the attention
+answers give to needles on synthetic retrieval prompts) and kept fraction of the context
+(memory: the average budget per layer and head):
 - **bits/byte** of held-out stdlib windows fed through the cache in chunks (every
   chunk evicts down to the budget first), against the dense cache;
 - StreamingLLM's claim: over a text 4x the budget, a window-only cache (no sinks)
@@ -31,7 +35,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from efficient.cache import DenseKVCache, EvictingKVCache, StreamingLLMPress
-from efficient.cache.press import press_for_budget
+from efficient.cache.budgets import pyramid_budgets, retrieval_head_budgets, retrieval_heads_for_fraction
+from efficient.cache.press import PRESSES, press_for_budget
+from efficient.cache.retrieval_heads import head_scores, razor_retrieval_score, razor_scores
 from efficient.data import eval_windows, needle_grid
 from efficient.eval import perplexity, select_windows
 from efficient.eval.retrieval import score_answer
@@ -46,6 +52,8 @@ from experiments.common import (
     machine_info,
 )
 
+HEAD_POLICIES = ("razor", "needle_heads")  # retrieval heads from a calibration (scores [L, K])
+POLICIES = (*PRESSES, "pyramidkv", *HEAD_POLICIES)
 QUESTION_MARK = "\nWhat is the value of KEY-"  # where a kv_prose "quiz" prompt's question starts
 
 
@@ -66,16 +74,20 @@ class Settings:
     new_tokens: int
     speed_contexts: tuple[int, ...]
     speed_budget: int
+    calibration_tokens: int
     seed: int
 
     def __post_init__(self) -> None:
         check_positive(self, "seq_len", "max_windows", "batch_size", "chunk", "streaming_budget", "context_tokens",
-                       "samples", "new_tokens", "speed_budget")
+                       "samples", "new_tokens", "speed_budget", "calibration_tokens")
         for name in ("kept", "retrieval_kept"):
             bad = [k for k in getattr(self, name) if not 0 < k < 1]
             if bad:
                 raise ValueError(f"config.{name.replace('_', '.', 1) if name != 'kept' else 'kept'}: fractions in "
                                  f"(0, 1), got {bad}")
+        bad = [p for p in self.presses if p not in POLICIES]
+        if bad:
+            raise ValueError(f"config.presses: {bad} are not policies; choose from {list(POLICIES)}")
         if self.streaming_budget * 2 > self.seq_len:
             raise ValueError(f"config.streaming.budget={self.streaming_budget} must be at most half of "
                              f"config.perplexity.seq_len={self.seq_len} (the claim is about texts longer than it)")
@@ -89,12 +101,89 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
         streaming_budget=config.streaming.budget, context_tokens=config.retrieval.context_tokens,
         depths=tuple(config.retrieval.depths), samples=config.retrieval.samples,
         retrieval_kept=tuple(config.retrieval.kept), new_tokens=config.retrieval.new_tokens,
-        speed_contexts=tuple(config.speed.contexts), speed_budget=config.speed.budget, seed=int(config.seed))
+        speed_contexts=tuple(config.speed.contexts), speed_budget=config.speed.budget,
+        calibration_tokens=config.calibration.tokens, seed=int(config.seed))
 
 
-def evicting(press: str, budget: int, max_step: int) -> Callable[..., EvictingKVCache]:
-    return functools.partial(EvictingKVCache.for_model, press=press_for_budget(press, budget), budget=budget,
-                             max_step=max_step)
+
+
+def evicting(press: str, budget: int, max_step: int, head_scores: dict[str, np.ndarray] | None = None
+             ) -> Callable[..., EvictingKVCache]:
+    """A cache factory for a policy keeping `budget` tokens per (layer, KV head) on average:
+    a press (`press_for_budget`), "pyramidkv" (SnapKV's scores, PyramidKV's budgets), or a
+    retrieval-head policy of HEAD_POLICIES (the best-scoring heads keep every token, as many
+    as the average allows; the others 4 sinks and a window; `head_scores[policy]`)."""
+    if press in HEAD_POLICIES:
+        scores = (head_scores or {}).get(press)
+        if scores is None:
+            raise ValueError(f"policy {press!r} needs its calibrated head scores")
+        streaming = max(8, min(64, budget // 2))
+
+        def factory(config: Any, batch: int, capacity: int, dtype: Any = None) -> EvictingKVCache:
+            heads = retrieval_heads_for_fraction(scores, capacity, streaming, kept=budget / capacity)
+            table = retrieval_head_budgets(heads, capacity, streaming)
+            return EvictingKVCache.for_model(config, batch, capacity, dtype, budget=table, max_step=max_step,
+                                             press=StreamingLLMPress(sinks=4, window=streaming - 4))
+
+        return factory
+    rule = press_for_budget("snapkv" if press == "pyramidkv" else press, budget)
+
+    def uniform_or_pyramid(config: Any, batch: int, capacity: int, dtype: Any = None) -> EvictingKVCache:
+        table = (pyramid_budgets(budget, config.num_layers, config.num_kv_heads, floor=rule.sinks + rule.window)
+                 if press == "pyramidkv" else budget)
+        return EvictingKVCache.for_model(config, batch, capacity, dtype, press=rule, budget=table, max_step=max_step)
+
+    return uniform_or_pyramid
+
+
+def calibrate_heads(model: Any, tokenizer: Any, s: Settings, log: Callable[[str], None]) -> dict[str, np.ndarray]:
+    """Head scores [L, K] for the retrieval-head policies: RazorAttention's echo and
+    induction scores on repeated random tokens, and the attention that answer tokens give
+    on the queried needle line from the question on, on kv_prose prompts built with another
+    seed than the evaluation's (DuoAttention's synthetic retrieval data; its gate
+    optimisation is not done)."""
+    try:
+        return _calibrate_heads(model, tokenizer, s, log)
+    except ValueError as e:
+        raise ValueError(f"config.calibration.tokens={s.calibration_tokens}: {e}") from e
+
+
+def _calibrate_heads(model: Any, tokenizer: Any, s: Settings, log: Callable[[str], None]) -> dict[str, np.ndarray]:
+    out = {}
+    if "razor" in s.presses:
+        echo, induction = razor_scores(model, batch=2, length=s.calibration_tokens // 2, seed=s.seed)
+        out["razor"] = razor_retrieval_score(echo, induction)
+    if "needle_heads" in s.presses:
+        examples = needle_grid(tokenizer, [s.calibration_tokens], (0.2, 0.5, 0.8), task="kv_prose", samples=1,
+                               seed=s.seed + 1, capacity=model.config.max_position_embeddings - 64)
+        rows = [needle_reading_targets(tokenizer, e) for e in examples]
+        width = max(len(tokens) for tokens, _ in rows)
+        tokens = np.zeros((len(rows), width), np.int32)
+        positions = np.full((len(rows), width), -1, np.int32)
+        targets = np.zeros((len(rows), width, width), bool)
+        for b, (row, target) in enumerate(rows):  # left-padded to one length
+            pad = width - len(row)
+            tokens[b, pad:], positions[b, pad:] = row, np.arange(len(row))
+            targets[b, pad:, pad:] = target
+        out["needle_heads"] = head_scores(model, tokens, targets, positions)
+    for name, scores in out.items():
+        best = np.argsort(-scores.reshape(-1))[:6]
+        log(f"[kv_evict] {name} calibration: best (layer, head) "
+            f"{[divmod(int(i), scores.shape[1]) for i in best]}")
+    return out
+
+
+def needle_reading_targets(tokenizer: Any, example: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The prompt followed by its answer, and the keys [T, T] each query should read: the
+    queried needle line, for the queries from the question on (those that locate the key
+    and copy its value); none for the others."""
+    line_end = example.prompt.index("\n", example.needle_char) + 1
+    needle = slice(example.needle_token, len(tokenizer.encode(example.prompt[:line_end])))
+    question = len(tokenizer.encode(example.prompt[:example.prompt.rindex(QUESTION_MARK)]))
+    tokens = np.asarray(tokenizer.encode(example.prompt) + tokenizer.encode(" " + example.answer), np.int32)
+    targets = np.zeros((len(tokens), len(tokens)), bool)
+    targets[question:-1, needle] = True
+    return tokens, targets
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -132,7 +221,8 @@ def answer_in_parts(model: Any, factory: Callable[..., Any], parts: Sequence[Seq
     return np.stack(out, axis=1).tolist()
 
 
-def retrieval_rows(model: Any, tokenizer: Any, s: Settings, log: Callable[[str], None]) -> list[dict[str, Any]]:
+def retrieval_rows(model: Any, tokenizer: Any, s: Settings, log: Callable[[str], None],
+                   heads: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     examples = list(needle_grid(tokenizer, [s.context_tokens], s.depths, task="kv_prose", samples=s.samples,
                                 seed=s.seed, capacity=model.config.max_position_embeddings - 64))
     contexts, questions = [], []
@@ -156,7 +246,7 @@ def retrieval_rows(model: Any, tokenizer: Any, s: Settings, log: Callable[[str],
         budget = max(8, int(kept * context_len))
         for press in s.presses:
             for setting, parts in (("aware", [whole]), ("agnostic", [contexts, questions])):
-                factory = evicting(press, budget, max_step=longest)
+                factory = evicting(press, budget, max_step=longest, head_scores=heads)
                 exact, digits = score(answer_in_parts(model, factory, parts, s.new_tokens))
                 rows.append(dict(press=press, kept=kept, budget=budget, setting=setting, exact=exact, digits=digits))
                 log(f"[kv_evict] retrieval {press} kept {kept:.3f} ({budget} tokens) {setting}: {exact:.2f}")
@@ -211,7 +301,8 @@ def speed_rows(model: Any, s: Settings, log: Callable[[str], None], rounds: int 
 
 
 # ----------------------------------------------------------------------------- quality
-def quality_rows(model: Any, windows: Any, s: Settings, log: Callable[[str], None]) -> list[dict[str, Any]]:
+def quality_rows(model: Any, windows: Any, s: Settings, log: Callable[[str], None],
+                 heads: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     def bpb(factory: Callable[..., Any]) -> float:
         return perplexity(model, windows, cache=factory, chunk=s.chunk, batch_size=s.batch_size).bits_per_byte
 
@@ -221,7 +312,7 @@ def quality_rows(model: Any, windows: Any, s: Settings, log: Callable[[str], Non
     for kept in s.kept:
         budget = max(8, int(kept * s.seq_len))
         for press in s.presses:
-            value = bpb(evicting(press, budget, s.chunk))
+            value = bpb(evicting(press, budget, s.chunk, head_scores=heads))
             rows.append(dict(press=press, kept=kept, budget=budget, bits_per_byte=value, increase=value / dense - 1))
             log(f"[kv_evict] bits/byte {press} kept {kept:.3f}: {value:.4f} ({value / dense - 1:+.2%})")
     for sinks in (0, 4):  # StreamingLLM's claim: a text 4x the budget, with and without sinks
@@ -267,10 +358,12 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
     tokenizer = load_tokenizer_for(s.model_path, config.model.tokenizer, model.config.vocab_size)
     documents = load_documents("stdlib", (".py",), "test")
     windows = select_windows(eval_windows(documents, tokenizer, s.seq_len), tokenizer, s.max_windows)
-    quality = quality_rows(model, windows, s, log)
-    retrieval = retrieval_rows(model, tokenizer, s, log) if s.retrieval_kept else []
+    heads = calibrate_heads(model, tokenizer, s, log)
+    quality = quality_rows(model, windows, s, log, heads)
+    retrieval = retrieval_rows(model, tokenizer, s, log, heads) if s.retrieval_kept else []
     speed = speed_rows(model, s, log) if s.speed_contexts else []
     metrics = dict(quality=quality, retrieval=retrieval, speed=speed, machine=machine_info(),
+                   head_scores={name: scores.tolist() for name, scores in heads.items()},
                    model=str(resolve_model_path(s.model_path)), windows=len(windows.tokens),
                    settings=dataclasses.asdict(s))
     table = format_table(quality, (("press", "press", "s"), ("kept", "kept", ".3f"),

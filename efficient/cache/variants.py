@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 
+from efficient.cache.budgets import pyramid_budgets
 from efficient.cache.dense import DenseKVCache
 from efficient.cache.evicting import EvictingKVCache
 from efficient.cache.kivi import KIVICache
@@ -42,14 +43,18 @@ register_cache("gear2", kivi_factory(2, rank=2, outlier_fraction=0.02), lossless
                      "Generative Inference of LLM")
 
 
-def evicting_factory(press: str, kept: float = 0.25, max_step: int = 128):  # noqa: ANN201
+def evicting_factory(press: str, kept: float = 0.25, max_step: int = 128, pyramid: bool = False):  # noqa: ANN201
     """An evicting cache factory keeping `kept` of the capacity (at least 8 tokens) with the
     named press (`press_for_budget`); `max_step` tokens of room for one forward (a prefill
-    chunk, a draft tree), so memory is budget + max_step entries."""
+    chunk, a draft tree), so memory is budget + max_step entries per (layer, KV head).
+    pyramid: PyramidKV's budgets falling with depth around that mean (`pyramid_budgets`)."""
     def factory(config, batch_size: int, capacity: int, dtype=None) -> EvictingKVCache:  # noqa: ANN001
         budget = min(capacity, max(8, math.ceil(kept * capacity)))
-        return EvictingKVCache.for_model(config, batch_size, capacity, dtype, press=press_for_budget(press, budget),
-                                         budget=budget, max_step=max_step)
+        rule = press_for_budget(press, budget)
+        table = (pyramid_budgets(budget, config.num_layers, config.num_kv_heads, floor=rule.sinks + rule.window)
+                 if pyramid else budget)
+        return EvictingKVCache.for_model(config, batch_size, capacity, dtype, press=rule, budget=table,
+                                         max_step=max_step)
 
     return factory
 
@@ -68,3 +73,8 @@ for _press, (_what, _paper) in EVICTION_PAPERS.items():
     register_cache(_press, evicting_factory(_press), lossless=False,
                    description=f"Evicting cache keeping 25% of the capacity: {_what}; 128 entries of room "
                                "per forward", paper=_paper)
+register_cache("pyramidkv", evicting_factory("snapkv", pyramid=True), lossless=False,
+               description="Evicting cache keeping 25% of the capacity on average, budgets falling linearly "
+                           "with depth (beta 20), SnapKV's scores; 128 entries of room per forward",
+               paper="Cai et al. 2024, PyramidKV: Dynamic KV Cache Compression based on Pyramidal "
+                     "Information Funneling")
