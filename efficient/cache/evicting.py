@@ -78,8 +78,8 @@ def _layout(budgets: Budgets, max_step: int) -> tuple[np.ndarray, np.ndarray, in
 def budget_table(budget: object, num_layers: int, num_kv_heads: int, capacity: int, press: Press,
                  caller: str) -> Budgets:
     """`budget` (an int for every unit, or an [L, K] table) checked against the press and capacity."""
-    if isinstance(budget, int) and not isinstance(budget, bool):
-        table = np.full((num_layers, num_kv_heads), budget)
+    if isinstance(budget, int | np.integer) and not isinstance(budget, bool):
+        table = np.full((num_layers, num_kv_heads), int(budget))
     else:
         table = np.asarray(budget)
         if table.shape != (num_layers, num_kv_heads) or not np.issubdtype(table.dtype, np.integer):
@@ -133,8 +133,8 @@ class EvictingKVCache:
             positive_int(value, name, caller)
         if not isinstance(press, Press):
             raise TypeError(f"{caller}: press must be a Press (StreamingLLMPress, H2OPress, ...), got {press!r}")
-        if isinstance(budget, int) and not isinstance(budget, bool):
-            positive_int(budget, "budget", caller)
+        if isinstance(budget, int | np.integer) and not isinstance(budget, bool):
+            positive_int(int(budget), "budget", caller)
         budgets = budget_table(budget, num_layers, num_kv_heads, capacity, press, caller)
         dtype = _floating_dtype(dtype, caller)
         _, _, pool = _layout(budgets, max_step)
