@@ -35,9 +35,10 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from efficient.cache import DenseKVCache, EvictingKVCache, StreamingLLMPress
-from efficient.cache.budgets import pyramid_budgets, retrieval_head_budgets, retrieval_heads_for_fraction
-from efficient.cache.press import PRESSES, press_for_budget
+from efficient.cache.budgets import retrieval_head_budgets, retrieval_heads_for_fraction
+from efficient.cache.press import PRESSES
 from efficient.cache.retrieval_heads import head_scores, razor_retrieval_score, razor_scores
+from efficient.cache.variants import press_cache
 from efficient.data import eval_windows, needle_grid
 from efficient.eval import perplexity, select_windows
 from efficient.eval.retrieval import score_answer
@@ -105,8 +106,6 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
         calibration_tokens=config.calibration.tokens, seed=int(config.seed))
 
 
-
-
 def evicting(press: str, budget: int, max_step: int, head_scores: dict[str, np.ndarray] | None = None
              ) -> Callable[..., EvictingKVCache]:
     """A cache factory for a policy keeping `budget` tokens per (layer, KV head) on average:
@@ -126,14 +125,8 @@ def evicting(press: str, budget: int, max_step: int, head_scores: dict[str, np.n
                                              press=StreamingLLMPress(sinks=4, window=streaming - 4))
 
         return factory
-    rule = press_for_budget("snapkv" if press == "pyramidkv" else press, budget)
-
-    def uniform_or_pyramid(config: Any, batch: int, capacity: int, dtype: Any = None) -> EvictingKVCache:
-        table = (pyramid_budgets(budget, config.num_layers, config.num_kv_heads, floor=rule.sinks + rule.window)
-                 if press == "pyramidkv" else budget)
-        return EvictingKVCache.for_model(config, batch, capacity, dtype, press=rule, budget=table, max_step=max_step)
-
-    return uniform_or_pyramid
+    return functools.partial(press_cache, press="snapkv" if press == "pyramidkv" else press, budget=budget,
+                             max_step=max_step, pyramid=press == "pyramidkv")
 
 
 def calibrate_heads(model: Any, tokenizer: Any, s: Settings, log: Callable[[str], None]) -> dict[str, np.ndarray]:
@@ -165,7 +158,7 @@ def _calibrate_heads(model: Any, tokenizer: Any, s: Settings, log: Callable[[str
             pad = width - len(row)
             tokens[b, pad:], positions[b, pad:] = row, np.arange(len(row))
             targets[b, pad:, pad:] = target
-        out["needle_heads"] = head_scores(model, tokens, targets, positions)
+        out["needle_heads"] = head_scores(model, tokens, targets, positions=positions)
     for name, scores in out.items():
         best = np.argsort(-scores.reshape(-1))[:6]
         log(f"[kv_evict] {name} calibration: best (layer, head) "

@@ -30,11 +30,11 @@ from efficient.cache.press import PER_QUERY_STATS
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _ScoringCache(DenseKVCache):
-    """A dense cache that sums, per (layer, KV head), the attention mass each query gives
-    to its target slots (`targets[b, t, s]`) into `head_mass` [L, K]."""
+    """A dense cache that sums, per target set n and (layer, KV head), the attention mass
+    each query gives to its target slots (`targets[n, b, t, s]`) into `head_mass` [N, L, K]."""
 
-    targets: Bool[Array, "B T S"] = None  # type: ignore[assignment]
-    head_mass: Float[Array, "L K"] = None  # type: ignore[assignment]
+    targets: Bool[Array, "N B T S"] = None  # type: ignore[assignment]
+    head_mass: Float[Array, "N L K"] = None  # type: ignore[assignment]
 
     @property
     def key_stats(self) -> KeyStats:
@@ -42,38 +42,47 @@ class _ScoringCache(DenseKVCache):
 
     def observe(self, layer: Int[Array, ""], mass: Float[Array, "B K T S"], q_positions: Int[Array, "B T"]
                 ) -> _ScoringCache:
-        targets = self.targets & (q_positions >= 0)[:, :, None]
-        total = jnp.einsum("bkts,bts->k", mass, targets.astype(mass.dtype))
-        return dataclasses.replace(self, head_mass=self.head_mass.at[layer].add(total))
+        targets = self.targets & (q_positions >= 0)[None, :, :, None]
+        total = jnp.einsum("bkts,nbts->nk", mass, targets.astype(mass.dtype))
+        return dataclasses.replace(self, head_mass=self.head_mass.at[:, layer].add(total))
 
 
-def head_scores(model, tokens: Int[Array, "B T"],  # noqa: ANN001
-                targets: Int[Array, "B T"] | Bool[Array, "B T T"],
-                positions: Int[Array, "B T"] | None = None) -> Float[np.ndarray, "L K"]:
-    """Mean attention probability each KV head's queries give to their targets, from one
-    prefill: `targets[b, t]` a token index in `tokens` (-1: the query has none), or a set
-    of them `targets[b, t, s]` (the mass over the set counts). `positions`: for rows
-    left-padded to one length (-1 on padding; default 0..T-1)."""
-    from efficient.models import jit_forward
-
-    tokens, targets = jnp.asarray(tokens, jnp.int32), np.asarray(targets)
+def _target_sets(tokens: jax.Array, targets: np.ndarray) -> np.ndarray:
+    """`targets` ([B, T] indices, -1 none; or [B, T, T] sets) as a bool [B, T, T] set."""
     if tokens.ndim != 2 or targets.shape[:2] != tokens.shape or targets.ndim not in (2, 3):
         raise ValueError(f"head_scores: tokens [B, T] and targets [B, T] or [B, T, T] expected, got "
                          f"{tuple(tokens.shape)} and {tuple(targets.shape)}")
     if targets.ndim == 2:
         targets = np.arange(tokens.shape[1])[None, None, :] == targets[:, :, None]
-    count = int(np.sum(np.any(targets, axis=2)))
-    if count == 0:
+    if not np.any(targets):
         raise ValueError("head_scores: targets has no query with a target")
+    return targets
+
+
+def head_scores(model, tokens: Int[Array, "B T"],  # noqa: ANN001
+                *targets: Int[Array, "B T"] | Bool[Array, "B T T"],
+                positions: Int[Array, "B T"] | None = None) -> Float[np.ndarray, "L K"] | list[np.ndarray]:
+    """Mean attention probability each KV head's queries give to their targets, from one
+    prefill: `targets[b, t]` a token index in `tokens` (-1: the query has none), or a set
+    of them `targets[b, t, s]` (the mass over the set counts). Several target arrays are
+    scored in the same prefill (a list of [L, K] back). `positions`: for rows left-padded
+    to one length (-1 on padding; default 0..T-1)."""
+    from efficient.models import jit_forward
+
+    tokens = jnp.asarray(tokens, jnp.int32)
+    sets = np.stack([_target_sets(tokens, np.asarray(t)) for t in targets])  # N B T T
+    counts = np.sum(np.any(sets, axis=3), axis=(1, 2))  # N
     config = model.config
     b, t = tokens.shape
     dense = DenseKVCache.for_model(config, b, t)
     cache = _ScoringCache(**{f.name: getattr(dense, f.name) for f in dataclasses.fields(DenseKVCache)},
-                          targets=jnp.asarray(targets, bool), head_mass=jnp.zeros((config.num_layers, config.num_kv_heads)))
+                          targets=jnp.asarray(sets),
+                          head_mass=jnp.zeros((len(sets), config.num_layers, config.num_kv_heads)))
     _, cache = jit_forward(model)(tokens, positions=positions, cache=cache,
                                   logits_indices=jnp.zeros((b, 1), jnp.int32))
     group = config.num_heads // config.num_kv_heads
-    return np.asarray(cache.head_mass) / (count * group)
+    scores = [np.asarray(mass) / (count * group) for mass, count in zip(cache.head_mass, counts, strict=True)]
+    return scores[0] if len(scores) == 1 else scores
 
 
 def repeated_random_tokens(batch: int, length: int, low: int, high: int, seed: int = 0
@@ -105,7 +114,8 @@ def razor_scores(model, *, batch: int = 2, length: int = 256, seed: int = 0,  # 
         raise ValueError(f"razor_scores: length {length} repeated twice exceeds the model's "
                          f"{model.config.max_position_embeddings} positions")
     tokens, echo, induction = repeated_random_tokens(batch, length, low, high, seed)
-    return head_scores(model, tokens, echo), head_scores(model, tokens, induction)
+    echo_scores, induction_scores = head_scores(model, tokens, echo, induction)  # one prefill
+    return echo_scores, induction_scores
 
 
 def razor_retrieval_score(echo: np.ndarray, induction: np.ndarray) -> np.ndarray:

@@ -50,13 +50,20 @@ def evicting_factory(press: str, kept: float = 0.25, max_step: int = 128, pyrami
     pyramid: PyramidKV's budgets falling with depth around that mean (`pyramid_budgets`)."""
     def factory(config, batch_size: int, capacity: int, dtype=None) -> EvictingKVCache:  # noqa: ANN001
         budget = min(capacity, max(8, math.ceil(kept * capacity)))
-        rule = press_for_budget(press, budget)
-        table = (pyramid_budgets(budget, config.num_layers, config.num_kv_heads, floor=rule.sinks + rule.window)
-                 if pyramid else budget)
-        return EvictingKVCache.for_model(config, batch_size, capacity, dtype, press=rule, budget=table,
-                                         max_step=max_step)
+        return press_cache(config, batch_size, capacity, dtype, press=press, budget=budget, max_step=max_step,
+                           pyramid=pyramid)
 
     return factory
+
+
+def press_cache(config, batch_size: int, capacity: int, dtype=None, *, press: str, budget: int,  # noqa: ANN001
+                max_step: int, pyramid: bool = False) -> EvictingKVCache:
+    """An evicting cache keeping `budget` tokens per (layer, KV head) with the named press
+    (`press_for_budget`), or on average with PyramidKV's budgets (`pyramid`)."""
+    rule = press_for_budget(press, budget)
+    table = (pyramid_budgets(budget, config.num_layers, config.num_kv_heads, floor=rule.sinks + rule.window)
+             if pyramid else budget)
+    return EvictingKVCache.for_model(config, batch_size, capacity, dtype, press=rule, budget=table, max_step=max_step)
 
 
 EVICTION_PAPERS = {

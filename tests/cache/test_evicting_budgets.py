@@ -84,8 +84,8 @@ def test_a_tree_commit_is_exact_with_a_budget_per_unit() -> None:
 @functools.cache
 def _two_token_scores() -> tuple[np.ndarray, np.ndarray]:
     tokens = _tokens(5)[:, :2]
-    return (head_scores(_model(), tokens, np.asarray([[-1, 0]] * 2)),
-            head_scores(_model(), tokens, np.asarray([[-1, 1]] * 2)))
+    on_first, on_itself = head_scores(_model(), tokens, np.asarray([[-1, 0]] * 2), np.asarray([[-1, 1]] * 2))
+    return on_first, on_itself
 
 
 def test_head_scores_are_attention_probabilities() -> None:
