@@ -33,6 +33,9 @@ def get_config(size: str = "full") -> ml_collections.ConfigDict:
     c.batch_sizes = (2,) if tiny else (1, 8)
     c.prompt_length = 32 if tiny else 256
     c.new_tokens = 64 if tiny else 128
+    # "scan" (stacked layers, compile flat in depth), "unrolled" (a buffer per layer: XLA:CPU
+    # copies a stacked layer's weights before each dot) or "auto" (unrolled on CPU).
+    c.layer_loop = "scan"
     c.warmup = 1
     c.iters = 1 if tiny else 5
     c.lock()

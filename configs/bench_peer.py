@@ -41,4 +41,9 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
         c.repeats = 2
     c.measure_rss = size != "tiny"  # two extra subprocesses
     c.peer = "transformers"  # "transformers" or "none" (ours only)
+    # ours: "scan" over stacked layers, "unrolled" (one buffer per layer: XLA:CPU copies a
+    # stacked layer's weights before each dot), "auto" (unrolled on CPU); also_layer_loop
+    # runs a second of ours with another loop, interleaved ("" for none).
+    c.layer_loop = "auto"
+    c.also_layer_loop = ""
     return c

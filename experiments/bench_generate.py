@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 from efficient.cache import DenseKVCache
 from efficient.decoding import generate
-from efficient.models import LlamaModel, ModelConfig, from_pretrained, jit_forward
+from efficient.models import LlamaModel, ModelConfig, from_pretrained, jit_forward, set_layer_loop
 from experiments.common import machine_info
 
 def _generate_seconds(model: LlamaModel, prompts: np.ndarray, new_tokens: int, capacity: int,
@@ -70,6 +70,7 @@ def run(config) -> dict:  # noqa: ANN001
     else:
         model_config = ModelConfig(**config.model.to_dict(), dtype=config.dtype)
         model = LlamaModel(model_config, rngs=nnx.Rngs(config.seed))
+    set_layer_loop(model, config.layer_loop)
     rng = np.random.default_rng(config.seed)
     rows = []
     for batch in config.batch_sizes:
@@ -91,6 +92,7 @@ def run(config) -> dict:  # noqa: ANN001
         ))
     return dict(
         model=config.model_path or "random",
+        layer_loop=config.layer_loop,
         parameters=model_config.num_parameters(),
         machine=machine_info(),
         prompt_length=config.prompt_length,

@@ -33,7 +33,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from efficient.data import Corpus  # noqa: E402
 from efficient.decoding import generate  # noqa: E402
-from efficient.models import from_pretrained, resolve_model_path  # noqa: E402
+from efficient.models import from_pretrained, resolve_model_path, set_layer_loop  # noqa: E402
 from experiments.common import load_tokenizer_for, machine_info  # noqa: E402
 
 
@@ -48,10 +48,12 @@ def prompt_batch(tokenizer: Any, batch: int, length: int, seed: int = 0) -> np.n
 
 
 class Ours:
-    name = "efficient"
+    """Our `generate`; `layer_loop` as `efficient.models.set_layer_loop` (a side named
+    "efficient", or "efficient_<layer_loop>" for a second one of ours)."""
 
-    def __init__(self, path: Path, dtype: str) -> None:
-        self.model = from_pretrained(path, dtype=dtype)
+    def __init__(self, path: Path, dtype: str, layer_loop: str = "auto", name: str = "efficient") -> None:
+        self.name = name
+        self.model = set_layer_loop(from_pretrained(path, dtype=dtype), layer_loop)
 
     def prefill(self, prompts: np.ndarray) -> float:
         out = generate(self.model, prompts, max_new_tokens=1, stop_tokens=())
@@ -108,7 +110,9 @@ def measure(config: Any) -> dict[str, Any]:
     tokenizer = load_tokenizer_for(config.model, "auto", 10**9)
     cells = []
     for dtype in config.dtypes:
-        sides = [Ours(path, dtype)]
+        sides = [Ours(path, dtype, config.layer_loop)]
+        if config.also_layer_loop:  # a second of ours, side by side (e.g. scan against unrolled)
+            sides.append(Ours(path, dtype, config.also_layer_loop, f"efficient_{config.also_layer_loop}"))
         if config.peer == "transformers":
             sides.append(Transformers(path, dtype, config.threads))
         for kind, grid in (("prefill", config.prefill), ("decode", config.decode)):
@@ -140,8 +144,11 @@ def measure(config: Any) -> dict[str, Any]:
 
 def _row(cell: dict[str, Any]) -> str:
     peer = cell.get("transformers_tokens_per_s")
+    others = "".join(f"  {key[:-len('_tokens_per_s')]} {value:9.1f} tok/s" for key, value in cell.items()
+                     if key.startswith("efficient_") and key.endswith("_tokens_per_s")
+                     and key != "efficient_tokens_per_s")
     return (f"{cell['kind']:>7} {cell['dtype']:>8} B={cell['batch']:<2} T={cell['prompt_tokens']:<5} "
-            f"ours {cell['efficient_tokens_per_s']:9.1f} tok/s"
+            f"ours {cell['efficient_tokens_per_s']:9.1f} tok/s" + others
             + (f"  transformers {peer:9.1f} tok/s  ratio {cell['speedup']:.2f}x" if peer else ""))
 
 

@@ -253,6 +253,8 @@ def _run_layers(
 
         if len(specs) == 1:
             return branch(0)(q)
+        if isinstance(kind, int):  # unstacked layers: the kind is static
+            return branch(kind)(q)
         return jax.lax.switch(kind, [branch(j) for j in range(len(specs))], q)
 
     def shared_view(cache: KVCache | None, index: jax.Array, k: jax.Array, v: jax.Array) -> object | None:
@@ -261,7 +263,12 @@ def _run_layers(
             return DenseView(k=k, v=v, positions=positions)
         return None if per_kind_views else cache.view(index)
 
-    graphdef, stacked = nnx.split(model.layers)
+    unstacked = isinstance(model.layers, nnx.List)
+    if unstacked:
+        graphdef = nnx.graphdef(model.layers[0])
+        per_layer = [nnx.state(layer) for layer in model.layers]
+    else:
+        graphdef, stacked = nnx.split(model.layers)
 
     def layer_step(params: nnx.State, x: jax.Array, cache: KVCache | None, index: jax.Array,
                    kind: jax.Array) -> tuple[jax.Array, KVCache | None]:
@@ -310,6 +317,12 @@ def _run_layers(
             return layer_step(params, x, cache, index, kind), None
         return gated_step(params, x, cache, index, kind, skipped), None
 
+    if unstacked:  # one buffer per layer: a Python loop, no weight slice copied per layer
+        carry = (x, cache)
+        for i, params in enumerate(per_layer):
+            gate = None if skip is None else skip[i]
+            carry, _ = body(carry, (params, i, kind_ids[i], gate))
+        return carry
     xs = (stacked, jnp.arange(config.num_layers, dtype=jnp.int32), jnp.asarray(kind_ids, jnp.int32), skip)
     (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
     return x, cache

@@ -256,8 +256,11 @@ def save_pretrained(model: LlamaModel, path: str | os.PathLike[str], dtype: str 
     values: dict[tuple[str, ...], np.ndarray] = {}
     for name, attr_path, layer, transpose in _param_map(model.config):
         if attr_path not in values:
-            value = jnp.asarray(_get_variable(model, attr_path)[...], jnp.dtype(config.dtype))
-            values[attr_path] = np.asarray(jax.device_get(value))
+            if attr_path[0] == "layers" and isinstance(model.layers, nnx.List):  # unstacked: stack again
+                value = jnp.stack([_get_variable(layer, attr_path[1:])[...] for layer in model.layers])
+            else:
+                value = _get_variable(model, attr_path)[...]
+            values[attr_path] = np.asarray(jax.device_get(jnp.asarray(value, jnp.dtype(config.dtype))))
         value = values[attr_path] if layer is None else values[attr_path][layer]
         tensors[name] = np.ascontiguousarray(value.T if transpose else value)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -7,6 +7,7 @@ created under `nnx.vmap`), so the shared `forward` runs them with one
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
@@ -57,3 +58,43 @@ class DecoderModel(nnx.Module):
             logits = jnp.einsum("btd,dv->btv", hidden, kernel, preferred_element_type=jnp.float32)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else jnp.tanh(logits / cap) * cap
+
+
+def unstack_layers(model: DecoderModel) -> DecoderModel:
+    """Give each layer its own parameter buffers (in place; returns `model`).
+
+    The shared `forward` then runs the layers as a Python loop instead of one
+    `lax.scan`: compile time grows with depth again, but no layer's weights are
+    sliced out of a stacked [L, ...] array. XLA:CPU copies such a slice before
+    every dot (decode of SmolLM2-135M lost about a fifth of its speed to it);
+    GPU and TPU backends fuse the slice, so this pays on CPU only. Loading,
+    saving and training expect stacked layers: unstack a model for inference."""
+    if isinstance(model.layers, nnx.List):
+        return model
+    graphdef, stacked = nnx.split(model.layers)
+    num_layers = model.config.num_layers
+    per_layer = []
+    for i in range(num_layers):  # one layer's copy at a time
+        per_layer.append(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)))
+    del stacked
+    model.layers = nnx.List(per_layer)
+    return model
+
+
+LAYER_LOOPS = ("scan", "unrolled", "auto")
+
+
+def set_layer_loop(model: DecoderModel, layer_loop: str) -> DecoderModel:
+    """`layer_loop`: "scan" (stacked layers, compile time flat in depth; a loaded model
+    is stacked), "unrolled" (`unstack_layers`), or "auto" (unrolled on the CPU backend,
+    where the stacked slices are copied; scan elsewhere). In place; returns `model`."""
+    if layer_loop not in LAYER_LOOPS:
+        raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
+    if layer_loop == "auto":
+        layer_loop = "unrolled" if jax.default_backend() == "cpu" else "scan"
+    if layer_loop == "unrolled":
+        return unstack_layers(model)
+    if isinstance(model.layers, nnx.List):
+        raise ValueError("layer_loop='scan' needs stacked layers; this model's were unstacked "
+                         "(load it again to scan over its layers)")
+    return model

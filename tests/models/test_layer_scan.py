@@ -67,3 +67,69 @@ def test_skipped_layer_does_not_write_the_cache() -> None:
 def test_bad_skip_layers_raise(skip: object) -> None:
     with pytest.raises(ValueError, match="skip_layers"):
         forward(tiny_model(), TOKENS, skip_layers=skip)
+
+
+def _copy(model: LlamaModel) -> LlamaModel:
+    return nnx.merge(*nnx.split(model))
+
+
+def test_unrolled_layers_equal_the_scan_on_a_hybrid_model() -> None:
+    """Gemma 3's 5:1 local/global kinds (static per layer when unrolled), a hybrid cache
+    (ring for local layers), prefill then decode, and skip gates."""
+    from cache.test_hybrid_cache import gemma3
+
+    from efficient.cache import HybridKVCache
+    from efficient.models import set_layer_loop, unstack_layers
+
+    stacked = gemma3()
+    unrolled = set_layer_loop(_copy(stacked), "unrolled")
+    assert isinstance(unrolled.layers, nnx.List) and len(unrolled.layers) == stacked.config.num_layers
+    assert unstack_layers(unrolled) is unrolled  # idempotent
+    tokens = jnp.asarray(np.random.RandomState(1).randint(3, 61, size=(2, 9)))
+    outs = []
+    for model in (stacked, unrolled):
+        cache = HybridKVCache.for_model(model.config, batch_size=2, capacity=16)
+        prefill, cache = forward(model, tokens[:, :8], cache=cache)
+        step, cache = forward(model, tokens[:, 8:], cache=cache)
+        skipped, _ = forward(model, tokens, skip_layers=(1, 5))
+        outs.append((prefill, step, skipped))
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    # The unrolled program grows with depth; the scan's does not (test above).
+    graphdef, params = nnx.split(unrolled)
+    jaxpr = jax.make_jaxpr(lambda p: forward(nnx.merge(graphdef, p), TOKENS)[0])(params)
+    assert not any(eqn.primitive.name == "scan" for eqn in jaxpr.jaxpr.eqns)
+
+
+def test_unrolled_generate_gives_the_same_tokens() -> None:
+    from efficient.decoding import generate
+    from efficient.models import unstack_layers
+
+    model = tiny_model()
+    prompts = np.asarray(TOKENS)
+    stacked = generate(model, prompts, max_new_tokens=5, capacity=16, stop_tokens=()).tokens
+    unrolled = generate(unstack_layers(_copy(model)), prompts, max_new_tokens=5, capacity=16, stop_tokens=()).tokens
+    np.testing.assert_array_equal(np.asarray(stacked), np.asarray(unrolled))
+
+
+def test_bad_layer_loop_raises() -> None:
+    from efficient.models import set_layer_loop, unstack_layers
+
+    with pytest.raises(ValueError, match=r"layer_loop must be one of .*'scan'.*got 'unroll'"):
+        set_layer_loop(tiny_model(), "unroll")
+    with pytest.raises(ValueError, match="layer_loop='scan' needs stacked layers"):
+        set_layer_loop(unstack_layers(_copy(tiny_model())), "scan")
+
+
+def test_unrolled_model_saves_the_same_checkpoint(tmp_path) -> None:  # noqa: ANN001
+    from safetensors.numpy import load_file
+
+    from efficient.models import save_pretrained, unstack_layers
+
+    model = tiny_model()
+    save_pretrained(model, tmp_path / "stacked")
+    save_pretrained(unstack_layers(_copy(model)), tmp_path / "unrolled")
+    stacked, unrolled = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("stacked", "unrolled"))
+    assert stacked.keys() == unrolled.keys()
+    for name, value in stacked.items():
+        np.testing.assert_array_equal(value, unrolled[name])
