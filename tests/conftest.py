@@ -52,7 +52,7 @@ def _memory_mappings() -> int:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _release_compiled_programs():  # noqa: ANN202
+def _release_compiled_programs(request: pytest.FixtureRequest):  # noqa: ANN202
     """Drop every compiled program after a test module once the process holds many memory
     mappings. Each XLA:CPU executable keeps about 6; an xdist worker that ran most of the
     suite held over 10,000 executables, past Linux's 65,530 mappings per process, and
@@ -61,6 +61,13 @@ def _release_compiled_programs():  # noqa: ANN202
     op) compiles again after a release, and only those over 0.2 s come back from the
     persistent compilation cache."""
     yield
-    if _memory_mappings() > _MAPPINGS_BEFORE_RELEASE:
+    mappings = _memory_mappings()
+    released = mappings > _MAPPINGS_BEFORE_RELEASE
+    if released:
         jax.clear_caches()
         gc.collect()
+    if log := os.environ.get("EFFICIENT_TEST_MAPPINGS_LOG"):  # diagnostics: mappings per module
+        import time
+
+        with open(log, "a") as out:
+            out.write(f"{os.getpid()} {time.time():.1f} {mappings} {int(released)} {request.module.__name__}\n")

@@ -7,7 +7,9 @@ flat in depth), carrying the hidden state and the cache, which is written and
 read at the traced layer index. Per-layer differences are traced per-layer
 values: a kind id selects the layer's static `AttentionSpec` (window) with
 `lax.switch` and its RoPE table, and an optional skip gate makes the layer the
-identity (`lax.cond`; a skipped layer does not write the cache).
+identity (`lax.cond`; a skipped layer does not write the cache). A model whose
+layers were unstacked (`set_layer_loop(model, "unrolled")`, for XLA:CPU) runs the
+same layer body as a Python loop, with static layer indices and kinds.
 
 `positions[b, t] < 0` marks a padded token: it is written to the cache with
 position -1 (never attended) and its logits are meaningless. Without a cache

@@ -136,13 +136,13 @@ def test_rollback_into_the_packed_store_and_select_keep_positions_and_values() -
 def test_gear_corrections_shrink_the_error_and_keep_outliers_exact() -> None:
     """GEAR on 2-bit KIVI (Kang et al. 2024): the low-rank part and the outliers bring layer 0's
     stored keys and values closer to the exact ones; kernels without corrections refuse the view."""
-    _, dense = _prefilled(None)
+    _, dense = _prefilled(None)  # layer 0's keys and values depend on the tokens only, not the chunks
     ref = dense.view(0)
     exact = np.concatenate([np.swapaxes(np.asarray(x), 1, 2) for x in (ref.k, ref.v)], axis=-1)
     errors = {}
     for name, gear in (("kivi", {}), ("lowrank", dict(rank=2)), ("outliers", dict(outlier_fraction=0.05)),
                        ("gear", dict(rank=2, outlier_fraction=0.05))):
-        _, cache = _prefilled(2, **gear)
+        _, cache = _run(_kivi(2, **gear), _tokens(0), [20, 20])  # one compiled shape per setting
         n = int(np.min(cache.quantized))
         got = np.concatenate([np.asarray(x) for x in dense_kv(cache.view(0))], axis=-1)
         errors[name] = float(np.linalg.norm(got[:, :n] - exact[:, :n]))
