@@ -40,7 +40,9 @@ import gc  # noqa: E402
 import pytest  # noqa: E402
 
 
-_MAPPINGS_BEFORE_RELEASE = 30_000  # Linux allows 65,530 memory mappings per process
+# Linux allows 65,530 memory mappings per process; the most one test module added in a
+# logged run was 17,600 (the registry tests), so 40,000 leaves room for one more module.
+_MAPPINGS_BEFORE_RELEASE = 40_000
 
 
 def _memory_mappings() -> int:
@@ -57,7 +59,7 @@ def _release_compiled_programs(request: pytest.FixtureRequest):  # noqa: ANN202
     mappings. Each XLA:CPU executable keeps about 6; an xdist worker that ran most of the
     suite held over 10,000 executables, past Linux's 65,530 mappings per process, and
     segfaulted inside a later compile (seen three times near the end of the suite, in
-    different tests). Released only past half the limit: every small program (each eager
+    different tests). Released only past 40,000: every small program (each eager
     op) compiles again after a release, and only those over 0.2 s come back from the
     persistent compilation cache."""
     yield

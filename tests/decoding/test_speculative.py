@@ -61,9 +61,10 @@ def test_stop_token_inside_an_accepted_draft() -> None:
 def test_draft_model_drafter_matches_greedy(prompts) -> None:  # noqa: ANN001
     target, draft = tiny_model(0), tiny_model(1)
     assert_matches_greedy(target, DraftModelDrafter.create(draft, target.config, length=3), prompts)
-    # The target as its own draft: every token accepted.
-    out = assert_matches_greedy(target, DraftModelDrafter.create(target, target.config, length=4), prompts)
-    assert out.stats.acceptance_by_depth == (1.0, 1.0, 1.0, 1.0)
+    # The target as its own draft: every token accepted (the same length: the draft's weights
+    # are loop arguments, so this reuses the compiled loop).
+    out = assert_matches_greedy(target, DraftModelDrafter.create(target, target.config, length=3), prompts)
+    assert out.stats.acceptance_by_depth == (1.0, 1.0, 1.0)
 
 
 def test_adaptive_draft_length_stops_early_and_matches_greedy() -> None:
@@ -144,7 +145,7 @@ def test_sampled_output_follows_the_target_law(tree: bool) -> None:
     draft = tiny_model(3, vocab_size=v)
     rule = Sample(temperature=1.0, top_k=5)
     prompt = [1, 2, 3]
-    n = 3000
+    n = 2000
     if tree:
         future = jnp.zeros((n, 64), jnp.int32)  # a fixed point-mass tree, right or wrong at random
         drafter = OracleDrafter(future=future, tree=True, vocab_size=v)
