@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 from efficient.cache import DenseKVCache
 from efficient.decoding import generate
-from efficient.models import LlamaModel, ModelConfig, from_pretrained, jit_forward, set_layer_loop
+from efficient.models import LlamaModel, ModelConfig, fit_cache_to_layers, from_pretrained, jit_forward, set_layer_loop
 from experiments.common import machine_info
 
 def _generate_seconds(model: LlamaModel, prompts: np.ndarray, new_tokens: int, capacity: int,
@@ -49,7 +49,7 @@ def _plain_step_seconds(model: LlamaModel, batch: int, prompt_length: int, capac
     calls = 32
 
     def run_calls() -> jax.Array:
-        cache = DenseKVCache.for_model(model.config, batch, capacity)
+        cache = fit_cache_to_layers(model, DenseKVCache.for_model(model.config, batch, capacity))  # as generate
         _, cache = step(jnp.ones((batch, prompt_length), jnp.int32), cache=cache)
         jax.block_until_ready(cache)
         start = time.perf_counter()

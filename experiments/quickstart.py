@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from efficient import variants
 from efficient.data import Document, Tokenizer, eval_windows, needle_grid
-from efficient.decoding import bucket_length
+from efficient.decoding import capacity_bucket
 from efficient.eval import (
     cache_memory,
     measure_generation,
@@ -150,7 +150,7 @@ def compare(model: LlamaModel, tokenizer: Tokenizer, documents: list[Document], 
     windows = select_windows(eval_windows(documents, tokenizer, p.seq_len), tokenizer, p.max_windows)
     examples = list(needle_grid(tokenizer, [r.context_tokens], r.depths, task=r.task, samples=r.samples,
                                 seed=s.seed, documents=documents, capacity=limit - r.max_new_tokens))
-    capacity = bucket_length(bucket_length(g.prompt_tokens, 16) + g.max_new_tokens, 64)  # generate's default
+    capacity = capacity_bucket(g.prompt_tokens + g.max_new_tokens, 64)  # generate's default
 
     def ppl_progress(done: int, total: int) -> None:
         if done == total:

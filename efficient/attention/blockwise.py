@@ -16,6 +16,9 @@ Two layouts of one step, both measured on XLA:CPU (experiments/bench_blockwise.p
   a mask. It does K times the (tiny) decode FLOPs but reads K/V in their
   [B, S, K, H] layout without the per-head transpose copies XLA inserts for a
   batched-over-K dot; decode is bandwidth-bound, so this was 1.3-2x faster at S = 8192.
+Keys stored [B, K, S, H] (`kv_layout="BKSH"`, the dense cache's layout) always use
+the grouped rows: each head's key block is contiguous, so the batched-over-K dot
+needs no transpose (decode key blocks of 512).
 
 Work that cannot contribute is skipped at run time: from the positions (and
 `lengths`, when given) we compute per key block its min/max valid position and
@@ -50,6 +53,7 @@ from efficient.attention.spec import AttentionSpec, default_positions, validate_
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 256
 DECODE_BLOCK_K = 1024  # T <= DECODE_MAX_T: one query block, flat layout
+DECODE_BLOCK_K_BY_HEAD = 512  # decode over [B, K, S, H] keys (grouped rows)
 DECODE_MAX_T = 16
 
 _NEG = -1e30  # initial running max: finite, so exp(m_old - m_new) never sees inf - inf
@@ -62,12 +66,24 @@ _NEG = -1e30  # initial running max: finite, so exp(m_old - m_new) never sees in
 # 1.5-10x faster at L <= 4096.
 BLOCKWISE_MIN_LOGITS = 256 * 256
 BLOCKWISE_MIN_DECODE_S = 4096
+# Decode over [B, K, S, H] keys (the dense cache's layout), SmolLM2 with per-layer cache
+# buffers, one-token steps (ms, 30 layers): the blockwise loop copies each key block
+# before its dot, the materialised path reads the cache in place, so blockwise wins only
+# on a sparsely filled cache: capacity 4224 holding 256 tokens 29-35 against 40-44;
+# holding 4096, 52-59 against 45-47; capacity 8192 holding 4096, 49-54 against 51-60;
+# holding 8000, 81-89 against 76.
+BLOCKWISE_MIN_DECODE_S_BY_HEAD = 2048
+DECODE_SPARSE_FILL = 0.5
 
 
-def prefers_blockwise(t: int, s: int) -> bool:
+def prefers_blockwise(t: int, s: int, kv_layout: str = "BSKH") -> bool | str:
     """Whether `attention_blockwise` should replace the materialised "xla" path on
-    XLA:CPU for T queries and S keys (S = cache capacity when decoding)."""
+    XLA:CPU for T queries and S keys (S = cache capacity when decoding) in `kv_layout`:
+    True, False, or "sparse" (decode over [B, K, S, H] keys: only while the fullest row
+    holds at most `DECODE_SPARSE_FILL` of S, chosen at run time from the lengths)."""
     if t <= DECODE_MAX_T:
+        if kv_layout == "BKSH":
+            return "sparse" if s >= BLOCKWISE_MIN_DECODE_S_BY_HEAD else False
         return s >= BLOCKWISE_MIN_DECODE_S
     return t * s >= BLOCKWISE_MIN_LOGITS
 
@@ -122,6 +138,7 @@ def attention_blockwise(
     lengths: Int[Array, " B"] | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
+    kv_layout: str = "BSKH",
 ) -> Float[Array, "B T N H"] | tuple[Float[Array, "B T N H"], Float[Array, "B T N"]]:
     """Exact attention, computed blockwise with an online softmax (module docstring).
 
@@ -130,15 +147,25 @@ def attention_blockwise(
         Empty slots (past lengths or at position -1) never reach the result, even
         when they hold NaN.
     block_q, block_k: block sizes (clipped to T and S); None picks measured defaults.
+    kv_layout: "BSKH" (k, v [B, S, K, H]) or "BKSH" (k, v [B, K, S, H], the dense
+        cache's stored layout): key blocks are sliced along S in place, per kv head
+        (the grouped rows, also when decoding), so a view of one layer of a stacked
+        cache is never copied whole.
     Returns output in q.dtype and, if `return_lse`, the float32 log-sum-exp [B, T, N].
     """
-    validate_inputs(q, k, v, q_positions, kv_positions, mask, q_segment_ids, kv_segment_ids)
+    if kv_layout not in ("BSKH", "BKSH"):
+        raise ValueError(f"kv_layout must be 'BSKH' or 'BKSH', got {kv_layout!r}")
+    by_head = kv_layout == "BKSH"
+    # Shape checks on the [B, S, K, H] shape (a stand-in: no transpose is traced).
+    k_std = jax.ShapeDtypeStruct((k.shape[0], k.shape[2], k.shape[1], k.shape[3]), k.dtype) if by_head else k
+    v_std = jax.ShapeDtypeStruct((v.shape[0], v.shape[2], v.shape[1], v.shape[3]), v.dtype) if by_head else v
+    validate_inputs(q, k_std, v_std, q_positions, kv_positions, mask, q_segment_ids, kv_segment_ids)
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("q_segment_ids and kv_segment_ids must be given together")
     _check_block("block_q", block_q)
     _check_block("block_k", block_k)
     b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
+    s, kh = k_std.shape[1], k_std.shape[2]
     g = n // kh
     if lengths is not None:
         if tuple(lengths.shape) != (b,):
@@ -151,9 +178,10 @@ def attention_blockwise(
         kv_positions = dk if kv_positions is None else kv_positions
     q_positions = q_positions.astype(jnp.int32)
     kv_positions = kv_positions.astype(jnp.int32)
-    flat = t <= DECODE_MAX_T  # decode layout (module docstring)
-    bq = min(block_q or (t if flat else DEFAULT_BLOCK_Q), t)
-    bk = min(block_k or (DECODE_BLOCK_K if flat else DEFAULT_BLOCK_K), s)
+    decode = t <= DECODE_MAX_T
+    flat = decode and not by_head  # decode layout of [B, S, K, H] keys (module docstring)
+    bq = min(block_q or (t if decode else DEFAULT_BLOCK_Q), t)
+    bk = min(block_k or ((DECODE_BLOCK_K_BY_HEAD if by_head else DECODE_BLOCK_K) if decode else DEFAULT_BLOCK_K), s)
     nq, nk = -(-t // bq), -(-s // bk)
     q_starts, k_starts = _starts(nq, bq, t), _starts(nk, bk, s)
 
@@ -187,8 +215,8 @@ def attention_blockwise(
             m, l, acc = carry
             kb = order[qi, i]
             k0 = k_starts[kb]
-            kblk = jax.lax.dynamic_slice_in_dim(k, k0, bk, axis=1)  # B bk K H
-            vblk = jax.lax.dynamic_slice_in_dim(v, k0, bk, axis=1)
+            kblk = jax.lax.dynamic_slice_in_dim(k, k0, bk, axis=2 if by_head else 1)  # B bk K H | B K bk H
+            vblk = jax.lax.dynamic_slice_in_dim(v, k0, bk, axis=2 if by_head else 1)
             kp = kpos[:, kb]  # B bk
             vis = (qp[:, :, None] >= 0) & (kp[:, None, :] >= 0)  # B bq bk
             if spec.causal:
@@ -202,14 +230,15 @@ def attention_blockwise(
                 vis &= jax.lax.dynamic_slice(mask, (0, q0, k0), (b, bq, bk))
             # Zero V in empty slots (past lengths or position -1: they may hold NaN, and
             # 0 * NaN = NaN in P.V); measured free: it fuses into the block's slice copy.
-            vblk = jnp.where((kp >= 0)[:, :, None, None], vblk, 0)
+            vblk = jnp.where((kp >= 0)[:, None, :, None] if by_head else (kp >= 0)[:, :, None, None], vblk, 0)
             if flat:  # every head against every kv head: no K/V transposes; keep the diagonal
                 logits = jnp.einsum("brh,bsh->brs", qblk, kblk.reshape(b, bk * kh, h),
                                     preferred_element_type=jnp.float32)
                 vis = vis[:, :, None, None, :, None] & same_head  # B bq K G|1 bk K'
                 vis = jnp.broadcast_to(vis, (b, bq, kh, g, bk, kh)).reshape(b, bq * n, bk * kh)
             else:
-                logits = jnp.einsum("bkqh,bskh->bkqs", qblk, kblk, preferred_element_type=jnp.float32)
+                logits = jnp.einsum("bkqh,bksh->bkqs" if by_head else "bkqh,bskh->bkqs", qblk, kblk,
+                                    preferred_element_type=jnp.float32)
                 vis = jnp.broadcast_to(vis[:, None, :, None, :], (b, 1, bq, g, bk)).reshape(b, 1, bq * g, bk)
             logits = logits * scale
             if spec.softcap is not None:
@@ -223,7 +252,8 @@ def attention_blockwise(
             if flat:
                 pv = jnp.einsum("brs,bsh->brh", p, vblk.reshape(b, bk * kh, h), preferred_element_type=jnp.float32)
             else:
-                pv = jnp.einsum("bkqs,bskh->bkqh", p, vblk, preferred_element_type=jnp.float32)
+                pv = jnp.einsum("bkqs,bksh->bkqh" if by_head else "bkqs,bskh->bkqh", p, vblk,
+                                preferred_element_type=jnp.float32)
             return m_new, l, alpha[..., None] * acc + pv
 
         init = (

@@ -12,9 +12,13 @@ block of pages through the page table, or a dequantized block of codes) with an
 online softmax across blocks (`view_blocks.attention_over_blocks`), never as a
 whole dense float copy. The float32 oracle (`reference_implementation`) and
 requests for key statistics use the materialised path (`views.dense_kv`). A
-[B, S, K, H] dense view whose shape `prefers_blockwise` goes to the online-softmax
+dense view whose shape `prefers_blockwise` goes to the online-softmax
 `attention_blockwise` (never materialises the logits; its gradient is the
-materialised path's, recomputed in the backward pass).
+materialised path's, recomputed in the backward pass). Decoding over a
+[B, K, S, H] view (the dense cache's) of 2048 slots or more picks at run time
+(`lax.cond` on the row lengths): blockwise while the fullest row holds at most
+half the slots (it skips the empty key blocks), materialised past that (it reads
+the cache in place, where the blockwise loop copies each key block).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from efficient.attention.blockwise import attention_blockwise, prefers_blockwise
+from efficient.attention.blockwise import DECODE_SPARSE_FILL, attention_blockwise, prefers_blockwise
 from efficient.attention.reference import grouped_attention
 from efficient.attention.spec import AttentionSpec, KeyStats, default_positions
 from efficient.attention.view_blocks import attention_over_blocks
@@ -72,30 +76,33 @@ def view_arrays(view: KVView) -> tuple[jax.Array, jax.Array, jax.Array | None, s
     return k, jnp.where(live, v, jnp.zeros((), v.dtype)), positions, layout
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _blockwise(spec: AttentionSpec, return_lse: bool, q, k, v, arrays):  # noqa: ANN001, ANN202
-    return attention_blockwise(q, k, v, spec=spec, return_lse=return_lse, **arrays)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _blockwise(spec: AttentionSpec, return_lse: bool, layout: str, q, k, v, arrays):  # noqa: ANN001, ANN202
+    return attention_blockwise(q, k, v, spec=spec, return_lse=return_lse, kv_layout=layout, **arrays)
 
 
-def _blockwise_fwd(spec: AttentionSpec, return_lse: bool, q, k, v, arrays):  # noqa: ANN001, ANN202
-    return _blockwise(spec, return_lse, q, k, v, arrays), (q, k, v, arrays)
+def _blockwise_fwd(spec: AttentionSpec, return_lse: bool, layout: str, q, k, v, arrays):  # noqa: ANN001, ANN202
+    return _blockwise(spec, return_lse, layout, q, k, v, arrays), (q, k, v, arrays)
 
 
-def _blockwise_bwd(spec: AttentionSpec, return_lse: bool, res, cotangent):  # noqa: ANN001, ANN202
+def _blockwise_bwd(spec: AttentionSpec, return_lse: bool, layout: str, res, cotangent):  # noqa: ANN001, ANN202
     """The blockwise loop has a data-dependent trip count (not reverse-differentiable):
     differentiate the materialised path, same function, O(T S) memory in the backward only."""
     q, k, v, arrays = res
     arrays = dict(arrays)
     lengths = arrays.pop("lengths")
+    s_axis = layout.index("S")
     if lengths is not None:
+        s = k.shape[s_axis]
         positions = arrays["kv_positions"]
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2])
-        arrays["kv_positions"] = jnp.where(jnp.arange(k.shape[1])[None] < lengths[:, None], positions, -1)
-        v = jnp.where((arrays["kv_positions"] >= 0)[:, :, None, None], v, jnp.zeros((), v.dtype))
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (k.shape[0], s))
+        arrays["kv_positions"] = jnp.where(jnp.arange(s)[None] < lengths[:, None], positions, -1)
+        live = arrays["kv_positions"] >= 0
+        v = jnp.where(live[:, :, None, None] if s_axis == 1 else live[:, None, :, None], v, jnp.zeros((), v.dtype))
 
     def materialised(q, k, v):  # noqa: ANN001, ANN202
-        return grouped_attention(q, k, v, spec=spec, return_lse=return_lse, exact=False, **arrays)
+        return grouped_attention(q, k, v, spec=spec, return_lse=return_lse, exact=False, kv_layout=layout, **arrays)
 
     _, vjp = jax.vjp(materialised, q, k, v)
     return (*vjp(cotangent), None)
@@ -117,23 +124,33 @@ def _view_attention(exact: bool):  # noqa: ANN202
         return_lse: bool = False,
         key_stats: KeyStats | None = None,
     ):  # noqa: ANN202
-        if (not exact and key_stats is None and isinstance(view, DenseView) and view.layout == "BSKH"
-                and (view.positions is None or view.positions.ndim == 2)
-                and prefers_blockwise(q.shape[1], view.num_slots)):
+        def materialised(q: jax.Array, view: KVView):  # noqa: ANN202
+            k, v, kv_positions, layout = view_arrays(view)
+            return grouped_attention(
+                q, k, v, spec=spec, q_positions=q_positions, kv_positions=kv_positions,
+                q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, mask=mask,
+                return_lse=return_lse, exact=exact, kv_layout=layout, key_stats=key_stats,
+            )
+
+        def blockwise(q: jax.Array, view: DenseView):  # noqa: ANN202
             arrays = dict(q_positions=q_positions, kv_positions=view.positions, q_segment_ids=q_segment_ids,
                           kv_segment_ids=kv_segment_ids, mask=mask, lengths=view.lengths)
-            return _blockwise(spec, return_lse, q, view.k, view.v, arrays)
+            return _blockwise(spec, return_lse, view.layout, q, view.k, view.v, arrays)
+
+        if (not exact and key_stats is None and isinstance(view, DenseView)
+                and (view.positions is None or view.positions.ndim == 2)):
+            prefer = prefers_blockwise(q.shape[1], view.num_slots, view.layout)
+            if prefer == "sparse" and view.lengths is not None:  # run-time choice by fill
+                sparse = jnp.max(view.lengths) <= int(DECODE_SPARSE_FILL * view.num_slots)
+                return jax.lax.cond(sparse, blockwise, materialised, q, view)
+            if prefer is True:
+                return blockwise(q, view)
         if not exact and key_stats is None and not isinstance(view, DenseView):
             if q_positions is None:
                 q_positions = default_positions(q.shape[0], q.shape[1], view.num_slots)[0]
             return attention_over_blocks(q, view, spec=spec, q_positions=q_positions, q_segment_ids=q_segment_ids,
                                          kv_segment_ids=kv_segment_ids, mask=mask, return_lse=return_lse)
-        k, v, kv_positions, layout = view_arrays(view)
-        return grouped_attention(
-            q, k, v, spec=spec, q_positions=q_positions, kv_positions=kv_positions,
-            q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, mask=mask,
-            return_lse=return_lse, exact=exact, kv_layout=layout, key_stats=key_stats,
-        )
+        return materialised(q, view)
 
     return implementation
 

@@ -7,7 +7,9 @@ with a different accepted length per row).
 Keys and values are stored [L, B, K, S, H]: one contiguous [S, H] slab per
 (layer, row, kv head), the layout the decode kernel reads in place (its view is
 a `DenseView` with layout "BKSH" and the row lengths), so a decode step copies
-nothing but the new tokens.
+nothing but the new tokens. `split_layers()` stores the same as L per-layer
+[B, K, S, H] buffers, for a model whose layers run unrolled on XLA:CPU
+(`LayerStackedKV`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Self
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from efficient.cache.protocol import DenseView, tree_nbytes
@@ -68,27 +71,48 @@ def positions_after(last: Int[Array, " B"], num_tokens: int) -> Int[Array, "B T"
 
 
 class LayerStackedKV:
-    """Shape properties of a cache storing keys/values [L, B, K, slots, H] in `k` with
-    a static `dtype_name` (the dense and the ring cache)."""
+    """Keys/values of every layer as one stacked [L, B, K, slots, H] array per `k`/`v`, or
+    (after `split_layers`) as a tuple of L per-layer [B, K, slots, H] buffers, with a
+    static `dtype_name` (the dense and the ring cache).
 
-    k: jax.Array
+    Per-layer buffers are for a model whose layers run as a Python loop
+    (`set_layer_loop(model, "unrolled")`): XLA:CPU copies a layer's slice out of a
+    stacked array before it can feed a dot, so with a stacked cache every decode step
+    copied the whole cache once (measured on SmolLM2, batch 1, 256 tokens held: a
+    one-token step took 47-52 ms at capacity 4224 against 32 ms at 384; with
+    per-layer buffers and blockwise decode attention, 34.5 ms). A model under
+    `lax.scan` indexes layers with a traced index and needs the stacked form.
+    """
+
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     dtype_name: str
 
     @property
+    def per_layer(self) -> bool:
+        """Whether k/v are per-layer buffers (`split_layers`) rather than stacked arrays."""
+        return isinstance(self.k, tuple)
+
+    @property
+    def _kv_shape(self) -> tuple[int, int, int, int, int]:
+        """(L, B, K, slots, H) of either storage."""
+        return (len(self.k), *self.k[0].shape) if self.per_layer else tuple(self.k.shape)
+
+    @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self._kv_shape[1]
 
     @property
     def num_layers(self) -> int:
-        return self.k.shape[0]
+        return self._kv_shape[0]
 
     @property
     def num_kv_heads(self) -> int:
-        return self.k.shape[2]
+        return self._kv_shape[2]
 
     @property
     def head_dim(self) -> int:
-        return self.k.shape[4]
+        return self._kv_shape[4]
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -96,7 +120,55 @@ class LayerStackedKV:
         return jnp.dtype(self.dtype_name)
 
     def _heads(self) -> Int[Array, "1 1 K"]:
-        return jnp.arange(self.k.shape[2], dtype=jnp.int32)[None, None, :]
+        return jnp.arange(self.num_kv_heads, dtype=jnp.int32)[None, None, :]
+
+    def _static_layer(self, layer: int | Int[Array, ""], caller: str) -> int:
+        if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool) and 0 <= layer < self.num_layers:
+            return int(layer)
+        raise TypeError(
+            f"{type(self).__name__}.{caller}: a cache with per-layer buffers (split_layers) needs a "
+            f"Python int layer in [0, {self.num_layers}), got {layer!r}; a model under lax.scan passes "
+            f"a traced index: call cache.stack_layers() or set_layer_loop(model, 'unrolled')")
+
+    def _layer_kv(self, layer: int | Int[Array, ""]) -> tuple[jax.Array, jax.Array]:
+        """Stored k/v of one layer, [B, K, slots, H] (a buffer of its own when per-layer)."""
+        if self.per_layer:
+            layer = self._static_layer(layer, "view")
+        return self.k[layer], self.v[layer]
+
+    def _write_layer(self, layer: int | Int[Array, ""], index: tuple, k: jax.Array, v: jax.Array) -> Self:
+        """Scatter stored-dtype k/v at `index` (rows, heads, slots) of one layer, in place."""
+        if not self.per_layer:
+            full = (layer, *index)
+            return dataclasses.replace(self, k=self.k.at[full].set(k, mode="drop"),
+                                       v=self.v.at[full].set(v, mode="drop"))
+        layer = self._static_layer(layer, "update")
+        ks, vs = list(self.k), list(self.v)
+        ks[layer] = ks[layer].at[index].set(k, mode="drop")
+        vs[layer] = vs[layer].at[index].set(v, mode="drop")
+        return dataclasses.replace(self, k=tuple(ks), v=tuple(vs))
+
+    def _move_slots(self, index_from: tuple, index_to: tuple) -> tuple:
+        """k/v of every layer with the entries at `index_from` (rows, heads, slots) copied to
+        `index_to` (dropped where out of range)."""
+        def move(x: jax.Array, lead: tuple) -> jax.Array:
+            return x.at[(*lead, *index_to)].set(x[(*lead, *index_from)], mode="drop")
+
+        if self.per_layer:
+            return tuple(move(x, ()) for x in self.k), tuple(move(x, ()) for x in self.v)
+        return move(self.k, (slice(None),)), move(self.v, (slice(None),))  # indexed [L, B, C, K, H]
+
+    def split_layers(self) -> Self:
+        """The same cache with per-layer buffers (a copy; for an unrolled layer loop)."""
+        if self.per_layer:
+            return self
+        return dataclasses.replace(self, k=tuple(self.k), v=tuple(self.v))
+
+    def stack_layers(self) -> Self:
+        """The same cache with stacked [L, ...] arrays (a copy; for a layer loop under scan)."""
+        if not self.per_layer:
+            return self
+        return dataclasses.replace(self, k=jnp.stack(self.k), v=jnp.stack(self.v))
 
 
 @jax.tree_util.register_dataclass
@@ -108,8 +180,8 @@ class DenseKVCache(LayerStackedKV):
     bit patterns (see `_storage_dtype`); `view` hands attention the logical dtype.
     """
 
-    k: Float[Array, "L B K S H"]
-    v: Float[Array, "L B K S H"]
+    k: Float[Array, "L B K S H"] | tuple[Float[Array, "B K S H"], ...]
+    v: Float[Array, "L B K S H"] | tuple[Float[Array, "B K S H"], ...]
     positions: Int[Array, "B S"]
     lengths: Int[Array, " B"]
     dtype_name: str = dataclasses.field(default="float32", metadata=dict(static=True))
@@ -154,7 +226,7 @@ class DenseKVCache(LayerStackedKV):
     # ----------------------------------------------------------- protocol
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self._kv_shape[3]
 
     def next_positions(self, num_tokens: int) -> Int[Array, "B T"]:
         """Positions following the last one held in each row."""
@@ -173,20 +245,17 @@ class DenseKVCache(LayerStackedKV):
     def update(
         self, layer: int, k: Float[Array, "B T K H"], v: Float[Array, "B T K H"], slots: Int[Array, "B T"]
     ) -> Self:
-        """Write k/v [B, T, K, H] of layer `layer` (an int or a traced index) at `slots`."""
+        """Write k/v [B, T, K, H] of layer `layer` (an int, or a traced index when stacked) at `slots`."""
         rows, heads, slots = _rows(*slots.shape)[:, :, None], self._heads(), slots[:, :, None]  # B T K
-        index = (layer, rows, heads, slots)
-        new_k = self.k.at[index].set(_to_storage(k, self.dtype), mode="drop")
-        new_v = self.v.at[index].set(_to_storage(v, self.dtype), mode="drop")
-        return dataclasses.replace(self, k=new_k, v=new_v)
+        return self._write_layer(layer, (rows, heads, slots), _to_storage(k, self.dtype), _to_storage(v, self.dtype))
 
     def view(self, layer: int | Int[Array, ""], window: int | None = None) -> DenseView:
-        """Layer `layer` (an int or a traced index) in place ([B, K, S, H]), with the row
+        """Layer `layer` (an int, or a traced index when stacked) in place ([B, K, S, H]), with the row
         lengths; every slot is kept, so any `window` (the attending layer's) is served."""
         del window
-        return DenseView(k=_from_storage(self.k[layer], self.dtype), v=_from_storage(self.v[layer], self.dtype),
-                         positions=self.positions, lengths=self.lengths,
-                         layout="BKSH")
+        k, v = self._layer_kv(layer)
+        return DenseView(k=_from_storage(k, self.dtype), v=_from_storage(v, self.dtype),
+                         positions=self.positions, lengths=self.lengths, layout="BKSH")
 
     def truncate(self, lengths: Int[Array, " B"]) -> Self:
         """Keep the first `lengths[b]` slots of each row (rollback); never grows a row."""
@@ -204,8 +273,7 @@ class DenseKVCache(LayerStackedKV):
         valid = jnp.arange(c, dtype=jnp.int32)[None, :] < counts[:, None]
         dest = jnp.where(valid, start[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :], self.capacity)
         r3, h3, src3, dst3 = rows[:, :, None], self._heads(), source_slots[:, :, None], dest[:, :, None]
-        k = self.k.at[:, r3, h3, dst3].set(self.k[:, r3, h3, src3], mode="drop")  # indexed [L, B, C, K, H]
-        v = self.v.at[:, r3, h3, dst3].set(self.v[:, r3, h3, src3], mode="drop")
+        k, v = self._move_slots((r3, h3, src3), (r3, h3, dst3))
         positions = self.positions.at[rows, dest].set(self.positions[rows, source_slots], mode="drop")
         moved = dataclasses.replace(self, k=k, v=v, positions=positions, lengths=start + c)
         return moved.truncate(start + counts)

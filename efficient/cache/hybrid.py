@@ -8,8 +8,9 @@ memory stays flat as the context grows, and only the global layers grow with S
 
 Both parts see the same logical slots (`reserve` is identical), so the protocol
 (truncate, select, next_positions) is the parts' in lockstep. Layers keep their
-global ids: `update(layer, ...)` writes the part the layer belongs to (the other
-part's write is dropped, so a traced layer index under `lax.scan` works), and
+global ids: `update(layer, ...)` writes the part the layer belongs to (with a
+traced layer index under `lax.scan`, both parts are written and the other
+part's write is dropped), and
 `view(layer, window)` returns that part's view: `forward` asks for it inside the
 layer kind's branch, where the window, and so the view's shape, is static.
 
@@ -68,8 +69,8 @@ class HybridKVCache:
         ids = np.cumsum([w == windowed for w in self.windowed]) - 1
         other = sum(w == windowed for w in self.windowed)
         table = np.where(np.asarray(self.windowed) == windowed, ids, other).astype(np.int32)
-        if isinstance(layer, int):
-            return int(table[layer])
+        if isinstance(layer, (int, np.integer)):
+            return int(table[int(layer)])
         return jnp.asarray(table)[layer]
 
     # ----------------------------------------------------------- protocol
@@ -125,6 +126,11 @@ class HybridKVCache:
         self, layer: int | Int[Array, ""], k: Float[Array, "B T K H"], v: Float[Array, "B T K H"],
         slots: Int[Array, "B T"],
     ) -> Self:
+        if isinstance(layer, (int, np.integer)):  # a static layer: write only the part that holds it
+            if self.windowed[layer]:
+                return dataclasses.replace(self, ring=self.ring.update(self._part_index(int(layer), True), k, v, slots))
+            return dataclasses.replace(self, full=self.full.update(self._part_index(int(layer), False), k, v, slots))
+        # A traced layer writes both parts, the other part at an out-of-range (dropped) index.
         ring = self.ring.update(self._part_index(layer, True), k, v, slots)
         full = None if self.full is None else self.full.update(self._part_index(layer, False), k, v, slots)
         return dataclasses.replace(self, full=full, ring=ring)
@@ -145,6 +151,20 @@ class HybridKVCache:
 
     def select(self, source_slots: Int[Array, "B C"], counts: Int[Array, " B"], start: Int[Array, " B"]) -> Self:
         return self._map(lambda part: part.select(source_slots, counts, start))
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether a part holds per-layer buffers (`split_layers`; a layer loop under
+        scan needs both stacked)."""
+        return any(part.per_layer for part in self._parts())
+
+    def split_layers(self) -> Self:
+        """Both parts with per-layer buffers (`LayerStackedKV.split_layers`)."""
+        return self._map(lambda part: part.split_layers())
+
+    def stack_layers(self) -> Self:
+        """Both parts with stacked arrays (`LayerStackedKV.stack_layers`)."""
+        return self._map(lambda part: part.stack_layers())
 
     def nbytes(self) -> int:
         return tree_nbytes(self)

@@ -16,7 +16,8 @@ non-empty cache would lose keys its own queries need, so `forward` refuses it;
 a prefill into an empty cache (`forward(..., fresh_cache=True)`) attends its new
 tokens directly, and the ring keeps the last R real tokens it wrote.
 
-The stored layout is the dense cache's, [L, B, K, R, H], and `view` is a
+The stored layout is the dense cache's, [L, B, K, R, H] (or per-layer buffers
+after `split_layers()`), and `view` is a
 `DenseView` over the R entries with their positions, so every attention
 implementation serves it unchanged (attention masks by position).
 """
@@ -49,8 +50,8 @@ class RingKVCache(LayerStackedKV):
     """Keys/values [L, B, K, R, H] for layers of one sliding window W; ring entry r of
     row b holds logical slot `ring_slots[b, r]` at position `ring_positions[b, r]`."""
 
-    k: Float[Array, "L B K R H"]
-    v: Float[Array, "L B K R H"]
+    k: Float[Array, "L B K R H"] | tuple[Float[Array, "B K R H"], ...]
+    v: Float[Array, "L B K R H"] | tuple[Float[Array, "B K R H"], ...]
     ring_positions: Int[Array, "B R"]
     ring_slots: Int[Array, "B R"]
     lengths: Int[Array, " B"]
@@ -89,7 +90,7 @@ class RingKVCache(LayerStackedKV):
 
     @property
     def ring_size(self) -> int:  # R
-        return self.k.shape[3]
+        return self._kv_shape[3]
 
     @property
     def max_tokens_per_forward(self) -> int:
@@ -126,9 +127,8 @@ class RingKVCache(LayerStackedKV):
     ) -> Self:
         """Write layer `layer`'s k/v at the ring entries `reserve` gave `slots` (others dropped)."""
         rows = _rows(*slots.shape)[:, :, None]
-        index = (layer, rows, self._heads(), self.entries(slots)[:, :, None])
-        return dataclasses.replace(self, k=self.k.at[index].set(_to_storage(k, self.dtype), mode="drop"),
-                                   v=self.v.at[index].set(_to_storage(v, self.dtype), mode="drop"))
+        index = (rows, self._heads(), self.entries(slots)[:, :, None])
+        return self._write_layer(layer, index, _to_storage(k, self.dtype), _to_storage(v, self.dtype))
 
     def view(self, layer: int | Int[Array, ""], window: int | None = None) -> DenseView:
         """Layer `layer`'s R entries in place ([B, K, R, H]) with their positions. `window`
@@ -136,7 +136,8 @@ class RingKVCache(LayerStackedKV):
         if self.ring_size < self.capacity and (window is None or window > self.window):
             raise ValueError(f"RingKVCache.view: a ring of window {self.window} cannot serve a layer with "
                              f"window {window!r} (it needs keys older than the ring holds)")
-        return DenseView(k=_from_storage(self.k[layer], self.dtype), v=_from_storage(self.v[layer], self.dtype),
+        k, v = self._layer_kv(layer)
+        return DenseView(k=_from_storage(k, self.dtype), v=_from_storage(v, self.dtype),
                          positions=self.ring_positions, lengths=jnp.minimum(self.lengths, self.ring_size),
                          layout="BKSH")
 
@@ -166,8 +167,7 @@ class RingKVCache(LayerStackedKV):
         dst = jnp.where(index < counts[:, None], dest % self.ring_size, self.ring_size)
         r3, h3 = rows[:, :, None], self._heads()
         s3, d3 = src[:, :, None], dst[:, :, None]
-        k = self.k.at[:, r3, h3, d3].set(self.k[:, r3, h3, s3], mode="drop")  # indexed [L, B, C, K, H]
-        v = self.v.at[:, r3, h3, d3].set(self.v[:, r3, h3, s3], mode="drop")
+        k, v = self._move_slots((r3, h3, s3), (r3, h3, d3))
         positions = jnp.take_along_axis(self.ring_positions, jnp.minimum(src, self.ring_size - 1), axis=1)
         ring_positions = self.ring_positions.at[rows, dst].set(positions, mode="drop")
         ring_slots = self.ring_slots.at[rows, dst].set(dest, mode="drop")

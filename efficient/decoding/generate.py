@@ -24,12 +24,13 @@ from jaxtyping import Array, Int
 
 from efficient.cache.hybrid import default_cache
 from efficient.cache.protocol import CacheFactory, KVCache
-from efficient.decoding.prompts import PromptBatch, bucket_length, make_prompt_batch
+from efficient.decoding.prompts import PromptBatch, bucket_length, capacity_bucket, make_prompt_batch
 from efficient.decoding.sampling import Greedy, SamplingRule, sample_tokens
 from efficient.models.checks import check_cache_factory, check_cache_matches, check_model, check_sampling
 from efficient.models.config import ModelConfig
 from efficient.models.forward import forward
 from efficient.models.llama import LlamaModel
+from efficient.models.model import fit_cache_to_layers
 
 
 # Number of times each jitted stage was traced (a test asserts on it).
@@ -248,7 +249,7 @@ def prepare_request(
     # truncated away after prefill): a row needs its prompt + max_new_tokens (+ extra).
     needed = int((batch.lengths + max_new).max()) + extra_slots
     if capacity is None:
-        capacity = bucket_length(needed, 64)
+        capacity = capacity_bucket(needed, 64)
     elif not isinstance(capacity, int | np.integer) or isinstance(capacity, bool) or capacity < 1:
         raise ValueError(f"capacity must be a positive int, got {capacity!r}")
     capacity = int(capacity)
@@ -292,10 +293,10 @@ def generate(
 
     cache: a factory `(config, batch, capacity) -> cache` (default: `default_cache`, dense, or
         hybrid with a ring buffer for sliding-window layers).
-    capacity: cache slots per row; default: the longest prompt + max_new_tokens,
-        rounded up to a power of two (at least 64). Exactly prompt + max_new_tokens
-        is enough: the prompt's padding to its shape bucket takes no slot. A
-        prompt that cannot fit raises ValueError.
+    capacity: cache slots per row; default: the longest prompt + max_new_tokens, rounded
+        up to a quarter-octave size (`capacity_bucket`, at least 64). Exactly prompt +
+        max_new_tokens is enough: the prompt's padding to its shape bucket takes no
+        slot. A prompt that cannot fit raises ValueError.
     key: PRNG key or int seed (sampling only; deterministic for a given key).
     stop_tokens: ids that end a row (the stop token is kept in the output);
         None: the model config's eos_token_ids; () disables stopping.
@@ -311,6 +312,7 @@ def generate(
     factory = cache or default_cache
     kv_cache = factory(config, b, request.capacity)
     check_cache_matches(config, kv_cache, b, "generate", capacity=request.capacity)
+    kv_cache = fit_cache_to_layers(model, kv_cache)
     graphdef, params = nnx.split(model)
     static = LoopStatic(graphdef=graphdef, rule=sampling, implementation=request.implementation,
                      pad_id=request.pad_id, out_len=bucket_length(int(max_new.max()), 16))

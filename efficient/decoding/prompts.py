@@ -23,6 +23,19 @@ def bucket_length(n: int, minimum: int = 16) -> int:
     return size
 
 
+def capacity_bucket(n: int, minimum: int = 64) -> int:
+    """The smallest quarter-octave size (2^k times 1, 1.25, 1.5 or 1.75) >= max(n, minimum):
+    a default cache capacity holds at most 25% more slots than needed (a power of two
+    held up to 2x, and decode attention over the materialised path reads every slot),
+    with four compiled capacities per doubling."""
+    if minimum < 1:
+        raise ValueError(f"minimum capacity must be >= 1, got {minimum}")
+    octave = bucket_length(max(n, minimum), minimum) // 2
+    if octave < minimum or octave % 4:
+        return bucket_length(n, minimum)
+    return next(size for size in (octave * q // 4 for q in (5, 6, 7, 8)) if size >= n)
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptBatch:
     """Right-padded prompts: tokens [B, T_bucket], lengths [B]."""

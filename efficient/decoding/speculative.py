@@ -46,6 +46,7 @@ from efficient.decoding.verify import TypicalAcceptance, Verdict, accept_tree
 from efficient.models.checks import check_cache_factory, check_cache_matches, check_model, check_sampling
 from efficient.models.forward import forward
 from efficient.models.llama import LlamaModel
+from efficient.models.model import fit_cache_to_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +295,7 @@ def speculative_generate(
         from the target's filtered law exactly (lossless rejection sampling),
         unless `typical` (Medusa's typical acceptance, lossy) is given.
     capacity: default longest prompt + max_new_tokens + tree size + 1, rounded up
-        to a power of two (the prompt's bucket padding takes no slot).
+        to a quarter-octave size (`capacity_bucket`; the prompt's bucket padding takes no slot).
     Returns a GenerateOutput whose `stats` is a `SpeculativeStats`.
     """
     config = check_model(model, "speculative_generate")
@@ -320,6 +321,7 @@ def speculative_generate(
     b = batch.batch_size
     kv_cache = (cache or default_cache)(config, b, request.capacity)
     check_cache_matches(config, kv_cache, b, "speculative_generate", capacity=request.capacity)
+    kv_cache = fit_cache_to_layers(model, kv_cache)
     graphdef, params = nnx.split(model)
     out_len = bucket_length(int(max_new.max()), 16)
     prefill_static = LoopStatic(graphdef=graphdef, rule=sampling, implementation=request.implementation,

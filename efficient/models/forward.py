@@ -9,7 +9,8 @@ values: a kind id selects the layer's static `AttentionSpec` (window) with
 `lax.switch` and its RoPE table, and an optional skip gate makes the layer the
 identity (`lax.cond`; a skipped layer does not write the cache). A model whose
 layers were unstacked (`set_layer_loop(model, "unrolled")`, for XLA:CPU) runs the
-same layer body as a Python loop, with static layer indices and kinds.
+same layer body as a Python loop, with static layer indices and kinds (and reads
+a cache split into per-layer buffers, `fit_cache_to_layers`).
 
 `positions[b, t] < 0` marks a padded token: it is written to the cache with
 position -1 (never attended) and its logits are meaningless. Without a cache
@@ -325,6 +326,10 @@ def _run_layers(
             gate = None if skip is None else skip[i]
             carry, _ = body(carry, (params, i, kind_ids[i], gate))
         return carry
+    if getattr(cache, "per_layer", False):
+        raise ValueError("forward: cache holds per-layer buffers (split_layers) but the model's layers run "
+                         "under lax.scan with a traced layer index; pass cache.stack_layers(), or "
+                         "set_layer_loop(model, 'unrolled')")
     xs = (stacked, jnp.arange(config.num_layers, dtype=jnp.int32), jnp.asarray(kind_ids, jnp.int32), skip)
     (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
     return x, cache

@@ -8,6 +8,8 @@ XLA:CPU, which copies a stacked slice before every dot). Modules hold parameters
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -80,6 +82,18 @@ def unstack_layers(model: DecoderModel) -> DecoderModel:
 
 
 LAYER_LOOPS = ("scan", "unrolled", "auto")
+T = TypeVar("T")
+
+
+def fit_cache_to_layers(model: DecoderModel, cache: T) -> T:
+    """`cache` in the storage `model`'s layer loop reads without copies, for caches
+    that offer both (`split_layers` / `stack_layers`: the dense and the ring cache):
+    per-layer buffers for unrolled layers, stacked arrays for layers under scan.
+    Anything else is returned as it is. A conversion copies the keys and values once
+    (meant right after the cache is built, as `generate` does)."""
+    if isinstance(model.layers, nnx.List):
+        return cache.split_layers() if hasattr(cache, "split_layers") else cache
+    return cache.stack_layers() if getattr(cache, "per_layer", False) else cache
 
 
 def set_layer_loop(model: DecoderModel, layer_loop: str) -> DecoderModel:

@@ -24,7 +24,7 @@ from efficient.attention.reference import attention_reference  # noqa: E402
 from efficient.attention.spec import AttentionSpec  # noqa: E402
 
 BLOCKS = dict(block_q=4, block_k=8)
-BLOCKWISE = jax.jit(attention_blockwise, static_argnames=("spec", "return_lse", "block_q", "block_k"))
+BLOCKWISE = jax.jit(attention_blockwise, static_argnames=("spec", "return_lse", "block_q", "block_k", "kv_layout"))
 REF = jax.jit(attention_reference, static_argnames=("spec", "return_lse"))
 
 
@@ -65,8 +65,9 @@ def _inputs(name: str, dtype) -> tuple:  # noqa: ANN001
     return q, k, v, spec, {key: jnp.asarray(val) for key, val in extra.items()}
 
 
-def _check(q, k, v, spec, kw, dtype, *, clean=None, what="") -> None:  # noqa: ANN001
-    out, lse = BLOCKWISE(q, k, v, spec=spec, return_lse=True, **BLOCKS, **kw)
+def _check(q, k, v, spec, kw, dtype, *, clean=None, what="", kv_layout="BSKH") -> None:  # noqa: ANN001
+    kk, vv = (k, v) if kv_layout == "BSKH" else (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
+    out, lse = BLOCKWISE(q, kk, vv, spec=spec, return_lse=True, kv_layout=kv_layout, **BLOCKS, **kw)
     kw = {key: val for key, val in kw.items() if key != "lengths"}
     qr, kr, vr = (x.astype(jnp.float32) for x in (clean or (q, k, v)))
     ref, ref_lse = REF(qr, kr, vr, spec=spec, return_lse=True, **kw)
@@ -94,11 +95,14 @@ def test_fully_masked_rows_are_zeros_with_lse_neg_inf() -> None:
         assert np.all(np.isneginf(np.asarray(lse[b, t])))
 
 
-@pytest.mark.parametrize("t, dtype", [(1, jnp.float32), (1, jnp.bfloat16), (3, jnp.float32)],
-                         ids=["decode-f32", "decode-bf16", "chunk-f32"])
-def test_lengths_never_read_past(t: int, dtype) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("t, dtype, kv_layout",
+                         [(1, jnp.float32, "BSKH"), (1, jnp.bfloat16, "BSKH"), (3, jnp.float32, "BSKH"),
+                          (1, jnp.float32, "BKSH"), (3, jnp.bfloat16, "BKSH")],
+                         ids=["decode-f32", "decode-bf16", "chunk-f32", "decode-f32-BKSH", "chunk-bf16-BKSH"])
+def test_lengths_never_read_past(t: int, dtype, kv_layout: str) -> None:  # noqa: ANN001
     """Decode (T=1) and a chunk (T=3) into a cache of capacity 37 holding 9 and 20
-    tokens (GQA 3); NaN in every slot past lengths."""
+    tokens (GQA 3); NaN in every slot past lengths; keys [B, S, K, H] or, as the dense
+    cache stores them, [B, K, S, H]."""
     s, lengths = 37, np.array([9, 20], np.int32)
     q, k, v = random_inputs(21, 2, t, s, 6, 2, 8, dtype)
     empty = np.arange(s)[None, :] >= lengths[:, None]  # B S
@@ -106,10 +110,12 @@ def test_lengths_never_read_past(t: int, dtype) -> None:  # noqa: ANN001
     q_pos = (lengths[:, None] - t + np.arange(t)[None, :]).astype(np.int32)
     nan_k, nan_v = (jnp.where(jnp.asarray(empty)[:, :, None, None], jnp.nan, x).astype(dtype) for x in (k, v))
     kw = dict(q_positions=jnp.asarray(q_pos), kv_positions=jnp.asarray(kv_pos), lengths=jnp.asarray(lengths))
-    _check(q, nan_k, nan_v, AttentionSpec(), kw, dtype, clean=(q, k, v), what=f"lengths T={t}")
+    _check(q, nan_k, nan_v, AttentionSpec(), kw, dtype, clean=(q, k, v), what=f"lengths T={t} {kv_layout}",
+           kv_layout=kv_layout)
 
 
-def test_skipped_key_blocks_are_never_read() -> None:
+@pytest.mark.parametrize("kv_layout", ["BSKH", "BKSH"])
+def test_skipped_key_blocks_are_never_read(kv_layout: str) -> None:
     """Causal and window: key blocks no query can see hold NaN; a loop that read them
     would put NaN into the output (0 * NaN in P.V), so a clean output proves the skip."""
     q, k, v = random_inputs(5, 1, 4, 32, 6, 2, 8, jnp.float32)
@@ -118,7 +124,8 @@ def test_skipped_key_blocks_are_never_read() -> None:
     poison = (kv_pos[0] >= 24) | (kv_pos[0] < 8)  # future blocks; blocks outside the window
     nan_v = jnp.where(poison[None, :, None, None], jnp.nan, v)
     spec = AttentionSpec(window=10)
-    out = BLOCKWISE(q, k, nan_v, spec=spec, q_positions=q_pos, kv_positions=kv_pos, **BLOCKS)
+    kk, vv = (k, nan_v) if kv_layout == "BSKH" else (jnp.swapaxes(k, 1, 2), jnp.swapaxes(nan_v, 1, 2))
+    out = BLOCKWISE(q, kk, vv, spec=spec, q_positions=q_pos, kv_positions=kv_pos, kv_layout=kv_layout, **BLOCKS)
     ref = REF(q, k, v, spec=spec, q_positions=q_pos, kv_positions=kv_pos)
     assert_close(out, ref, jnp.float32)
 
@@ -151,6 +158,7 @@ def test_default_block_sizes() -> None:
         (dict(lengths=jnp.zeros((3,), jnp.int32)), "lengths"),
         (dict(lengths=jnp.zeros((2,), jnp.float32)), "lengths"),
         (dict(q_segment_ids=jnp.zeros((2, 3), jnp.int32)), "segment_ids"),
+        (dict(kv_layout="SBKH"), "kv_layout"),
     ],
 )
 def test_bad_input_raises_naming_argument(kwargs: dict, pattern: str) -> None:
@@ -162,3 +170,6 @@ def test_bad_input_raises_naming_argument(kwargs: dict, pattern: str) -> None:
 def test_prefers_blockwise_threshold() -> None:
     assert not prefers_blockwise(64, 64) and prefers_blockwise(4096, 4096)
     assert not prefers_blockwise(1, 1024) and prefers_blockwise(1, 8192)
+    # [B, K, S, H] decode: chosen at run time by how full the cache is, from 2048 slots.
+    assert prefers_blockwise(1, 1024, "BKSH") is False and prefers_blockwise(1, 4096, "BKSH") == "sparse"
+    assert prefers_blockwise(64, 4096, "BKSH") is True

@@ -285,14 +285,16 @@ def test_key_stats_refused_by_kernels_and_validated() -> None:
 # ------------------------------------------------------------------ blockwise XLA path
 
 
-def test_xla_goes_blockwise_for_long_dense_views_and_differentiates() -> None:
+@pytest.mark.parametrize("layout", ["BSKH", "BKSH"])
+def test_xla_goes_blockwise_for_long_dense_views_and_differentiates(layout: str) -> None:
     """T * S past `prefers_blockwise`: "xla" runs the online-softmax loop, matches the
-    oracle, and its gradient (the materialised path's, in the backward) matches too."""
+    oracle, and its gradient (the materialised path's, in the backward) matches too.
+    [B, K, S, H] (the cache's layout): a third full, so the run-time choice is blockwise."""
     from efficient.attention.blockwise import prefers_blockwise
 
     t = 4
-    s = next(s for s in (512, 1024, 2048, 4096, 8192, 16384) if prefers_blockwise(t, s))
-    n = s * 3 // 4
+    s = next(s for s in (512, 1024, 2048, 4096, 8192, 16384) if prefers_blockwise(t, s, layout))
+    n = s * 3 // 4 if layout == "BSKH" else s // 3
     rng = _rng(11)
     q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
                for shape in ((1, t, 2, 8), (1, s, 1, 8), (1, s, 1, 8)))
@@ -302,7 +304,11 @@ def test_xla_goes_blockwise_for_long_dense_views_and_differentiates() -> None:
     kv_pos = jnp.where(jnp.arange(s)[None] < n, jnp.arange(s)[None], -1)
 
     def dispatched(q, k, v):  # noqa: ANN001, ANN202
-        return attention(q, DenseView(k, v, lengths=lengths), spec=spec, q_positions=q_pos, implementation="xla")
+        if layout == "BKSH":
+            view = DenseView(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), lengths=lengths, layout="BKSH")
+        else:
+            view = DenseView(k, v, lengths=lengths)
+        return attention(q, view, spec=spec, q_positions=q_pos, implementation="xla")
 
     def oracle(q, k, v):  # noqa: ANN001, ANN202
         return attention_reference(q, k, v, spec=spec, q_positions=q_pos, kv_positions=kv_pos)
@@ -314,6 +320,35 @@ def test_xla_goes_blockwise_for_long_dense_views_and_differentiates() -> None:
     want = jax.grad(lambda *a: jnp.sum(oracle(*a) * cot), (0, 1, 2))(q, k, v)
     for g, w in zip(got, want):
         assert_close(g, w, "float32", kind="gradient")
+
+
+@pytest.mark.parametrize("held", [700, 1900], ids=["sparse", "full"])
+def test_xla_decode_over_a_cache_layout_view_chooses_by_fill(held: int) -> None:
+    """A [B, K, S, H] view (the dense cache's) of 2048 slots, one decode query: "xla"
+    runs blockwise while the fullest row holds at most half of S and materialised past
+    it (a run-time cond); both match the oracle with NaN in every slot past lengths."""
+    from efficient.attention.blockwise import prefers_blockwise
+
+    s = 2048
+    assert prefers_blockwise(1, s, "BKSH") == "sparse"
+    rng = _rng(12)
+    lengths = np.array([held, held // 3])
+    q = jnp.asarray(rng.standard_normal((2, 1, 6, 8)), jnp.float32)
+    k, v = rng.standard_normal((2, 2, s, 2, 8)).astype(np.float32)
+    q_pos, kv_pos = _decode_positions(lengths, 1, s)
+    past = (np.arange(s)[None] >= lengths[:, None])[:, None, :, None]
+    kk, vv = (jnp.asarray(np.where(past, np.nan, np.swapaxes(x, 1, 2))) for x in (k, v))
+    view = DenseView(kk, vv, jnp.asarray(np.arange(s)[None].repeat(2, 0), jnp.int32),
+                     jnp.asarray(lengths, jnp.int32), layout="BKSH")
+    def run(q, view):  # noqa: ANN001, ANN202
+        return attention(q, view, spec=AttentionSpec(), q_positions=jnp.asarray(q_pos), implementation="xla")
+
+    program = str(jax.make_jaxpr(run)(q, view))
+    assert "cond[" in program and "_blockwise_fwd" in program  # both paths, picked at run time
+    out = jax.jit(run)(q, view)
+    ref = attention_reference(q, jnp.asarray(k), jnp.asarray(v), q_positions=jnp.asarray(q_pos),
+                              kv_positions=jnp.asarray(kv_pos))
+    assert_close(out, ref, "float32", what=f"held {held}")
 
 
 # ------------------------------------------------------------------ per-KV-head positions

@@ -469,3 +469,52 @@ def test_cache_view_feeds_the_decode_kernel_in_place() -> None:
     want = attention(q, view, spec=spec, q_positions=q_pos, implementation="xla")
     assert np.all(np.isfinite(np.asarray(got)))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ per-layer buffers
+
+
+def _stored(x: jax.Array | tuple[jax.Array, ...]) -> np.ndarray:
+    return np.stack([np.asarray(a) for a in x]) if isinstance(x, tuple) else np.asarray(x)
+
+
+def test_per_layer_buffers_hold_what_the_stacked_cache_holds() -> None:
+    """`split_layers` keeps the same contents in L buffers; reserve, update, view, truncate
+    and select then give what the stacked cache gives; `stack_layers` turns it back."""
+    stacked, _, _ = _filled([7, 7, 5])
+    split = stacked.split_layers()
+    assert split.per_layer and not stacked.per_layer and isinstance(split.k, tuple) and len(split.k) == L
+    assert (split.capacity, split.num_layers, split.batch_size, split.num_kv_heads, split.head_dim) == (S, L, B, K, H)
+    assert split.nbytes() == stacked.nbytes()
+    source = jnp.asarray([[3, 5, 6], [4, 0, 0], [1, 2, 0]], jnp.int32)
+    counts, start = jnp.asarray([3, 1, 0], jnp.int32), jnp.asarray([3, 3, 4], jnp.int32)
+    k, v = _kv(7, 1)
+
+    def steps(cache: DenseKVCache) -> DenseKVCache:
+        cache = cache.select(source, counts, start)
+        cache, slots = cache.reserve(cache.next_positions(1))
+        return cache.update(1, k, v, slots).truncate(jnp.asarray([5, 5, 5], jnp.int32))
+
+    a, b = steps(stacked), steps(split)
+    assert b.per_layer
+    for layer in range(L):
+        va, vb = a.view(layer), b.view(layer)
+        for x, y in ((va.k, vb.k), (va.v, vb.v), (va.positions, vb.positions), (va.lengths, vb.lengths)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    np.testing.assert_array_equal(_stored(b.stack_layers().k), np.asarray(a.k))
+    assert stacked.stack_layers() is stacked and not b.stack_layers().per_layer
+    assert split.split_layers() is split
+
+
+def test_per_layer_buffers_refuse_a_traced_layer_index() -> None:
+    split = _empty().split_layers()
+    k, v = _kv(8, 1)
+
+    def write(cache: DenseKVCache, layer: jax.Array) -> DenseKVCache:
+        cache, slots = cache.reserve(cache.next_positions(1))
+        return cache.update(layer, k, v, slots)
+
+    with pytest.raises(TypeError, match="per-layer buffers.*stack_layers"):
+        jax.jit(write)(split, jnp.int32(0))
+    with pytest.raises(TypeError, match="layer"):
+        split.view(L)  # out of range

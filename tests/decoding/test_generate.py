@@ -144,6 +144,25 @@ def test_custom_cache_factory_and_capacity() -> None:
     assert out.sequences() == generate(model, PROMPTS, max_new_tokens=5).sequences()
 
 
+def test_default_capacity_is_a_quarter_octave_bucket() -> None:
+    """At most 25% more slots than prompt + max_new_tokens (a power of two wasted up to 2x)."""
+    from efficient.decoding.prompts import capacity_bucket
+
+    assert [capacity_bucket(n) for n in (1, 64, 65, 81, 129, 300, 4224, 8192, 8193)] == [
+        64, 64, 80, 96, 160, 320, 5120, 8192, 10240]
+    assert all(n <= capacity_bucket(n) <= max(64, 1.25 * n) for n in range(1, 5000, 7))
+    with pytest.raises(ValueError, match="minimum"):
+        capacity_bucket(10, 0)
+    made = []
+
+    def factory(config, batch, capacity):  # noqa: ANN001, ANN202
+        made.append(capacity)
+        return DenseKVCache.for_model(config, batch, capacity)
+
+    generate(tiny_model(), [[3, 4, 5]], max_new_tokens=70, cache=factory)
+    assert made == [80]
+
+
 def test_greedy_rule_object_is_default() -> None:
     model = tiny_model()
     assert (generate(model, PROMPTS, max_new_tokens=4, sampling=Greedy()).sequences()

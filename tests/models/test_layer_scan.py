@@ -79,7 +79,7 @@ def test_unrolled_layers_equal_the_scan_on_a_hybrid_model() -> None:
     from cache.test_hybrid_cache import gemma3
 
     from efficient.cache import HybridKVCache
-    from efficient.models import set_layer_loop, unstack_layers
+    from efficient.models import fit_cache_to_layers, set_layer_loop, unstack_layers
 
     stacked = gemma3()
     unrolled = set_layer_loop(_copy(stacked), "unrolled")
@@ -89,7 +89,9 @@ def test_unrolled_layers_equal_the_scan_on_a_hybrid_model() -> None:
 
     def run(params: nnx.State, tokens: jax.Array, graphdef: nnx.GraphDef) -> tuple[jax.Array, ...]:
         model = nnx.merge(graphdef, params)
-        cache = HybridKVCache.for_model(model.config, batch_size=2, capacity=16)
+        # Unrolled: per-layer ring and dense buffers (static layer writes); scan: stacked.
+        cache = fit_cache_to_layers(model, HybridKVCache.for_model(model.config, batch_size=2, capacity=16))
+        assert cache.per_layer == isinstance(model.layers, nnx.List)
         prefill, cache = forward(model, tokens[:, :8], cache=cache)
         step, cache = forward(model, tokens[:, 8:], cache=cache)
         skipped, _ = forward(model, tokens, skip_layers=jnp.arange(7) % 4 == 1)
@@ -116,6 +118,41 @@ def test_unrolled_generate_gives_the_same_tokens() -> None:
     stacked = generate(model, prompts, max_new_tokens=5, capacity=16, stop_tokens=()).tokens
     unrolled = generate(unstack_layers(_copy(model)), prompts, max_new_tokens=5, capacity=16, stop_tokens=()).tokens
     np.testing.assert_array_equal(np.asarray(stacked), np.asarray(unrolled))
+
+
+def test_unrolled_speculative_decoding_with_per_layer_cache_buffers_equals_greedy() -> None:
+    """Prompt lookup drafts, the verifier truncates and compacts (select) a cache that
+    `speculative_generate` split into per-layer buffers for the unrolled model."""
+    from efficient.decoding import generate
+    from efficient.decoding.drafters import PromptLookupDrafter
+    from efficient.decoding.speculative import speculative_generate
+    from efficient.models import unstack_layers
+
+    model = tiny_model()
+    prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11, 9, 10, 11, 9]]
+    greedy = generate(model, prompts, max_new_tokens=8, capacity=32, stop_tokens=()).sequences()
+    unrolled = unstack_layers(_copy(model))
+    drafted = speculative_generate(unrolled, prompts, drafter=PromptLookupDrafter.create(length=2),
+                                   max_new_tokens=8, capacity=32, stop_tokens=()).sequences()
+    assert drafted == greedy
+
+
+def test_cache_storage_follows_the_layer_loop() -> None:
+    """`fit_cache_to_layers`: per-layer buffers for an unrolled model, stacked for a scanned
+    one; a scanned forward refuses per-layer buffers, naming the fix."""
+    from efficient.models import fit_cache_to_layers, unstack_layers
+
+    model = tiny_model()
+    cache = DenseKVCache.for_model(model.config, 2, 16)
+    unrolled = unstack_layers(_copy(model))
+    split = fit_cache_to_layers(unrolled, cache)
+    assert split.per_layer and fit_cache_to_layers(unrolled, split) is split
+    assert not fit_cache_to_layers(model, split).per_layer and fit_cache_to_layers(model, cache) is cache
+    with pytest.raises(ValueError, match=r"per-layer buffers.*stack_layers"):
+        forward(model, TOKENS, cache=split)
+    a, _ = forward(model, TOKENS, cache=cache)
+    b, _ = forward(unrolled, TOKENS, cache=split)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_layer_loop_raises() -> None:

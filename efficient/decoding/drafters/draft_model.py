@@ -27,6 +27,7 @@ from efficient.decoding.tree import DraftTree, chain, check_tree_size
 from efficient.models.config import ModelConfig
 from efficient.models.forward import forward
 from efficient.models.llama import LlamaModel
+from efficient.models.model import fit_cache_to_layers
 
 
 @jax.tree_util.register_dataclass
@@ -84,7 +85,7 @@ class DraftModelDrafter:
     def init(self, prompt: PromptContext) -> KVCache:
         draft = nnx.merge(self.graphdef, self.params)
         b, t = prompt.tokens.shape
-        cache = DenseKVCache.for_model(draft.config, b, prompt.history.shape[1])
+        cache = fit_cache_to_layers(draft, DenseKVCache.for_model(draft.config, b, prompt.history.shape[1]))
         index = jnp.arange(t, dtype=jnp.int32)[None, :]
         positions = jnp.where(index < prompt.lengths[:, None], index, -1)
         _, cache = forward(draft, prompt.tokens, positions=positions, cache=cache,
