@@ -11,10 +11,8 @@ results/bench_decode_step/<run>/{config.json, metrics.json} and prints a table.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -27,7 +25,7 @@ from ml_collections import config_flags
 from efficient.attention import blockwise
 from efficient.cache import DenseKVCache
 from efficient.models import LlamaModel, ModelConfig, from_pretrained, jit_forward, resolve_model_path, set_layer_loop
-from experiments.common import machine_info
+from experiments.common import machine_info, write_run
 
 VARIANTS = ("scan/stacked", "unrolled/stacked", "unrolled/per_layer/mat", "unrolled/per_layer")
 
@@ -100,10 +98,7 @@ def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value  # defined under __main__ so importing this module defines no flag
     metrics = run(config)
-    out = Path(config.out_dir) / (config.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(config.to_json(indent=2))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    out = write_run(config, metrics)
     print(f"{metrics['model']} {metrics['dtype']} on {metrics['machine']['device']}: step ms (median)")
     print(f"{'batch':>5} {'capacity':>8} {'held':>5} " + " ".join(f"{v:>23}" for v in config.variants))
     for r in metrics["rows"]:

@@ -9,9 +9,7 @@ results/bench_generate/<run>/{config.json, metrics.json} and prints a table.
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +21,7 @@ from ml_collections import config_flags
 from efficient.cache import DenseKVCache
 from efficient.decoding import generate
 from efficient.models import LlamaModel, ModelConfig, fit_cache_to_layers, from_pretrained, jit_forward, set_layer_loop
-from experiments.common import machine_info
+from experiments.common import machine_info, write_run
 
 def _generate_seconds(model: LlamaModel, prompts: np.ndarray, new_tokens: int, capacity: int,
                       warmup: int, iters: int) -> tuple[float, float, float]:
@@ -105,10 +103,7 @@ def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value  # defined under __main__ so importing this module defines no flag
     metrics = run(config)
-    out = Path(config.out_dir) / (config.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(config.to_json(indent=2))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    out = write_run(config, metrics)
     print(f"{metrics['parameters'] / 1e6:.1f}M parameters on {metrics['machine']['device']}, "
           f"prompt {metrics['prompt_length']}, {metrics['new_tokens']} new tokens")
     print(f"{'batch':>5} {'first call s':>12} {'prefill tok/s':>14} {'decode tok/s':>13} {'loop ms':>8} "

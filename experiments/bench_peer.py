@@ -16,7 +16,6 @@ Writes <out_dir>/<run>/{config.json, metrics.json} and prints a table.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import subprocess
@@ -34,7 +33,7 @@ from ml_collections import config_flags  # noqa: E402
 from efficient.data import Corpus  # noqa: E402
 from efficient.decoding import generate  # noqa: E402
 from efficient.models import from_pretrained, resolve_model_path, set_layer_loop  # noqa: E402
-from experiments.common import load_tokenizer_for, machine_info  # noqa: E402
+from experiments.common import load_tokenizer_for, machine_info, write_run  # noqa: E402
 
 
 def prompt_batch(tokenizer: Any, batch: int, length: int, seed: int = 0) -> np.ndarray:
@@ -182,10 +181,7 @@ def main(argv: list[str]) -> None:
     metrics = measure(config)
     metrics.update(machine=machine_info(), seconds=time.perf_counter() - start,
                    self_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    out = Path(config.out_dir) / (config.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(config.to_json(indent=2))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    out = write_run(config, metrics)
     print(f"peak RSS MiB: {metrics['peak_rss_mib']}")
     print(f"wrote {out}")
 

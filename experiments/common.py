@@ -9,9 +9,11 @@ each experiment reads its config and calls them with the fields.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -231,6 +233,16 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def write_run(config: Any, metrics: dict[str, Any]) -> Path:
+    """Write `config.json` and `metrics.json` under `config.out_dir`/`config.run_name`
+    (a timestamp when the name is empty); returns the run's folder."""
+    out = Path(config.out_dir) / (config.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(config.to_json(indent=2))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return out
 
 
 def machine_info() -> dict[str, Any]:

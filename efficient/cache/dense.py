@@ -159,7 +159,8 @@ class LayerStackedKV:
         return move(self.k, (slice(None),)), move(self.v, (slice(None),))  # indexed [L, B, C, K, H]
 
     def split_layers(self) -> Self:
-        """The same cache with per-layer buffers (a copy; for an unrolled layer loop)."""
+        """The same cache with per-layer buffers (a copy, so both forms are held until the
+        stacked one is freed; for an unrolled layer loop)."""
         if self.per_layer:
             return self
         return dataclasses.replace(self, k=tuple(self.k), v=tuple(self.v))
