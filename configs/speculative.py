@@ -29,7 +29,9 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     c.seed = 0
     # path: a packaged model name ("smollm2": SmolLM2-135M-Instruct), a .gguf file or an HF folder.
     # tokenizer: "auto" (the GGUF file's, the folder's tokenizer.json, else bytes), "byte", or a path.
-    c.model = ml_collections.ConfigDict(dict(path="smollm2", tokenizer="auto", dtype="float32"))
+    # layer_loop: "scan" (stacked layers), "unrolled" or "auto" (unrolled on CPU: no per-layer weight
+    # and cache slice copies, twice the compile time; efficient.models.set_layer_loop).
+    c.model = ml_collections.ConfigDict(dict(path="smollm2", tokenizer="auto", dtype="float32", layer_loop="scan"))
     # Loaded only when a selected decoder needs "draft_model"; "": none (those decoders are skipped).
     # The byte-level pair: --config.model.path=checkpoints/target --config.draft.path=checkpoints/draft
     c.draft = ml_collections.ConfigDict(dict(path="", dtype="float32"))

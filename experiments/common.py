@@ -23,12 +23,14 @@ from flax import nnx
 
 from efficient.data import ByteTokenizer, Corpus, Document, Tokenizer, check_vocab, load_tokenizer
 from efficient.models import (
+    LAYER_LOOPS,
     PACKAGED_MODELS,
     LlamaModel,
     ModelConfig,
     from_pretrained,
     resolve_model_path,
     save_pretrained,
+    set_layer_loop,
 )
 
 def config_flag_error(argv: Sequence[str], flag: str = "config") -> str | None:
@@ -106,9 +108,17 @@ def check_positive(owner: object, *names: str, minimum: int = 1) -> None:
             raise ValueError(f"{type(owner).__name__}.{name}: expected an int >= {minimum}, got {value!r}")
 
 
-def load_model(path: str | Path, *, dtype: str | None = None, key: str = "config.model.path") -> LlamaModel:
+def load_model(path: str | Path, *, dtype: str | None = None, key: str = "config.model.path",
+               layer_loop: str = "scan") -> LlamaModel:
     """A model from a packaged name ("smollm2"), a .gguf file or an HF checkpoint folder;
-    FileNotFoundError naming the config key and path."""
+    FileNotFoundError naming the config key and path. `layer_loop` as
+    `efficient.models.set_layer_loop` ("scan", "unrolled" or "auto")."""
+    if layer_loop not in LAYER_LOOPS:
+        raise ValueError(f"{key.rsplit('.', 1)[0]}.layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
+    return set_layer_loop(_load(path, dtype, key), layer_loop)
+
+
+def _load(path: str | Path, dtype: str | None, key: str) -> LlamaModel:
     try:
         resolved = resolve_model_path(path)
     except (FileNotFoundError, ValueError) as err:

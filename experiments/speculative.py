@@ -109,6 +109,7 @@ class Settings:
     model_path: str
     tokenizer: str
     dtype: str
+    layer_loop: str
     draft_path: str
     draft_dtype: str
     source: str
@@ -133,7 +134,7 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
     gen = config.generation
     return Settings(
         model_path=str(config.model.path), tokenizer=config.model.tokenizer, dtype=config.model.dtype,
-        draft_path=str(config.draft.path), draft_dtype=config.draft.dtype,
+        layer_loop=config.model.get("layer_loop", "scan"), draft_path=str(config.draft.path), draft_dtype=config.draft.dtype,
         source=config.data.source, suffixes=tuple(config.data.suffixes) if config.data.suffixes else None,
         split=config.data.split, seed=int(config.seed),
         tasks=TaskSettings(**{**config.tasks.to_dict(), "kinds": tuple(config.tasks.kinds)}),
@@ -392,7 +393,7 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
     s = settings_from(config)
     decoders = select_decoders(s.decoders)
     log = _Log()
-    model = load_model(s.model_path, dtype=s.dtype)
+    model = load_model(s.model_path, dtype=s.dtype, layer_loop=s.layer_loop)
     tokenizer = load_tokenizer_for(s.model_path, s.tokenizer, model.config.vocab_size)
     prompts = _prompts(s, tokenizer, model.config.max_position_embeddings)
     log(f"model {s.model_path} ({model.config.num_parameters() / 1e6:.2f}M parameters, {s.dtype}), {tokenizer!r}; "
@@ -424,7 +425,7 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
         rows=rows, summary=summarize(rows), skipped=skipped, transformers_prompt_lookup=peer_rows,
         decoders={d.name: dict(lossless=d.lossless, sampling=d.sampling, description=d.description,
                                paper=d.paper, needs=list(d.needs)) for d in decoders},
-        model=dict(path=s.model_path, parameters=model.config.num_parameters(), dtype=s.dtype,
+        model=dict(path=s.model_path, parameters=model.config.num_parameters(), dtype=s.dtype, layer_loop=s.layer_loop,
                    tokenizer=repr(tokenizer)),
         draft=dict(path=s.draft_path, dtype=s.draft_dtype, loaded="draft" in cached,
                    parameters=cached["draft"].config.num_parameters() if "draft" in cached else None),

@@ -48,11 +48,13 @@ def test_speculative_end_to_end(models: tuple[Path, Path], tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     config = _config(models, tmp_path)
     config.decoders = ",".join(_one_per_resource())
+    config.model.layer_loop = "unrolled"  # per-layer weights and cache buffers under every drafter
     config.lock()
     out = run_experiment(config)
     assert out == tmp_path / "speculative" / "smoke"
     metrics = json.loads((out / "metrics.json").read_text())
     assert json.loads((out / "config.json").read_text())["draft"]["path"] == str(models[1])
+    assert metrics["model"]["layer_loop"] == "unrolled"
     for name in ("speedup", "mean_accepted"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert not metrics["skipped"], metrics["skipped"]
@@ -88,6 +90,10 @@ def test_bad_settings_name_their_key(models: tuple[Path, Path], tmp_path: Path) 
     with pytest.raises(ValueError, match="config.decoders"):
         select_decoders("greedy,no_such_decoder")
     assert [d.name for d in select_decoders("greedy,spec_draft")] == ["spec_draft"]
+    from experiments.common import load_model
+
+    with pytest.raises(ValueError, match=r"config.model.layer_loop must be one of .*got 'unroll'"):
+        load_model(models[0], layer_loop="unroll")
 
 
 def test_missing_draft_is_skipped_with_reason(models: tuple[Path, Path], tmp_path: Path) -> None:
