@@ -23,10 +23,10 @@ from flax import nnx
 
 from efficient.data import ByteTokenizer, Corpus, Document, Tokenizer, check_vocab, load_tokenizer
 from efficient.models import (
-    LAYER_LOOPS,
     PACKAGED_MODELS,
     LlamaModel,
     ModelConfig,
+    check_layer_loop,
     from_pretrained,
     resolve_model_path,
     save_pretrained,
@@ -113,8 +113,7 @@ def load_model(path: str | Path, *, dtype: str | None = None, key: str = "config
     """A model from a packaged name ("smollm2"), a .gguf file or an HF checkpoint folder;
     FileNotFoundError naming the config key and path. `layer_loop` as
     `efficient.models.set_layer_loop` ("scan", "unrolled" or "auto")."""
-    if layer_loop not in LAYER_LOOPS:
-        raise ValueError(f"{key.rsplit('.', 1)[0]}.layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
+    check_layer_loop(layer_loop, f"{key.rsplit('.', 1)[0]}.layer_loop")  # before the (slow) load
     return set_layer_loop(_load(path, dtype, key), layer_loop)
 
 

@@ -134,7 +134,7 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
     gen = config.generation
     return Settings(
         model_path=str(config.model.path), tokenizer=config.model.tokenizer, dtype=config.model.dtype,
-        layer_loop=config.model.get("layer_loop", "scan"), draft_path=str(config.draft.path), draft_dtype=config.draft.dtype,
+        layer_loop=config.model.layer_loop, draft_path=str(config.draft.path), draft_dtype=config.draft.dtype,
         source=config.data.source, suffixes=tuple(config.data.suffixes) if config.data.suffixes else None,
         split=config.data.split, seed=int(config.seed),
         tasks=TaskSettings(**{**config.tasks.to_dict(), "kinds": tuple(config.tasks.kinds)}),

@@ -90,16 +90,9 @@ def _blockwise_bwd(spec: AttentionSpec, return_lse: bool, layout: str, res, cota
     differentiate the materialised path, same function, O(T S) memory in the backward only."""
     q, k, v, arrays = res
     arrays = dict(arrays)
-    lengths = arrays.pop("lengths")
-    s_axis = layout.index("S")
-    if lengths is not None:
-        s = k.shape[s_axis]
-        positions = arrays["kv_positions"]
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (k.shape[0], s))
-        arrays["kv_positions"] = jnp.where(jnp.arange(s)[None] < lengths[:, None], positions, -1)
-        live = arrays["kv_positions"] >= 0
-        v = jnp.where(live[:, :, None, None] if s_axis == 1 else live[:, None, :, None], v, jnp.zeros((), v.dtype))
+    # Past-length slots as the materialised path sees them: position -1, values zeroed.
+    view = DenseView(k, v, positions=arrays.pop("kv_positions"), lengths=arrays.pop("lengths"), layout=layout)
+    k, v, arrays["kv_positions"], _ = view_arrays(view)
 
     def materialised(q, k, v):  # noqa: ANN001, ANN202
         return grouped_attention(q, k, v, spec=spec, return_lse=return_lse, exact=False, kv_layout=layout, **arrays)

@@ -6,7 +6,14 @@ from efficient.models.families import get_family, supported_model_types
 from efficient.models.forward import forward, jit_forward, validate_tokens
 from efficient.models.gguf import GGUFError, config_from_gguf, from_gguf
 from efficient.models.llama import LlamaModel
-from efficient.models.model import LAYER_LOOPS, DecoderModel, fit_cache_to_layers, set_layer_loop, unstack_layers
+from efficient.models.model import (
+    LAYER_LOOPS,
+    DecoderModel,
+    check_layer_loop,
+    fit_cache_to_layers,
+    set_layer_loop,
+    unstack_layers,
+)
 from efficient.models.packaged import PACKAGED_MODELS, packaged_model_available, packaged_model_path, resolve_model_path
 from efficient.models.loading import (
     CheckpointError,
@@ -40,6 +47,7 @@ __all__ = [
     "unstack_layers",
     "set_layer_loop",
     "fit_cache_to_layers",
+    "check_layer_loop",
     "LAYER_LOOPS",
     "validate_tokens",
 ]

@@ -96,12 +96,17 @@ def fit_cache_to_layers(model: DecoderModel, cache: T) -> T:
     return cache.stack_layers() if getattr(cache, "per_layer", False) else cache
 
 
+def check_layer_loop(layer_loop: object, name: str = "layer_loop") -> None:
+    """ValueError naming `name` unless `layer_loop` is one of `LAYER_LOOPS`."""
+    if layer_loop not in LAYER_LOOPS:
+        raise ValueError(f"{name} must be one of {LAYER_LOOPS}, got {layer_loop!r}")
+
+
 def set_layer_loop(model: DecoderModel, layer_loop: str) -> DecoderModel:
     """`layer_loop`: "scan" (stacked layers, compile time flat in depth; a loaded model
     is stacked), "unrolled" (`unstack_layers`), or "auto" (unrolled on the CPU backend,
     where the stacked slices are copied; scan elsewhere). In place; returns `model`."""
-    if layer_loop not in LAYER_LOOPS:
-        raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
+    check_layer_loop(layer_loop)
     if layer_loop == "auto":
         layer_loop = "unrolled" if jax.default_backend() == "cpu" else "scan"
     if layer_loop == "unrolled":
