@@ -19,8 +19,31 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # took the speculative-decoding and hybrid-cache tests from 158 s to 121 s. Benchmarks
 # and experiments run outside pytest keep the default level. Subprocesses inherit it.
 _FAST_COMPILE = "--xla_backend_optimization_level=0"
+# XLA:CPU's MLIR fusion emitters compile more slowly than its classic LLVM IR emitters:
+# without them the speculative-decoding loops compiled about 20% faster (four tests
+# cold: 26-29 s -> 18-22 s). The flag is probed first: an XLA that no longer knows
+# it would abort at start-up on an unknown flag.
+_CLASSIC_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_accepts(flag: str) -> bool:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"}
+    probe = "import jax.numpy as jnp; jnp.zeros(1).block_until_ready()"
+    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode == 0
+
+
+def _add_xla_flag(flag: str) -> None:
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
 if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+    _add_xla_flag(_FAST_COMPILE)
+# The xdist workers inherit the controller's XLA_FLAGS, so only the controller probes.
+if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"] and _xla_accepts(_CLASSIC_EMITTERS):
+    _add_xla_flag(_CLASSIC_EMITTERS)
 
 import jax  # noqa: E402
 
