@@ -33,8 +33,14 @@ static trip count over the compacted key blocks whose body is
 `lax.cond(i < count, step, skip)`. Measured against a `while_loop` whose trip
 count is the data-dependent count: equal within noise for prefill (the skipped
 iterations cost one scalar compare each) and decode, and unlike the while_loop
-it is reverse-differentiable (the fori_loop lowers to a scan). Block sizes
-256 x 256 (prefill) beat 128/512 combinations at T = S = 2k/4k; decode uses
+it is reverse-differentiable (the fori_loop lowers to a scan). Key blocks
+that every query of the block sees whole (the interior of a causal prefill:
+all slots valid, all keys at or before the block's first query, inside the
+window) skip building and applying the mask: `lax.switch` over skip / masked /
+full. Prefill blocks of 256 queries x 512 keys: per layer of SmolLM2 attention
+(B=1, N=9, K=3, H=64, f32, causal, [B, K, S, H] keys) 164 ms at T = S = 4096
+against 186 ms for 256 x 256 and 165-170 ms for 512 x 256 (torch SDPA: 143 ms);
+49 against 52 ms at 2048; ties within noise at 1024. Decode uses
 key blocks of 1024 (fewer, larger steps at full caches; still fine-grained
 skipping at small L). Uneven T and S are handled without padding copies: the
 last block's start is clamped to end at T (S), and the key slots it shares
@@ -51,7 +57,7 @@ from efficient.attention.spec import AttentionSpec, default_positions, validate_
 
 # Defaults measured on XLA:CPU (experiments/bench_blockwise.py).
 DEFAULT_BLOCK_Q = 256
-DEFAULT_BLOCK_K = 256
+DEFAULT_BLOCK_K = 512
 DECODE_BLOCK_K = 1024  # T <= DECODE_MAX_T: one query block, flat layout
 DECODE_BLOCK_K_BY_HEAD = 512  # decode over [B, K, S, H] keys (grouped rows)
 DECODE_MAX_T = 16
@@ -121,6 +127,25 @@ def _needed_pairs(
     if spec.window is not None:
         need &= q_min - k_max < spec.window
     return need.any(0)
+
+
+def _full_pairs(
+    spec: AttentionSpec,
+    qpos: Int[Array, "B nq bq"],
+    kpos: Int[Array, "B nk bk"],
+) -> Bool[Array, "nq nk"]:
+    """(query block, key block) pairs where every query of every row sees every key: no
+    mask to build or apply (the interior of a causal prefill)."""
+    big = jnp.iinfo(jnp.int32).max
+    q_all, k_all = (qpos >= 0).all(-1), (kpos >= 0).all(-1)  # B nq, B nk
+    full = q_all[:, :, None] & k_all[:, None, :]  # B nq nk
+    if spec.causal:
+        full &= kpos.max(-1)[:, None, :] <= jnp.where(qpos >= 0, qpos, -1).min(-1)[:, :, None]
+    if spec.window is not None:
+        q_max = qpos.max(-1)[:, :, None]
+        k_min = jnp.where(kpos >= 0, kpos, big).min(-1)[:, None, :]
+        full &= q_max - k_min < spec.window
+    return full.all(0)
 
 
 def attention_blockwise(
@@ -196,6 +221,11 @@ def attention_blockwise(
     need = _needed_pairs(spec, qpos, kpos)  # nq nk
     order = jnp.argsort(~need, axis=1, stable=True).astype(jnp.int32)  # needed blocks first
     count = need.sum(1, dtype=jnp.int32)
+    # Blocks every query sees whole skip building and applying the mask (the flat decode
+    # layout always masks: its logits pair every head with every kv head). Only without
+    # segment ids or an explicit mask, which the positions cannot vouch for.
+    unmasked = not flat and q_segment_ids is None and mask is None
+    full = jnp.take_along_axis(_full_pairs(spec, qpos, kpos), order, axis=1) if unmasked else None  # nq nk
     scale = spec.logit_scale(h)
     # Rows of the running statistics: flat (t, n) over all heads; grouped (t, g) per kv head.
     rows = (b, bq * n) if flat else (b, kh, bq * g)
@@ -211,12 +241,18 @@ def attention_blockwise(
         qp = qpos[:, qi]  # B bq
         qseg = None if q_segment_ids is None else jax.lax.dynamic_slice_in_dim(q_segment_ids, q0, bq, 1)
 
-        def body(i: Int[Array, ""], carry: tuple) -> tuple:
+        def body(i: Int[Array, ""], carry: tuple, masked: bool = True) -> tuple:
             m, l, acc = carry
             kb = order[qi, i]
             k0 = k_starts[kb]
             kblk = jax.lax.dynamic_slice_in_dim(k, k0, bk, axis=2 if by_head else 1)  # B bk K H | B K bk H
             vblk = jax.lax.dynamic_slice_in_dim(v, k0, bk, axis=2 if by_head else 1)
+            if not masked:  # a full block (`_full_pairs`): every slot holds a visible key
+                logits = jnp.einsum("bkqh,bksh->bkqs" if by_head else "bkqh,bskh->bkqs", qblk, kblk,
+                                    preferred_element_type=jnp.float32) * scale
+                if spec.softcap is not None:
+                    logits = spec.softcap * jnp.tanh(logits / spec.softcap)
+                return _online_softmax_step(m, l, acc, logits, vblk, by_head)
             kp = kpos[:, kb]  # B bk
             vis = (qp[:, :, None] >= 0) & (kp[:, None, :] >= 0)  # B bq bk
             if spec.causal:
@@ -244,17 +280,9 @@ def attention_blockwise(
             if spec.softcap is not None:
                 logits = spec.softcap * jnp.tanh(logits / spec.softcap)
             logits = jnp.where(vis, logits, -jnp.inf)
-            m_new = jnp.maximum(m, logits.max(-1))
-            p = jnp.exp(logits - m_new[..., None])  # hidden: exp(-inf) = 0
-            alpha = jnp.exp(m - m_new)
-            l = alpha * l + p.sum(-1)
-            p = p.astype(v.dtype)  # P.V in the input dtype, float32 accumulation (as the reference)
             if flat:
-                pv = jnp.einsum("brs,bsh->brh", p, vblk.reshape(b, bk * kh, h), preferred_element_type=jnp.float32)
-            else:
-                pv = jnp.einsum("bkqs,bksh->bkqh" if by_head else "bkqs,bskh->bkqh", p, vblk,
-                                preferred_element_type=jnp.float32)
-            return m_new, l, alpha[..., None] * acc + pv
+                return _online_softmax_step(m, l, acc, logits, vblk.reshape(b, bk * kh, h), None)
+            return _online_softmax_step(m, l, acc, logits, vblk, by_head)
 
         init = (
             jnp.full(rows, _NEG, jnp.float32),
@@ -263,9 +291,13 @@ def attention_blockwise(
         )
         # Static trip count (reverse-differentiable scan); the compacted `order` puts the
         # count[qi] needed key blocks first and the cond skips the rest at run time.
-        m, l, acc = jax.lax.fori_loop(
-            0, nk, lambda i, c: jax.lax.cond(i < count[qi], body, lambda i, c: c, i, c), init
-        )
+        def step(i: Int[Array, ""], c: tuple) -> tuple:
+            if full is None:
+                return jax.lax.cond(i < count[qi], body, lambda i, c: c, i, c)
+            branch = jnp.where(i < count[qi], jnp.where(full[qi, i], 2, 1), 0)
+            return jax.lax.switch(branch, (lambda i, c: c, body, lambda i, c: body(i, c, masked=False)), i, c)
+
+        m, l, acc = jax.lax.fori_loop(0, nk, step, init)
         out = acc / jnp.where(l == 0, 1.0, l)[..., None]
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
         if not flat:
@@ -279,6 +311,27 @@ def attention_blockwise(
         outs, lses = jax.lax.map(query_block, jnp.arange(nq, dtype=jnp.int32))  # nq B bq ...
         out, lse = _unblock(outs, t, bq), _unblock(lses, t, bq)
     return (out, lse) if return_lse else out
+
+
+def _online_softmax_step(
+    m: Float[Array, "*rows"],
+    l: Float[Array, "*rows"],
+    acc: Float[Array, "*rows H"],
+    logits: Float[Array, "*rows bk"],
+    vblk: Array,
+    by_head: bool | None,
+) -> tuple[Array, Array, Array]:
+    """One key block of the online softmax (Dao 2023, Alg. 1): rescale the running max,
+    sum and output by the new max and add this block's P.V. `by_head` names vblk's layout:
+    True [B, K, bk, H], False [B, bk, K, H], None flat [B, bk * K, H]."""
+    m_new = jnp.maximum(m, logits.max(-1))
+    p = jnp.exp(logits - m_new[..., None])  # hidden: exp(-inf) = 0
+    alpha = jnp.exp(m - m_new)
+    l = alpha * l + p.sum(-1)
+    p = p.astype(vblk.dtype)  # P.V in the input dtype, float32 accumulation (as the reference)
+    equation = {True: "bkqs,bksh->bkqh", False: "bkqs,bskh->bkqh", None: "brs,bsh->brh"}[by_head]
+    pv = jnp.einsum(equation, p, vblk, preferred_element_type=jnp.float32)
+    return m_new, l, alpha[..., None] * acc + pv
 
 
 def _unblock(x: Float[Array, "nq B bq ..."], t: int, bq: int) -> Float[Array, "B T ..."]:

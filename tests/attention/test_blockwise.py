@@ -145,6 +145,21 @@ def test_gradient_matches_reference() -> None:
         assert_close(a, b, jnp.float32, kind="gradient", what=f"d{name}")
 
 
+@pytest.mark.parametrize("kv_layout", ["BSKH", "BKSH"])
+def test_interior_blocks_skip_the_mask_and_still_match(kv_layout: str) -> None:
+    """Causal prefill with a window: key blocks every query of a block sees whole take the
+    unmasked branch (`_full_pairs` is true for some pairs, false on the diagonal and past
+    the window), and the result is the oracle's."""
+    from efficient.attention.blockwise import _blocked, _full_pairs, _starts
+
+    q, k, v = random_inputs(11, 2, 37, 37, 6, 2, 8, jnp.float32)
+    spec = AttentionSpec(window=20, softcap=2.0)
+    pos = jnp.broadcast_to(jnp.arange(37, dtype=jnp.int32), (2, 37))
+    full = _full_pairs(spec, _blocked(pos, _starts(10, 4, 37), 4), _blocked(pos, _starts(5, 8, 37), 8))
+    assert full.any() and not full.all() and not full[0].any()  # block 0's queries see no whole key block
+    _check(q, k, v, spec, {}, jnp.float32, what="interior blocks", kv_layout=kv_layout)
+
+
 def test_default_block_sizes() -> None:
     q, k, v = random_inputs(6, 1, 40, 40, 6, 2, 8, jnp.float32)
     assert_close(jax.jit(attention_blockwise)(q, k, v), REF(q, k, v), jnp.float32)
