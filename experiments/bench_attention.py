@@ -10,9 +10,7 @@ bench_attention.png} and prints a table. See configs/bench_attention.py.
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import efficient.attention.backends  # noqa: E402, F401  (registers pallas_tpu, cudnn)
 from efficient.attention import DenseView, attention  # noqa: E402
 from efficient.eval.timing import median_seconds  # noqa: E402
+from experiments.common import write_run  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_attention.py")
 
@@ -165,11 +164,8 @@ def plot(metrics: dict, path: Path) -> None:
 def main(argv: list[str]) -> None:
     del argv
     cfg = _CONFIG.value
-    run_dir = Path(cfg.out_dir) / (cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(cfg.to_json(indent=2))
     metrics = run(cfg)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    run_dir = write_run(cfg, metrics)
     plot(metrics, run_dir / "bench_attention.png")
     print(f"{'kind':8} {'phase':8} {'impl':20} {'len':>7} {'ms':>9} {'TFLOP/s|GB/s':>13}  status")
     for r in metrics["rows"]:

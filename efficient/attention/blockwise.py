@@ -241,6 +241,19 @@ def attention_blockwise(
         qp = qpos[:, qi]  # B bq
         qseg = None if q_segment_ids is None else jax.lax.dynamic_slice_in_dim(q_segment_ids, q0, bq, 1)
 
+        def scores(kblk: Array) -> Float[Array, "*rows bk"]:
+            """Scaled (and capped) logits of the query block against one key block."""
+            if flat:  # every head against every kv head: no K/V transposes (the mask keeps the diagonal)
+                logits = jnp.einsum("brh,bsh->brs", qblk, kblk.reshape(b, bk * kh, h),
+                                    preferred_element_type=jnp.float32)
+            else:
+                logits = jnp.einsum("bkqh,bksh->bkqs" if by_head else "bkqh,bskh->bkqs", qblk, kblk,
+                                    preferred_element_type=jnp.float32)
+            logits = logits * scale
+            if spec.softcap is not None:
+                logits = spec.softcap * jnp.tanh(logits / spec.softcap)
+            return logits
+
         def body(i: Int[Array, ""], carry: tuple, masked: bool = True) -> tuple:
             m, l, acc = carry
             kb = order[qi, i]
@@ -248,11 +261,7 @@ def attention_blockwise(
             kblk = jax.lax.dynamic_slice_in_dim(k, k0, bk, axis=2 if by_head else 1)  # B bk K H | B K bk H
             vblk = jax.lax.dynamic_slice_in_dim(v, k0, bk, axis=2 if by_head else 1)
             if not masked:  # a full block (`_full_pairs`): every slot holds a visible key
-                logits = jnp.einsum("bkqh,bksh->bkqs" if by_head else "bkqh,bskh->bkqs", qblk, kblk,
-                                    preferred_element_type=jnp.float32) * scale
-                if spec.softcap is not None:
-                    logits = spec.softcap * jnp.tanh(logits / spec.softcap)
-                return _online_softmax_step(m, l, acc, logits, vblk, by_head)
+                return _online_softmax_step(m, l, acc, scores(kblk), vblk, by_head)
             kp = kpos[:, kb]  # B bk
             vis = (qp[:, :, None] >= 0) & (kp[:, None, :] >= 0)  # B bq bk
             if spec.causal:
@@ -267,19 +276,12 @@ def attention_blockwise(
             # Zero V in empty slots (past lengths or position -1: they may hold NaN, and
             # 0 * NaN = NaN in P.V); measured free: it fuses into the block's slice copy.
             vblk = jnp.where((kp >= 0)[:, None, :, None] if by_head else (kp >= 0)[:, :, None, None], vblk, 0)
-            if flat:  # every head against every kv head: no K/V transposes; keep the diagonal
-                logits = jnp.einsum("brh,bsh->brs", qblk, kblk.reshape(b, bk * kh, h),
-                                    preferred_element_type=jnp.float32)
+            if flat:  # keep the same-head diagonal of the flat logits
                 vis = vis[:, :, None, None, :, None] & same_head  # B bq K G|1 bk K'
                 vis = jnp.broadcast_to(vis, (b, bq, kh, g, bk, kh)).reshape(b, bq * n, bk * kh)
             else:
-                logits = jnp.einsum("bkqh,bksh->bkqs" if by_head else "bkqh,bskh->bkqs", qblk, kblk,
-                                    preferred_element_type=jnp.float32)
                 vis = jnp.broadcast_to(vis[:, None, :, None, :], (b, 1, bq, g, bk)).reshape(b, 1, bq * g, bk)
-            logits = logits * scale
-            if spec.softcap is not None:
-                logits = spec.softcap * jnp.tanh(logits / spec.softcap)
-            logits = jnp.where(vis, logits, -jnp.inf)
+            logits = jnp.where(vis, scores(kblk), -jnp.inf)
             if flat:
                 return _online_softmax_step(m, l, acc, logits, vblk.reshape(b, bk * kh, h), None)
             return _online_softmax_step(m, l, acc, logits, vblk, by_head)
