@@ -109,6 +109,22 @@ def test_unrolled_layers_equal_the_scan_on_a_hybrid_model() -> None:
     assert not any(eqn.primitive.name == "scan" for eqn in jaxpr.jaxpr.eqns)
 
 
+def test_unrolled_layers_evaluate_the_rope_tables_once() -> None:
+    """cos and sin are computed once per forward, not fused into every layer's rotation
+    (what XLA:CPU did for unrolled layers); an all-padding chunk gets zero tables and its
+    output is still finite."""
+    from efficient.models import unstack_layers
+
+    model = unstack_layers(_copy(tiny_model()))
+    graphdef, params = nnx.split(model)
+    run = jax.jit(lambda p, t, pos: forward(nnx.merge(graphdef, p), t, positions=pos)[0])
+    positions = jnp.broadcast_to(jnp.arange(TOKENS.shape[1]), TOKENS.shape)
+    hlo = run.lower(params, TOKENS, positions).compile().as_text()
+    assert hlo.count(" cosine(") == 1 and hlo.count(" sine(") == 1
+    padding = run(params, TOKENS, jnp.full_like(positions, -1))
+    assert np.isfinite(np.asarray(padding)).all()
+
+
 def test_unrolled_generate_gives_the_same_tokens() -> None:
     from efficient.decoding import generate
     from efficient.models import unstack_layers
