@@ -49,12 +49,14 @@ with its predecessor are masked (the query rows are recomputed and dropped).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from efficient.attention.reference import grouped_attention
 from efficient.attention.spec import AttentionSpec, default_positions, validate_inputs
 
 # Defaults measured on XLA:CPU (experiments/bench_blockwise.py).
@@ -150,6 +152,34 @@ def _full_pairs(
     return full.all(0)
 
 
+def _block_plan(
+    spec: AttentionSpec,
+    qpos: Int[Array, "B nq bq"],
+    kpos: Int[Array, "B nk bk"],
+    need: Bool[Array, "nq nk"],
+    unmasked: bool,
+) -> tuple[Int[Array, "nq nk"], Int[Array, "nq nk"], Int[Array, "nq 3"]]:
+    """Each query block's key blocks sorted by kind: full (no mask to build: `_full_pairs`,
+    only when `unmasked`), masked, masked at half width, not needed. A masked block of which
+    one half has no visible key (a causal diagonal block whose second half lies past the
+    query block, a window's edge) is computed at half width from `offset` (0 or bk / 2; only
+    for even bk). Returns (order, offset, ends): block ids and half offsets in that order,
+    and where the runs of the first three kinds end."""
+    nq, nk = need.shape
+    bk = kpos.shape[-1]
+    full = need & _full_pairs(spec, qpos, kpos) if unmasked else jnp.zeros_like(need)
+    if bk % 2 == 0:
+        halves = _needed_pairs(spec, qpos, kpos.reshape(kpos.shape[0], nk * 2, bk // 2)).reshape(nq, nk, 2)
+        halved = need & ~full & ~(halves[..., 0] & halves[..., 1])
+        offset = jnp.where(halves[..., 0], 0, bk // 2).astype(jnp.int32)
+    else:
+        halved, offset = jnp.zeros_like(need), jnp.zeros(need.shape, jnp.int32)
+    kind = jnp.where(full, 0, jnp.where(halved, 2, jnp.where(need, 1, 3)))
+    order = jnp.argsort(kind, axis=1, stable=True).astype(jnp.int32)
+    ends = jnp.stack([(kind <= c).sum(1, dtype=jnp.int32) for c in range(3)], axis=1)
+    return order, jnp.take_along_axis(offset, order, axis=1), ends
+
+
 def attention_blockwise(
     q: Float[Array, "B T N H"],
     k: Float[Array, "B S K H"],
@@ -203,8 +233,71 @@ def attention_blockwise(
         dq, dk = default_positions(b, t, s)
         q_positions = dq if q_positions is None else q_positions
         kv_positions = dk if kv_positions is None else kv_positions
-    q_positions = q_positions.astype(jnp.int32)
-    kv_positions = kv_positions.astype(jnp.int32)
+    arrays = dict(q_positions=q_positions.astype(jnp.int32), kv_positions=kv_positions.astype(jnp.int32),
+                  q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, mask=mask, lengths=lengths)
+    out, lse = _blockwise(spec, block_q, block_k, kv_layout, q, k, v, arrays)
+    return (out, lse) if return_lse else out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _blockwise(spec: AttentionSpec, block_q: int | None, block_k: int | None, kv_layout: str,  # noqa: ANN202
+               q, k, v, arrays):  # noqa: ANN001
+    return _forward(spec, block_q, block_k, kv_layout, q, k, v, **arrays)
+
+
+def _blockwise_fwd(spec: AttentionSpec, block_q: int | None, block_k: int | None, kv_layout: str,  # noqa: ANN202
+                   q, k, v, arrays):  # noqa: ANN001
+    return _blockwise(spec, block_q, block_k, kv_layout, q, k, v, arrays), (q, k, v, arrays)
+
+
+def _blockwise_bwd(spec: AttentionSpec, block_q: int | None, block_k: int | None, kv_layout: str,  # noqa: ANN202
+                   res, cotangent):  # noqa: ANN001
+    """The forward's loops have data-dependent trip counts (not reverse-differentiable):
+    differentiate the materialised path, same function, O(T S) memory in the backward only
+    (what the reverse of a static-trip-count scan would store too)."""
+    q, k, v, arrays = res
+    arrays = dict(arrays)
+    lengths = arrays.pop("lengths")
+    by_head = kv_layout == "BKSH"
+    positions = arrays["kv_positions"]
+    if lengths is not None:  # past-length slots as the forward sees them: empty
+        positions = jnp.where(jnp.arange(positions.shape[1]) < lengths[:, None], positions, -1)
+    live = positions >= 0  # B S; empty slots may hold NaN: zero them, as the forward does
+    v = jnp.where(live[:, None, :, None] if by_head else live[:, :, None, None], v, jnp.zeros((), v.dtype))
+    arrays["kv_positions"] = positions
+
+    def materialised(q, k, v):  # noqa: ANN001, ANN202
+        return grouped_attention(q, k, v, spec=spec, return_lse=True, exact=False, kv_layout=kv_layout, **arrays)
+
+    _, vjp = jax.vjp(materialised, q, k, v)
+    return (*vjp(cotangent), None)
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def _forward(
+    spec: AttentionSpec,
+    block_q: int | None,
+    block_k: int | None,
+    kv_layout: str,
+    q: Float[Array, "B T N H"],
+    k: Array,
+    v: Array,
+    *,
+    q_positions: Int[Array, "B T"],
+    kv_positions: Int[Array, "B S"],
+    q_segment_ids: Int[Array, "B T"] | None,
+    kv_segment_ids: Int[Array, "B S"] | None,
+    mask: Bool[Array, "B T S"] | None,
+    lengths: Int[Array, " B"] | None,
+) -> tuple[Float[Array, "B T N H"], Float[Array, "B T N"]]:
+    """The blockwise loops (module docstring); output and float32 lse."""
+    by_head = kv_layout == "BKSH"
+    b, t, n, h = q.shape
+    s, kh = (k.shape[2], k.shape[1]) if by_head else (k.shape[1], k.shape[2])
+    g = n // kh
+    axis = 2 if by_head else 1  # S axis of k and v
     decode = t <= DECODE_MAX_T
     flat = decode and not by_head  # decode layout of [B, S, K, H] keys (module docstring)
     bq = min(block_q or (t if decode else DEFAULT_BLOCK_Q), t)
@@ -221,13 +314,12 @@ def attention_blockwise(
         kpos = jnp.where(slot < lengths.astype(jnp.int32)[:, None, None], kpos, -1)
     qpos = _blocked(q_positions, q_starts, bq)  # B nq bq
     need = _needed_pairs(spec, qpos, kpos)  # nq nk
-    order = jnp.argsort(~need, axis=1, stable=True).astype(jnp.int32)  # needed blocks first
-    count = need.sum(1, dtype=jnp.int32)
     # Blocks every query sees whole skip building and applying the mask (the flat decode
     # layout always masks: its logits pair every head with every kv head). Only without
     # segment ids or an explicit mask, which the positions cannot vouch for.
     unmasked = not flat and q_segment_ids is None and mask is None
-    full = jnp.take_along_axis(_full_pairs(spec, qpos, kpos), order, axis=1) if unmasked else None  # nq nk
+    half = bk // 2 if bk % 2 == 0 else 0
+    order, offset, ends = _block_plan(spec, qpos, kpos, need, unmasked)
     scale = spec.logit_scale(h)
     # Scale the query block once instead of every logit block (one pass over [rows, bk] fewer
     # per key block: 159 -> 155 ms per SmolLM2 layer at T = S = 4096), where that rounds no
@@ -250,10 +342,10 @@ def attention_blockwise(
         qp = qpos[:, qi]  # B bq
         qseg = None if q_segment_ids is None else jax.lax.dynamic_slice_in_dim(q_segment_ids, q0, bq, 1)
 
-        def scores(kblk: Array) -> Float[Array, "*rows bk"]:
+        def scores(kblk: Array) -> Float[Array, "*rows w"]:
             """Scaled (and capped) logits of the query block against one key block."""
             if flat:  # every head against every kv head: no K/V transposes (the mask keeps the diagonal)
-                logits = jnp.einsum("brh,bsh->brs", qblk, kblk.reshape(b, bk * kh, h),
+                logits = jnp.einsum("brh,bsh->brs", qblk, kblk.reshape(b, -1, h),
                                     preferred_element_type=jnp.float32)
             else:
                 logits = jnp.einsum("bkqh,bksh->bkqs" if by_head else "bkqh,bskh->bkqs", qblk, kblk,
@@ -264,52 +356,51 @@ def attention_blockwise(
                 logits = spec.softcap * jnp.tanh(logits / spec.softcap)
             return logits
 
-        def body(i: Int[Array, ""], carry: tuple, masked: bool = True) -> tuple:
+        def body(i: Int[Array, ""], carry: tuple, masked: bool, width: int) -> tuple:
+            """One key block (`width` keys from its start, or from its offset at half width)."""
             m, l, acc = carry
             kb = order[qi, i]
-            k0 = k_starts[kb]
-            kblk = jax.lax.dynamic_slice_in_dim(k, k0, bk, axis=2 if by_head else 1)  # B bk K H | B K bk H
-            vblk = jax.lax.dynamic_slice_in_dim(v, k0, bk, axis=2 if by_head else 1)
+            off = offset[qi, i] if width < bk else 0
+            k0 = k_starts[kb] + off
+            kblk = jax.lax.dynamic_slice_in_dim(k, k0, width, axis=axis)  # B w K H | B K w H
+            vblk = jax.lax.dynamic_slice_in_dim(v, k0, width, axis=axis)
             if not masked:  # a full block (`_full_pairs`): every slot holds a visible key
                 return _online_softmax_step(m, l, acc, scores(kblk), vblk, by_head)
-            kp = kpos[:, kb]  # B bk
-            vis = (qp[:, :, None] >= 0) & (kp[:, None, :] >= 0)  # B bq bk
+            kp = kpos[:, kb] if width == bk else jax.lax.dynamic_slice_in_dim(kpos[:, kb], off, width, 1)  # B w
+            vis = (qp[:, :, None] >= 0) & (kp[:, None, :] >= 0)  # B bq w
             if spec.causal:
                 vis &= kp[:, None, :] <= qp[:, :, None]
             if spec.window is not None:
                 vis &= qp[:, :, None] - kp[:, None, :] < spec.window
             if qseg is not None:
-                kseg = jax.lax.dynamic_slice_in_dim(kv_segment_ids, k0, bk, 1)
+                kseg = jax.lax.dynamic_slice_in_dim(kv_segment_ids, k0, width, 1)
                 vis &= qseg[:, :, None] == kseg[:, None, :]
             if mask is not None:
-                vis &= jax.lax.dynamic_slice(mask, (0, q0, k0), (b, bq, bk))
+                vis &= jax.lax.dynamic_slice(mask, (0, q0, k0), (b, bq, width))
             # Zero V in empty slots (past lengths or position -1: they may hold NaN, and
             # 0 * NaN = NaN in P.V); measured free: it fuses into the block's slice copy.
             vblk = jnp.where((kp >= 0)[:, None, :, None] if by_head else (kp >= 0)[:, :, None, None], vblk, 0)
             if flat:  # keep the same-head diagonal of the flat logits
-                vis = vis[:, :, None, None, :, None] & same_head  # B bq K G|1 bk K'
-                vis = jnp.broadcast_to(vis, (b, bq, kh, g, bk, kh)).reshape(b, bq * n, bk * kh)
+                vis = vis[:, :, None, None, :, None] & same_head  # B bq K G|1 w K'
+                vis = jnp.broadcast_to(vis, (b, bq, kh, g, width, kh)).reshape(b, bq * n, width * kh)
             else:
-                vis = jnp.broadcast_to(vis[:, None, :, None, :], (b, 1, bq, g, bk)).reshape(b, 1, bq * g, bk)
+                vis = jnp.broadcast_to(vis[:, None, :, None, :], (b, 1, bq, g, width)).reshape(b, 1, bq * g, width)
             logits = jnp.where(vis, scores(kblk), -jnp.inf)
             if flat:
-                return _online_softmax_step(m, l, acc, logits, vblk.reshape(b, bk * kh, h), None)
+                return _online_softmax_step(m, l, acc, logits, vblk.reshape(b, width * kh, h), None)
             return _online_softmax_step(m, l, acc, logits, vblk, by_head)
 
-        init = (
+        carry = (
             jnp.full(rows, _NEG, jnp.float32),
             jnp.zeros(rows, jnp.float32),
             jnp.zeros((*rows, h), jnp.float32),
         )
-        # Static trip count (reverse-differentiable scan); the compacted `order` puts the
-        # count[qi] needed key blocks first and the cond skips the rest at run time.
-        def step(i: Int[Array, ""], c: tuple) -> tuple:
-            if full is None:
-                return jax.lax.cond(i < count[qi], body, lambda i, c: c, i, c)
-            branch = jnp.where(i < count[qi], jnp.where(full[qi, i], 2, 1), 0)
-            return jax.lax.switch(branch, (lambda i, c: c, body, lambda i, c: body(i, c, masked=False)), i, c)
-
-        m, l, acc = jax.lax.fori_loop(0, nk, step, init)
+        start = jnp.int32(0)
+        for end, masked, width in ((ends[qi, 0], False, bk), (ends[qi, 1], True, bk), (ends[qi, 2], True, half)):
+            if width and (masked or unmasked):
+                carry = jax.lax.fori_loop(start, end, functools.partial(body, masked=masked, width=width), carry)
+            start = end
+        m, l, acc = carry
         out = acc / jnp.where(l == 0, 1.0, l)[..., None]
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
         if not flat:
@@ -318,11 +409,9 @@ def attention_blockwise(
         return out.reshape(b, bq, n, h).astype(q.dtype), lse.reshape(b, bq, n)
 
     if nq == 1:
-        out, lse = query_block(jnp.int32(0))
-    else:
-        outs, lses = jax.lax.map(query_block, jnp.arange(nq, dtype=jnp.int32))  # nq B bq ...
-        out, lse = _unblock(outs, t, bq), _unblock(lses, t, bq)
-    return (out, lse) if return_lse else out
+        return query_block(jnp.int32(0))
+    outs, lses = jax.lax.map(query_block, jnp.arange(nq, dtype=jnp.int32))  # nq B bq ...
+    return _unblock(outs, t, bq), _unblock(lses, t, bq)
 
 
 def _online_softmax_step(

@@ -23,8 +23,6 @@ the cache in place, where the blockwise loop copies each key block).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
@@ -76,34 +74,6 @@ def view_arrays(view: KVView) -> tuple[jax.Array, jax.Array, jax.Array | None, s
     return k, jnp.where(live, v, jnp.zeros((), v.dtype)), positions, layout
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _blockwise(spec: AttentionSpec, return_lse: bool, layout: str, q, k, v, arrays):  # noqa: ANN001, ANN202
-    return attention_blockwise(q, k, v, spec=spec, return_lse=return_lse, kv_layout=layout, **arrays)
-
-
-def _blockwise_fwd(spec: AttentionSpec, return_lse: bool, layout: str, q, k, v, arrays):  # noqa: ANN001, ANN202
-    return _blockwise(spec, return_lse, layout, q, k, v, arrays), (q, k, v, arrays)
-
-
-def _blockwise_bwd(spec: AttentionSpec, return_lse: bool, layout: str, res, cotangent):  # noqa: ANN001, ANN202
-    """The blockwise loop has a data-dependent trip count (not reverse-differentiable):
-    differentiate the materialised path, same function, O(T S) memory in the backward only."""
-    q, k, v, arrays = res
-    arrays = dict(arrays)
-    # Past-length slots as the materialised path sees them: position -1, values zeroed.
-    view = DenseView(k, v, positions=arrays.pop("kv_positions"), lengths=arrays.pop("lengths"), layout=layout)
-    k, v, arrays["kv_positions"], _ = view_arrays(view)
-
-    def materialised(q, k, v):  # noqa: ANN001, ANN202
-        return grouped_attention(q, k, v, spec=spec, return_lse=return_lse, exact=False, kv_layout=layout, **arrays)
-
-    _, vjp = jax.vjp(materialised, q, k, v)
-    return (*vjp(cotangent), None)
-
-
-_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
-
-
 def _view_attention(exact: bool):  # noqa: ANN202
     def implementation(
         q: Float[Array, "B T N H"],
@@ -126,9 +96,10 @@ def _view_attention(exact: bool):  # noqa: ANN202
             )
 
         def blockwise(q: jax.Array, view: DenseView):  # noqa: ANN202
-            arrays = dict(q_positions=q_positions, kv_positions=view.positions, q_segment_ids=q_segment_ids,
-                          kv_segment_ids=kv_segment_ids, mask=mask, lengths=view.lengths)
-            return _blockwise(spec, return_lse, view.layout, q, view.k, view.v, arrays)
+            return attention_blockwise(q, view.k, view.v, spec=spec, q_positions=q_positions,
+                                       kv_positions=view.positions, q_segment_ids=q_segment_ids,
+                                       kv_segment_ids=kv_segment_ids, mask=mask, return_lse=return_lse,
+                                       lengths=view.lengths, kv_layout=view.layout)
 
         if (not exact and key_stats is None and isinstance(view, DenseView)
                 and (view.positions is None or view.positions.ndim == 2)):

@@ -160,6 +160,47 @@ def test_interior_blocks_skip_the_mask_and_still_match(kv_layout: str) -> None:
     _check(q, k, v, spec, {}, jnp.float32, what="interior blocks", kv_layout=kv_layout)
 
 
+def test_block_plan_sorts_full_masked_and_half_blocks() -> None:
+    """Causal T = S = 64, query blocks of 16, key blocks of 32 (window 10 for the second
+    spec): diagonal blocks whose second half is in the future, and blocks whose first half
+    fell out of the window, are computed at half width from the right offset."""
+    from efficient.attention.blockwise import _block_plan, _blocked, _needed_pairs, _starts
+
+    pos = jnp.arange(64, dtype=jnp.int32)[None]
+    qpos, kpos = _blocked(pos, _starts(4, 16, 64), 16), _blocked(pos, _starts(2, 32, 64), 32)
+
+    def plan(spec: AttentionSpec) -> list[list[tuple[int, str, int]]]:
+        order, offset, ends = _block_plan(spec, qpos, kpos, _needed_pairs(spec, qpos, kpos), unmasked=True)
+        kinds = ("full", "masked", "half")
+        return [[(int(order[qi, i]), kinds[int((i >= ends[qi]).sum())], int(offset[qi, i]))
+                 for i in range(int(ends[qi, 2]))] for qi in range(4)]
+
+    assert plan(AttentionSpec()) == [
+        [(0, "half", 0)],  # queries 0-15: keys 16-31 all in the future
+        [(0, "masked", 0)],
+        [(0, "full", 0), (1, "half", 0)],
+        [(0, "full", 0), (1, "masked", 0)],
+    ]
+    assert plan(AttentionSpec(window=10)) == [
+        [(0, "half", 0)],
+        [(0, "masked", 0)],  # queries 16-31 see keys 7-31: both halves
+        [(0, "half", 16), (1, "half", 0)],  # queries 32-47 see keys 23-47
+        [(1, "masked", 0)],  # queries 48-63 see keys 39-63
+    ]
+
+
+@pytest.mark.parametrize("kv_layout", ["BSKH", "BKSH"])
+def test_half_width_blocks_match_with_lengths_and_window(kv_layout: str) -> None:
+    """Half-width blocks at both offsets (causal diagonal, window edge) with ragged lengths."""
+    q, k, v = random_inputs(12, 2, 40, 40, 6, 2, 8, jnp.float32)
+    lengths = jnp.asarray([40, 27], jnp.int32)
+    slots = jnp.arange(40, dtype=jnp.int32)
+    kw = dict(lengths=lengths, q_positions=jnp.broadcast_to(slots, (2, 40)),
+              kv_positions=jnp.where(slots < lengths[:, None], slots, -1))  # the oracle sees lengths as -1
+    for spec in (AttentionSpec(), AttentionSpec(window=6)):
+        _check(q, k, v, spec, kw, jnp.float32, what=f"half blocks {spec}", kv_layout=kv_layout)
+
+
 def test_default_block_sizes() -> None:
     q, k, v = random_inputs(6, 1, 40, 40, 6, 2, 8, jnp.float32)
     assert_close(jax.jit(attention_blockwise)(q, k, v), REF(q, k, v), jnp.float32)
