@@ -28,21 +28,26 @@ needed key blocks to the front (stable argsort). Causal prefill thus does about
 half the blocks, and decode into a cache of capacity S holding L tokens reads
 about L / block_k blocks.
 
-Loop formulation: `lax.map` over query blocks, inside a `fori_loop` with a
-static trip count over the compacted key blocks whose body is
-`lax.cond(i < count, step, skip)`. Measured against a `while_loop` whose trip
-count is the data-dependent count: equal within noise for prefill (the skipped
-iterations cost one scalar compare each) and decode, and unlike the while_loop
-it is reverse-differentiable (the fori_loop lowers to a scan). Key blocks
-that every query of the block sees whole (the interior of a causal prefill:
-all slots valid, all keys at or before the block's first query, inside the
-window) skip building and applying the mask: `lax.switch` over skip / masked /
-full. Prefill blocks of 256 queries x 512 keys: per layer of SmolLM2 attention
-(B=1, N=9, K=3, H=64, f32, causal, [B, K, S, H] keys) 164 ms at T = S = 4096
-against 186 ms for 256 x 256 and 165-170 ms for 512 x 256 (torch SDPA: 143 ms);
-49 against 52 ms at 2048; ties within noise at 1024. Decode uses
-key blocks of 1024 (fewer, larger steps at full caches; still fine-grained
-skipping at small L). Uneven T and S are handled without padding copies: the
+Loop formulation: `lax.map` over query blocks; inside, each query block's key
+blocks sorted by kind (`_block_plan`) and one `fori_loop` per kind with a
+data-dependent trip count and no conditional inside: blocks every query of the
+block sees whole (the interior of a causal prefill: all slots valid, all keys at
+or before the block's first query, inside the window) skip building and applying
+the mask; masked blocks; and masked blocks of which one half has no visible key
+(the causal diagonal block whose second half lies past the query block, a
+window's edge), computed at half width. An earlier form (a static trip count
+over all key blocks, `lax.switch` skip / masked / full in the body) copied the
+running output at every step, skipped ones included, out of the conditional:
+per SmolLM2 layer (B=1, N=9, K=3, H=64, f32, causal, [B, K, S, H] keys, min of
+9) 153.7 -> 147.5 ms at T = S = 4096, 568 -> 551 ms at 8192, 44.2 -> 41.3 ms at
+2048; torch SDPA took 143-149 ms at 4096. Loops with data-dependent trip counts
+are not reverse-differentiable, so `attention_blockwise` has a custom VJP: the
+materialised path's gradient, recomputed in the backward pass. Prefill blocks of
+256 queries x 512 keys (measured before the half-width blocks: 164 ms at 4096
+against 186 ms for 256 x 256, 165-170 ms for 512 x 256, 195 ms for 256 x 1024,
+191 ms for 128 x 512; 49 against 52 ms at 2048). Decode uses key blocks of 1024
+(fewer, larger steps at full caches; still fine-grained skipping at small L).
+Uneven T and S are handled without padding copies: the
 last block's start is clamped to end at T (S), and the key slots it shares
 with its predecessor are masked (the query rows are recomputed and dropped).
 """
