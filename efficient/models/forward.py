@@ -216,7 +216,10 @@ def _materialised_tables(
     and per layer (unrolled SmolLM2 prefill of 4096 tokens: ~10 ms of ~340 ms per layer), and
     it expands `optimization_barrier` before fusion, so a conditional (never fused into) holds
     them. Its predicate is real: a chunk of padding only (no position >= 0) needs no tables.
+    Only for chunks of 64 tokens or more: decode steps keep no conditional in their loop.
     """
+    if positions.shape[1] < 64:  # a decode or verify step: too few positions to matter
+        return cos, sin
     return jax.lax.cond(jnp.any(positions >= 0), lambda: (cos, sin),
                         lambda: (jnp.zeros_like(cos), jnp.zeros_like(sin)))
 

@@ -110,19 +110,22 @@ def test_unrolled_layers_equal_the_scan_on_a_hybrid_model() -> None:
 
 
 def test_unrolled_layers_evaluate_the_rope_tables_once() -> None:
-    """cos and sin are computed once per forward, not fused into every layer's rotation
-    (what XLA:CPU did for unrolled layers); an all-padding chunk gets zero tables and its
-    output is still finite."""
+    """cos and sin are computed once per forward of a 64-token chunk, not fused into every
+    layer's rotation (what XLA:CPU did for unrolled layers); an all-padding chunk gets zero
+    tables and its output is still finite. A one-token step keeps no conditional."""
     from efficient.models import unstack_layers
 
     model = unstack_layers(_copy(tiny_model()))
     graphdef, params = nnx.split(model)
     run = jax.jit(lambda p, t, pos: forward(nnx.merge(graphdef, p), t, positions=pos)[0])
-    positions = jnp.broadcast_to(jnp.arange(TOKENS.shape[1]), TOKENS.shape)
-    hlo = run.lower(params, TOKENS, positions).compile().as_text()
+    tokens = jnp.asarray(np.random.RandomState(2).randint(3, 61, size=(2, 64)))
+    positions = jnp.broadcast_to(jnp.arange(64), tokens.shape)
+    hlo = run.lower(params, tokens, positions).compile().as_text()
     assert hlo.count(" cosine(") == 1 and hlo.count(" sine(") == 1
-    padding = run(params, TOKENS, jnp.full_like(positions, -1))
+    padding = run(params, tokens, jnp.full_like(positions, -1))
     assert np.isfinite(np.asarray(padding)).all()
+    step = run.lower(params, tokens[:, :1], positions[:, :1]).compile().as_text()
+    assert " conditional(" not in step
 
 
 def test_unrolled_generate_gives_the_same_tokens() -> None:
