@@ -63,6 +63,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from efficient.attention.reference import grouped_attention
 from efficient.attention.spec import AttentionSpec, default_positions, validate_inputs
+from efficient.attention.views import DenseView, slot_positions
 
 # Defaults measured on XLA:CPU (experiments/bench_blockwise.py).
 DEFAULT_BLOCK_Q = 256
@@ -163,20 +164,20 @@ def _block_plan(
     kpos: Int[Array, "B nk bk"],
     need: Bool[Array, "nq nk"],
     unmasked: bool,
+    half: int,
 ) -> tuple[Int[Array, "nq nk"], Int[Array, "nq nk"], Int[Array, "nq 3"]]:
     """Each query block's key blocks sorted by kind: full (no mask to build: `_full_pairs`,
     only when `unmasked`), masked, masked at half width, not needed. A masked block of which
     one half has no visible key (a causal diagonal block whose second half lies past the
-    query block, a window's edge) is computed at half width from `offset` (0 or bk / 2; only
-    for even bk). Returns (order, offset, ends): block ids and half offsets in that order,
+    query block, a window's edge) is computed at half width from `offset` (0 or `half` =
+    bk / 2; `half` = 0 for none). Returns (order, offset, ends): block ids and half offsets in that order,
     and where the runs of the first three kinds end."""
     nq, nk = need.shape
-    bk = kpos.shape[-1]
     full = need & _full_pairs(spec, qpos, kpos) if unmasked else jnp.zeros_like(need)
-    if bk % 2 == 0:
-        halves = _needed_pairs(spec, qpos, kpos.reshape(kpos.shape[0], nk * 2, bk // 2)).reshape(nq, nk, 2)
+    if half:
+        halves = _needed_pairs(spec, qpos, kpos.reshape(kpos.shape[0], nk * 2, half)).reshape(nq, nk, 2)
         halved = need & ~full & ~(halves[..., 0] & halves[..., 1])
-        offset = jnp.where(halves[..., 0], 0, bk // 2).astype(jnp.int32)
+        offset = jnp.where(halves[..., 0], 0, half).astype(jnp.int32)
     else:
         halved, offset = jnp.zeros_like(need), jnp.zeros(need.shape, jnp.int32)
     kind = jnp.where(full, 0, jnp.where(halved, 2, jnp.where(need, 1, 3)))
@@ -262,14 +263,12 @@ def _blockwise_bwd(spec: AttentionSpec, block_q: int | None, block_k: int | None
     (what the reverse of a static-trip-count scan would store too)."""
     q, k, v, arrays = res
     arrays = dict(arrays)
-    lengths = arrays.pop("lengths")
-    by_head = kv_layout == "BKSH"
-    positions = arrays["kv_positions"]
-    if lengths is not None:  # past-length slots as the forward sees them: empty
-        positions = jnp.where(jnp.arange(positions.shape[1]) < lengths[:, None], positions, -1)
+    # Past-length slots as the forward sees them: position -1 (the views' own rule).
+    view = DenseView(k, v, positions=arrays["kv_positions"], lengths=arrays.pop("lengths"), layout=kv_layout)
+    arrays["kv_positions"] = positions = slot_positions(view)
     live = positions >= 0  # B S; empty slots may hold NaN: zero them, as the forward does
-    v = jnp.where(live[:, None, :, None] if by_head else live[:, :, None, None], v, jnp.zeros((), v.dtype))
-    arrays["kv_positions"] = positions
+    v = jnp.where(live[:, None, :, None] if kv_layout == "BKSH" else live[:, :, None, None], v,
+                  jnp.zeros((), v.dtype))
 
     def materialised(q, k, v):  # noqa: ANN001, ANN202
         return grouped_attention(q, k, v, spec=spec, return_lse=True, exact=False, kv_layout=kv_layout, **arrays)
@@ -324,7 +323,7 @@ def _forward(
     # segment ids or an explicit mask, which the positions cannot vouch for.
     unmasked = not flat and q_segment_ids is None and mask is None
     half = bk // 2 if bk % 2 == 0 else 0
-    order, offset, ends = _block_plan(spec, qpos, kpos, need, unmasked)
+    order, offset, ends = _block_plan(spec, qpos, kpos, need, unmasked, half)
     scale = spec.logit_scale(h)
     # Scale the query block once instead of every logit block (one pass over [rows, bk] fewer
     # per key block: 159 -> 155 ms per SmolLM2 layer at T = S = 4096), where that rounds no

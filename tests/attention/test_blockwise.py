@@ -170,7 +170,7 @@ def test_block_plan_sorts_full_masked_and_half_blocks() -> None:
     qpos, kpos = _blocked(pos, _starts(4, 16, 64), 16), _blocked(pos, _starts(2, 32, 64), 32)
 
     def plan(spec: AttentionSpec) -> list[list[tuple[int, str, int]]]:
-        order, offset, ends = _block_plan(spec, qpos, kpos, _needed_pairs(spec, qpos, kpos), unmasked=True)
+        order, offset, ends = _block_plan(spec, qpos, kpos, _needed_pairs(spec, qpos, kpos), unmasked=True, half=16)
         kinds = ("full", "masked", "half")
         return [[(int(order[qi, i]), kinds[int((i >= ends[qi]).sum())], int(offset[qi, i]))
                  for i in range(int(ends[qi, 2]))] for qi in range(4)]
