@@ -21,7 +21,9 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     c.results_dir = "results"
     c.run_name = ""  # empty: a timestamp
     c.seed = 0
-    c.model = ml_collections.ConfigDict(dict(path="smollm2", tokenizer="auto", dtype="float32"))
+    # layer_loop: "scan" (stacked layers and caches), "unrolled" or "auto" (unrolled on CPU, with per-layer
+    # cache buffers: no per-layer slice copies; efficient.models.set_layer_loop).
+    c.model = ml_collections.ConfigDict(dict(path="smollm2", tokenizer="auto", dtype="float32", layer_loop="scan"))
     # chunk <= residual_length: each chunk attends to its own tokens in full precision (as the peer does).
     c.perplexity = ml_collections.ConfigDict(dict(seq_len=64 if tiny else 1024, max_windows=2 if tiny else 4,
                                                   batch_size=2 if tiny else 4, chunk=16 if tiny else 32))
@@ -32,6 +34,12 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
                                             bf16_bits=() if tiny else (4, 2)))
     # GEAR (Kang et al. 2024) on KIVI: rank of each group's error approximation, fraction of exact outliers.
     c.gear = ml_collections.ConfigDict(dict(bits=(2,), rank=2, outlier_fraction=0.02))
+    # VidKV (Tao et al. 2025): half of each group's key channels at 2 bits, the rest as 1-bit real-DFT
+    # coefficients; ternary values; the residual is KIVI's. Variants: vidkv, vidkv_nofft (no DFT), vidkv_bf16.
+    c.vidkv = ml_collections.ConfigDict(dict(variants=("vidkv",) if tiny else ("vidkv", "vidkv_nofft", "vidkv_bf16"),
+                                             group_size=8 if tiny else 32, anomalous_fraction=0.5))
+    # A comma-separated subset of the caches to measure (dense and dense_bf16 always run: the baselines).
+    c.caches = ""
     c.paged = ml_collections.ConfigDict(dict(page_size=16))
     c.memory_capacity = 64 if tiny else 4096
     # Passkey contexts the dense model solves at >= 90% (SmolLM2 on 3 depths: 1.00 at 2048, 0.67 at 4096);

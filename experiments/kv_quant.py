@@ -1,7 +1,8 @@
 """Paged and quantized KV caches on the real model: quality against memory and speed.
 
 For each cache (dense, dense bf16, paged, KIVI at each configured bit width, GEAR on
-KIVI: a low-rank approximation of the quantization error and exact outliers) on the
+KIVI: a low-rank approximation of the quantization error and exact outliers, VidKV's
+1.5-bit keys and ternary values) on the
 embedded default (SmolLM2-135M-Instruct): bits/byte of held-out stdlib windows
 prefilled through the cache in chunks (a lossy cache changes the logits of every
 chunk after the first), passkey retrieval at the configured context lengths,
@@ -26,7 +27,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from efficient import variants
-from efficient.cache import DenseKVCache, KIVICache, PagedKVCache
+from efficient.cache import DenseKVCache, KIVICache, PagedKVCache, VidKVCache
 from efficient.data import eval_windows, needle_grid
 from efficient.eval import measure_generation, perplexity, retrieval_accuracy, select_windows
 from efficient.models import resolve_model_path
@@ -65,6 +66,10 @@ class Settings:
     bf16_bits: tuple[int, ...] = ()
     gear_rank: int = 2
     gear_outlier_fraction: float = 0.02
+    vidkv_variants: tuple[str, ...] = ()
+    vidkv_group_size: int = 32
+    vidkv_anomalous_fraction: float = 0.5
+    caches: tuple[str, ...] = ()  # empty: all
 
     def __post_init__(self) -> None:
         check_positive(self, "seq_len", "max_windows", "batch_size", "chunk", "group_size", "residual_length",
@@ -85,7 +90,9 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
         prompt_tokens=config.speed.prompt_tokens, new_tokens=config.speed.new_tokens,
         peer_bits=tuple(config.peer.bits), seed=int(config.seed), gear_bits=tuple(config.gear.bits),
         gear_rank=config.gear.rank, gear_outlier_fraction=config.gear.outlier_fraction,
-        bf16_bits=tuple(config.kivi.bf16_bits))
+        bf16_bits=tuple(config.kivi.bf16_bits), vidkv_variants=tuple(config.vidkv.variants),
+        vidkv_group_size=config.vidkv.group_size, vidkv_anomalous_fraction=config.vidkv.anomalous_fraction,
+        caches=tuple(name.strip() for name in str(config.caches).split(",") if name.strip()))
 
 
 def cache_factories(s: Settings) -> dict[str, tuple[Callable[..., Any], bool]]:
@@ -106,6 +113,18 @@ def cache_factories(s: Settings) -> dict[str, tuple[Callable[..., Any], bool]]:
         out[f"gear{bits}"] = (functools.partial(KIVICache.for_model, bits=bits, group_size=s.group_size,
                                                 residual_length=s.residual_length, rank=s.gear_rank,
                                                 outlier_fraction=s.gear_outlier_fraction), False)
+    vidkv = dict(vidkv={}, vidkv_nofft=dict(fft=False), vidkv_bf16=dict(dtype="bfloat16"))
+    for name in s.vidkv_variants:
+        if name not in vidkv:
+            raise ValueError(f"config.vidkv.variants: unknown {name!r}; choose from {sorted(vidkv)}")
+        out[name] = (functools.partial(VidKVCache.for_model, group_size=s.vidkv_group_size,
+                                       residual_length=s.residual_length,
+                                       anomalous_fraction=s.vidkv_anomalous_fraction, **vidkv[name]), False)
+    unknown = sorted(set(s.caches) - set(out))
+    if unknown:
+        raise ValueError(f"config.caches: unknown {unknown}; configured: {sorted(out)}")
+    if s.caches:
+        out = {name: entry for name, entry in out.items() if name in {"dense", "dense_bf16", *s.caches}}
     return out
 
 
@@ -144,7 +163,7 @@ def plot(rows: list[dict[str, Any]]) -> Figure:
 
 def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> ExperimentResult:
     s = settings_from(config)
-    model = load_model(s.model_path, dtype=config.model.dtype)
+    model = load_model(s.model_path, dtype=config.model.dtype, layer_loop=config.model.layer_loop)
     tokenizer = load_tokenizer_for(s.model_path, config.model.tokenizer, model.config.vocab_size)
     documents = load_documents("stdlib", (".py",), "test")
     windows = select_windows(eval_windows(documents, tokenizer, s.seq_len), tokenizer, s.max_windows)

@@ -12,7 +12,7 @@ from efficient.attention.dispatcher import (
 )
 from efficient.attention.reference import attention_reference
 from efficient.attention.spec import AttentionSpec, KeyStats, default_positions, visibility_mask
-from efficient.attention.views import DenseView, KVView, PagedView, QuantizedView, pack_codes
+from efficient.attention.views import DenseView, KVView, LowBitView, PagedView, QuantizedView, pack_codes
 
 __all__ = [
     "CAPABILITIES",
@@ -22,6 +22,7 @@ __all__ = [
     "DenseView",
     "KVView",
     "KeyStats",
+    "LowBitView",
     "PagedView",
     "QuantizedView",
     "attention",

@@ -23,7 +23,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from efficient.attention.capabilities import CAPABILITIES, Capabilities, unsupported
 from efficient.attention.spec import AttentionSpec, KeyStats, validate_inputs
-from efficient.attention.views import VIEW_TYPES, DenseView, KVView, QuantizedView
+from efficient.attention.views import QUANTIZED_VIEWS, VIEW_TYPES, DenseView, KVView
 from efficient.attention.xla import reference_implementation, xla_implementation
 
 logger = logging.getLogger("efficient.attention")
@@ -147,13 +147,14 @@ def attention(
         raise TypeError(f"q must be a float array [B, T, N, H], got {type(q).__name__}")
     if not isinstance(view, VIEW_TYPES):
         raise TypeError(
-            f"view must be a KV view (DenseView, PagedView, QuantizedView), got {type(view).__name__}"
+            "view must be a KV view (DenseView, PagedView, QuantizedView, LowBitView), got "
+            f"{type(view).__name__}"
         )
     if not isinstance(spec, AttentionSpec):
         raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}: {spec!r}")
     key_stats = KeyStats.of(key_stats)
     _validate(q, view, q_positions, mask, q_segment_ids, kv_segment_ids)
-    if q_positions is None and view.lengths is not None and not isinstance(view, QuantizedView):
+    if q_positions is None and view.lengths is not None and not isinstance(view, QUANTIZED_VIEWS):
         t = q.shape[1]
         q_positions = view.lengths.astype(jnp.int32)[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]
     call = dict(

@@ -18,7 +18,14 @@ from jaxtyping import Array, Bool, Float, Int
 
 from efficient.attention.reference import grouped_attention, pack_outputs
 from efficient.attention.spec import AttentionSpec
-from efficient.attention.views import PagedView, QuantizedView, add_corrections, dequantize
+from efficient.attention.views import (
+    QUANTIZED_VIEWS,
+    LowBitView,
+    PagedView,
+    QuantizedView,
+    add_corrections,
+    dequantize,
+)
 
 TARGET_BLOCK = 512  # slots per block: measured on XLA:CPU like the blockwise dense path's decode blocks
 
@@ -27,7 +34,7 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, max(limit, 1)) + 1) if n % d == 0)
 
 
-def block_slots(view: PagedView | QuantizedView) -> int:
+def block_slots(view: PagedView | QuantizedView | LowBitView) -> int:
     """Slots per block: whole pages (paged) or whole key groups (quantized), dividing the store."""
     if isinstance(view, PagedView):
         pages = view.page_table.shape[1]
@@ -36,12 +43,12 @@ def block_slots(view: PagedView | QuantizedView) -> int:
     return g * _largest_divisor_at_most(view.num_quantized // g, TARGET_BLOCK // g)
 
 
-def _store_slots(view: PagedView | QuantizedView) -> int:
+def _store_slots(view: PagedView | QuantizedView | LowBitView) -> int:
     return view.num_slots if isinstance(view, PagedView) else view.num_quantized
 
 
 def view_block(
-    view: PagedView | QuantizedView, start: Int[Array, ""], size: int
+    view: PagedView | QuantizedView | LowBitView, start: Int[Array, ""], size: int
 ) -> tuple[Float[Array, "B C K H"], Float[Array, "B C K H"], Int[Array, "B C"]]:
     """Keys, values and positions (-1 past a row's length) of logical slots [start, start + size)."""
     b = view.batch_size
@@ -52,6 +59,9 @@ def view_block(
         k = view.k_pages[pages].reshape(b, size, view.num_kv_heads, view.head_dim)
         v = view.v_pages[pages].reshape(b, size, view.num_kv_heads, view.head_dim)
         pos = view.positions[pages].reshape(b, size)
+    elif isinstance(view, LowBitView):
+        k, v = view.dequantize_block(start, size)
+        pos = jax.lax.dynamic_slice_in_dim(view.positions, start, size, axis=1)
     else:
         g = view.group_size
         cut = lambda x, first, n: jax.lax.dynamic_slice_in_dim(x, first, n, axis=1)  # noqa: E731
@@ -100,7 +110,7 @@ def attend_slots(
 
 def attention_over_blocks(
     q: Float[Array, "B T N H"],
-    view: PagedView | QuantizedView,
+    view: PagedView | QuantizedView | LowBitView,
     *,
     spec: AttentionSpec,
     q_positions: Int[Array, "B T"],
@@ -129,7 +139,7 @@ def attention_over_blocks(
 
     acc = (jnp.zeros((b, t, n, h), jnp.float32), jnp.full((b, t, n), -jnp.inf, jnp.float32))
     acc = jax.lax.fori_loop(0, num_blocks, body, acc)
-    if isinstance(view, QuantizedView):
+    if isinstance(view, QUANTIZED_VIEWS):
         residual = attend(view.residual_k, view.residual_v, view.residual_positions.astype(jnp.int32), stored,
                           view.residual_k.shape[1])
         acc = merge_partials(acc, residual)

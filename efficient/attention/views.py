@@ -19,6 +19,9 @@ implementation may skip reading it, and must not let it change the result).
   codes * scale + zero per group (KIVI, Liu et al. 2024: keys per channel with
   groups along the tokens, values per token with groups along the channels),
   plus a full-precision residual window of the most recent tokens.
+- `LowBitView` (efficient/attention/lowbit.py): VidKV's 1.x-bit keys (2-bit anomalous
+  channels, 1-bit real-DFT coefficients of the others) and ternary values, with the same
+  residual window.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, UInt8
+
+from efficient.attention.lowbit import LowBitView
 
 LAYOUTS = ("BSKH", "BKSH")
 QUANT_BITS = (2, 4, 8)
@@ -300,8 +305,9 @@ class QuantizedView:
         _check_lengths("QuantizedView", self.lengths, b)
 
 
-KVView = DenseView | PagedView | QuantizedView
-VIEW_TYPES = (DenseView, PagedView, QuantizedView)
+KVView = DenseView | PagedView | QuantizedView | LowBitView
+VIEW_TYPES = (DenseView, PagedView, QuantizedView, LowBitView)
+QUANTIZED_VIEWS = (QuantizedView, LowBitView)  # S quantized slots, then a full-precision residual
 
 
 def slot_positions(view: KVView) -> Int[Array, "B S"] | Int[Array, "B K S"]:
@@ -319,10 +325,10 @@ def slot_positions(view: KVView) -> Int[Array, "B S"] | Int[Array, "B K S"]:
         pos = view.positions
     pos = pos.astype(jnp.int32)
     if view.lengths is not None:
-        n = view.positions.shape[1] if isinstance(view, QuantizedView) else s
+        n = view.positions.shape[1] if isinstance(view, QUANTIZED_VIEWS) else s
         inside = jnp.arange(n, dtype=jnp.int32)[None, :] < view.lengths[:, None]
         pos = jnp.where(inside[:, None] if pos.ndim == 3 else inside, pos, -1)
-    if isinstance(view, QuantizedView):
+    if isinstance(view, QUANTIZED_VIEWS):
         pos = jnp.concatenate([pos, view.residual_positions.astype(jnp.int32)], axis=1)
     return pos
 
@@ -338,6 +344,10 @@ def dense_kv(view: KVView, layout: str = "BSKH") -> tuple[jax.Array, jax.Array]:
         pages = jnp.clip(view.page_table, 0, view.k_pages.shape[0] - 1)
         k = view.k_pages[pages].reshape(b, s, view.num_kv_heads, view.head_dim)
         v = view.v_pages[pages].reshape(b, s, view.num_kv_heads, view.head_dim)
+    elif isinstance(view, LowBitView):
+        k, v = view.dequantize_block(0, view.num_quantized)
+        k = jnp.concatenate([k, view.residual_k], axis=1)
+        v = jnp.concatenate([v, view.residual_v], axis=1)
     else:
         q = dict(bits=view.bits, group_size=view.group_size)
         dt = view.dtype

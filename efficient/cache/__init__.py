@@ -8,7 +8,8 @@ from efficient.cache.paged import PagedKVCache
 from efficient.cache.press import H2OPress, Press, SnapKVPress, StreamingLLMPress, TOVAPress
 from efficient.cache.protocol import KVCache, KVView, tree_nbytes
 from efficient.cache.ring import RingKVCache
+from efficient.cache.vidkv import VidKVCache
 
 __all__ = ["DenseKVCache", "EvictingKVCache", "H2OPress", "HybridKVCache", "KIVICache", "KVCache", "KVView",
-           "PagedKVCache", "Press", "RingKVCache", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "default_cache",
-           "tree_nbytes"]
+           "PagedKVCache", "Press", "RingKVCache", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "VidKVCache",
+           "default_cache", "tree_nbytes"]

@@ -44,6 +44,7 @@ from efficient.cache.dense import (
     positions_after,
     positive_int,
 )
+from efficient.cache.layer_fields import PerLayerFields
 from efficient.cache.protocol import tree_nbytes
 
 NO_PAGE = -1
@@ -51,10 +52,11 @@ NO_PAGE = -1
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class PagedKVCache:
-    """Pool k/v [L, M, P, K, H], positions per pool slot [M, P] (-1 never written),
-    page table [B, R] (NO_PAGE: unallocated), reference counts [M], lengths [B] and the
-    sticky `exhausted` flag. Capacity per row is R * P logical slots."""
+class PagedKVCache(PerLayerFields):
+    """Pool k/v [L, M, P, K, H] (a tuple of L [M, P, K, H] buffers after `split_layers`),
+    positions per pool slot [M, P] (-1 never written), page table [B, R] (NO_PAGE:
+    unallocated), reference counts [M], lengths [B] and the sticky `exhausted` flag.
+    Capacity per row is R * P logical slots."""
 
     k_pages: Float[Array, "L M P K H"]
     v_pages: Float[Array, "L M P K H"]
@@ -130,24 +132,34 @@ class PagedKVCache:
         return self.page_table.shape[0]
 
     @property
+    def layer_fields(self) -> tuple[str, ...]:
+        return ("k_pages", "v_pages")
+
+    @property
+    def _pool_shape(self) -> tuple[int, ...]:
+        """(L, M, P, K, H) of either storage (stacked, or per-layer after `split_layers`)."""
+        x = self.k_pages
+        return (len(x), *x[0].shape) if isinstance(x, tuple) else tuple(x.shape)
+
+    @property
     def num_layers(self) -> int:
-        return self.k_pages.shape[0]
+        return self._pool_shape[0]
 
     @property
     def num_pages(self) -> int:  # M
-        return self.k_pages.shape[1]
+        return self._pool_shape[1]
 
     @property
     def page_size(self) -> int:  # P
-        return self.k_pages.shape[2]
+        return self._pool_shape[2]
 
     @property
     def num_kv_heads(self) -> int:
-        return self.k_pages.shape[3]
+        return self._pool_shape[3]
 
     @property
     def head_dim(self) -> int:
-        return self.k_pages.shape[4]
+        return self._pool_shape[4]
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -198,8 +210,8 @@ class PagedKVCache:
         # Copy on write: the new page starts as the shared one (all layers, positions).
         copy_from = jnp.where(got & shared, old, 0).reshape(-1)
         copy_to = jnp.where(got & shared, new, m).reshape(-1)
-        k_pages = self.k_pages.at[:, copy_to].set(self.k_pages[:, copy_from], mode="drop")
-        v_pages = self.v_pages.at[:, copy_to].set(self.v_pages[:, copy_from], mode="drop")
+        copy = lambda x, lead: x.at[(*lead, copy_to)].set(x[(*lead, copy_from)], mode="drop")  # noqa: E731
+        k_pages, v_pages = self._per_layer_map("k_pages", copy), self._per_layer_map("v_pages", copy)
         page_positions = self.page_positions.at[copy_to].set(self.page_positions[copy_from], mode="drop")
         entries = jnp.where(need, jnp.where(got, new, NO_PAGE), old)
         rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, w))
@@ -209,7 +221,7 @@ class PagedKVCache:
             refcounts=refcounts, exhausted=self.exhausted | jnp.any(failed))
 
     def _logical_positions(self) -> Int[Array, "B S"]:
-        return slot_positions(self._paged_view(self.k_pages[0], self.v_pages[0]))
+        return slot_positions(self._paged_view(self._stored("k_pages", 0), self._stored("v_pages", 0)))
 
     def _paged_view(self, k: jax.Array, v: jax.Array) -> PagedView:
         return PagedView(k_pages=k, v_pages=v, page_table=jnp.maximum(self.page_table, 0),
@@ -241,16 +253,16 @@ class PagedKVCache:
         (their pages were mapped by `reserve`; slots past the capacity are dropped)."""
         page, offset = self._page_and_offset(slots)
         heads = jnp.arange(self.num_kv_heads, dtype=jnp.int32)[None, None, :]
-        index = (layer, page[:, :, None], offset[:, :, None], heads)
-        new_k = self.k_pages.at[index].set(_to_storage(k, self.dtype), mode="drop")
-        new_v = self.v_pages.at[index].set(_to_storage(v, self.dtype), mode="drop")
+        index = (page[:, :, None], offset[:, :, None], heads)
+        new_k = self._set("k_pages", layer, index, _to_storage(k, self.dtype))
+        new_v = self._set("v_pages", layer, index, _to_storage(v, self.dtype))
         return dataclasses.replace(self, k_pages=new_k, v_pages=new_v)
 
     def view(self, layer: int | Int[Array, ""], window: int | None = None) -> PagedView:
         """Layer `layer`'s pool, read in place through the page table (any window)."""
         del window
-        return self._paged_view(_from_storage(self.k_pages[layer], self.dtype),
-                                _from_storage(self.v_pages[layer], self.dtype))
+        return self._paged_view(_from_storage(self._stored("k_pages", layer), self.dtype),
+                                _from_storage(self._stored("v_pages", layer), self.dtype))
 
     def truncate(self, lengths: Int[Array, " B"]) -> Self:
         """Keep the first `lengths[b]` slots of each row (never grows one) and release the
@@ -272,8 +284,9 @@ class PagedKVCache:
         src_page, src_off = self._page_and_offset(source_slots)
         dst_page, dst_off = self._page_and_offset(dest)
         src_page = jnp.minimum(src_page, self.num_pages - 1)
-        k = self.k_pages.at[:, dst_page, dst_off].set(self.k_pages[:, src_page, src_off], mode="drop")
-        v = self.v_pages.at[:, dst_page, dst_off].set(self.v_pages[:, src_page, src_off], mode="drop")
+        move = lambda x, lead: x.at[(*lead, dst_page, dst_off)].set(x[(*lead, src_page, src_off)],  # noqa: E731
+                                                                  mode="drop")
+        k, v = self._per_layer_map("k_pages", move), self._per_layer_map("v_pages", move)
         positions = self.page_positions.at[dst_page, dst_off].set(self.page_positions[src_page, src_off],
                                                                   mode="drop")
         moved = dataclasses.replace(self, k_pages=k, v_pages=v, page_positions=positions)
@@ -306,6 +319,6 @@ class PagedKVCache:
     def used_nbytes(self) -> int:
         """Bytes of the pages in use (a shared page counted once), plus the tables: the
         memory a pool sized to the current contents would need."""
-        page_bytes = (self.k_pages.nbytes + self.v_pages.nbytes + self.page_positions.nbytes) // self.num_pages
+        page_bytes = (tree_nbytes((self.k_pages, self.v_pages)) + self.page_positions.nbytes) // self.num_pages
         tables = self.page_table.nbytes + self.refcounts.nbytes + self.lengths.nbytes
         return int(np.asarray(self.pages_in_use())) * page_bytes + tables

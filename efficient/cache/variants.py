@@ -10,6 +10,7 @@ from efficient.cache.dense import DenseKVCache
 from efficient.cache.evicting import EvictingKVCache
 from efficient.cache.kivi import KIVICache
 from efficient.cache.paged import PagedKVCache
+from efficient.cache.vidkv import VidKVCache
 from efficient.cache.press import press_for_budget
 from efficient.registry import register_cache
 
@@ -42,6 +43,22 @@ register_cache("gear2", kivi_factory(2, rank=2, outlier_fraction=0.02), lossless
                paper="Kang et al. 2024, GEAR: An Efficient KV Cache Compression Recipe for Near-Lossless "
                      "Generative Inference of LLM")
 
+
+
+def vidkv_factory(group_size: int = 32, residual_length: int = 32, **kwargs: object):  # noqa: ANN201
+    """A VidKV cache factory; the residual shrinks to the capacity for shorter rows."""
+    def factory(config, batch_size: int, capacity: int, dtype=None) -> VidKVCache:  # noqa: ANN001
+        return VidKVCache.for_model(config, batch_size, capacity, dtype, group_size=group_size,
+                                    residual_length=min(residual_length, capacity), **kwargs)
+
+    return factory
+
+
+register_cache("vidkv", vidkv_factory(), lossless=False,
+               description="VidKV 1.x-bit: keys at 1.5 bits (each group's widest half of the channels at 2 bits, "
+                           "the rest as 1-bit real-DFT coefficients), ternary values (1.6 bits), groups of 32 "
+                           "tokens, 32+ recent tokens in full precision",
+               paper="Tao et al. 2025, Plug-and-Play 1.x-Bit KV Cache Quantization for Video Large Language Models")
 
 def evicting_factory(press: str, kept: float = 0.25, max_step: int = 128, pyramid: bool = False):  # noqa: ANN201
     """An evicting cache factory keeping `kept` of the capacity (at least 8 tokens) with the

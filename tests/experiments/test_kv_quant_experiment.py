@@ -21,13 +21,29 @@ def test_kv_quant_end_to_end(tmp_path: Path) -> None:
     out = run_experiment(config)
     metrics = json.loads((out / "metrics.json").read_text())
     rows = {r["cache"]: r for r in metrics["rows"]}
-    assert list(rows) == ["dense", "dense_bf16", "paged", "kivi2", "gear2"]
+    assert list(rows) == ["dense", "dense_bf16", "paged", "kivi2", "gear2", "vidkv"]
     assert rows["paged"]["bits_per_byte"] == pytest.approx(rows["dense"]["bits_per_byte"], rel=1e-6)
     assert rows["paged"]["greedy_agrees_with_dense"]
     assert rows["kivi2"]["memory_bytes"] < rows["dense"]["memory_bytes"]
     assert rows["kivi2"]["memory_bytes"] < rows["gear2"]["memory_bytes"]  # GEAR stores its corrections
     assert rows["kivi2"]["bits_per_byte"] != rows["dense"]["bits_per_byte"]  # quantization happened
+    assert rows["vidkv"]["memory_bytes"] < rows["kivi2"]["memory_bytes"]
+    assert rows["vidkv"]["bits_per_byte"] != rows["dense"]["bits_per_byte"]
     assert (out / "kv_quant.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unknown_cache_names_are_refused_with_their_key() -> None:
+    from experiments.kv_quant import cache_factories
+
+    config = kv_quant_config.get_config("tiny")
+    config.caches = "kivi2,nope"
+    with pytest.raises(ValueError, match=r"config.caches: unknown \['nope'\]"):
+        cache_factories(settings_from(config))
+    config.caches, config.vidkv.variants = "", ("vidkv_fast",)
+    with pytest.raises(ValueError, match="config.vidkv.variants: unknown 'vidkv_fast'"):
+        cache_factories(settings_from(config))
+    config.vidkv.variants, config.caches = ("vidkv",), "vidkv"
+    assert list(cache_factories(settings_from(config))) == ["dense", "dense_bf16", "vidkv"]
 
 
 def test_a_chunk_longer_than_the_residual_is_refused_with_its_key() -> None:
