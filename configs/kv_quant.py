@@ -35,9 +35,11 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     # GEAR (Kang et al. 2024) on KIVI: rank of each group's error approximation, fraction of exact outliers.
     c.gear = ml_collections.ConfigDict(dict(bits=(2,), rank=2, outlier_fraction=0.02))
     # VidKV (Tao et al. 2025): half of each group's key channels at 2 bits, the rest as 1-bit real-DFT
-    # coefficients; ternary values; the residual is KIVI's. Variants: vidkv, vidkv_nofft (no DFT), vidkv_bf16.
-    c.vidkv = ml_collections.ConfigDict(dict(variants=("vidkv",) if tiny else ("vidkv", "vidkv_nofft", "vidkv_bf16"),
-                                             group_size=8 if tiny else 32, anomalous_fraction=0.5))
+    # coefficients; ternary values; the residual is KIVI's. Variants: vidkv, vidkv_nofft (no DFT), vidkv_bf16,
+    # vidkv_sinks and vidkv_bf16_sinks (the first `sinks` tokens kept exact).
+    c.vidkv = ml_collections.ConfigDict(dict(variants=("vidkv",) if tiny else ("vidkv", "vidkv_nofft", "vidkv_bf16",
+                                                                               "vidkv_sinks", "vidkv_bf16_sinks"),
+                                             group_size=8 if tiny else 32, anomalous_fraction=0.5, sinks=4))
     # A comma-separated subset of the caches to measure (dense and dense_bf16 always run: the baselines).
     c.caches = ""
     c.paged = ml_collections.ConfigDict(dict(page_size=16))

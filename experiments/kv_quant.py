@@ -69,6 +69,7 @@ class Settings:
     vidkv_variants: tuple[str, ...] = ()
     vidkv_group_size: int = 32
     vidkv_anomalous_fraction: float = 0.5
+    vidkv_sinks: int = 4
     caches: tuple[str, ...] = ()  # empty: all
 
     def __post_init__(self) -> None:
@@ -92,6 +93,7 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
         gear_rank=config.gear.rank, gear_outlier_fraction=config.gear.outlier_fraction,
         bf16_bits=tuple(config.kivi.bf16_bits), vidkv_variants=tuple(config.vidkv.variants),
         vidkv_group_size=config.vidkv.group_size, vidkv_anomalous_fraction=config.vidkv.anomalous_fraction,
+        vidkv_sinks=config.vidkv.sinks,
         caches=tuple(name.strip() for name in str(config.caches).split(",") if name.strip()))
 
 
@@ -113,7 +115,8 @@ def cache_factories(s: Settings) -> dict[str, tuple[Callable[..., Any], bool]]:
         out[f"gear{bits}"] = (functools.partial(KIVICache.for_model, bits=bits, group_size=s.group_size,
                                                 residual_length=s.residual_length, rank=s.gear_rank,
                                                 outlier_fraction=s.gear_outlier_fraction), False)
-    vidkv = dict(vidkv={}, vidkv_nofft=dict(fft=False), vidkv_bf16=dict(dtype="bfloat16"))
+    vidkv = dict(vidkv={}, vidkv_nofft=dict(fft=False), vidkv_bf16=dict(dtype="bfloat16"),
+                 vidkv_sinks=dict(sinks=s.vidkv_sinks), vidkv_bf16_sinks=dict(dtype="bfloat16", sinks=s.vidkv_sinks))
     for name in s.vidkv_variants:
         if name not in vidkv:
             raise ValueError(f"config.vidkv.variants: unknown {name!r}; choose from {sorted(vidkv)}")

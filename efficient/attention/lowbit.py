@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, UInt8
 
+from efficient.attention.store_view import ResidualStoreView
+
 TRITS_PER_BYTE = 5
 TERNARY_THRESHOLD = 0.5  # times mean |x|: BitNet b1.58's round(x / absmean) clipped to [-1, 1]
 
@@ -193,12 +195,13 @@ def lowbit_key_bytes(head_dim: int, anomalous: int) -> int:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LowBitView:
+class LowBitView(ResidualStoreView):
     """VidKV-style 1.x-bit keys and ternary values (module docstring) over S slots, plus a
     full-precision residual of R slots; logical slot order is the S quantized slots, then the
     residual. k_codes [B, S, K, ceil((H + A)/8)], k_scale [B, S/g, K, H], k_zero [B, S/g, K, A],
     k_mask [B, S/g, K, ceil(H/8)]; v_codes [B, S, K, ceil(H/5)], v_scale [B, S/g, K, H];
-    positions [B, S]; lengths [B]: quantized slots in use; residual_k/v [B, R, K, H]."""
+    positions [B, S]; lengths [B]: quantized slots in use; residual_k/v [B, R, K, H];
+    optional sink_k/v [B, n, K, H]: the exact keys/values of quantized slots 0 .. n-1 (n <= g)."""
 
     k_codes: UInt8[Array, "B S K Hk"]
     k_scale: jax.Array
@@ -211,35 +214,13 @@ class LowBitView:
     residual_v: Float[Array, "B R K H"]
     residual_positions: Int[Array, "B R"]
     lengths: Int[Array, " B"] | None = None
+    sink_k: Float[Array, "B n K H"] | None = None
+    sink_v: Float[Array, "B n K H"] | None = None
     group_size: int = dataclasses.field(default=32, metadata=dict(static=True))
     anomalous: int = dataclasses.field(default=0, metadata=dict(static=True))
     fft: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
     has_corrections = False
-
-    @property
-    def batch_size(self) -> int:
-        return self.k_codes.shape[0]
-
-    @property
-    def num_quantized(self) -> int:
-        return self.k_codes.shape[1]
-
-    @property
-    def num_slots(self) -> int:  # S + R
-        return self.k_codes.shape[1] + self.residual_k.shape[1]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.k_codes.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.residual_k.shape[3]
-
-    @property
-    def dtype(self) -> jnp.dtype:
-        return self.residual_k.dtype
 
     def dequantize_block(self, start: Int[Array, ""] | int, size: int) -> tuple[jax.Array, jax.Array]:
         """Keys and values of quantized slots [start, start + size) (whole groups), view dtype."""
@@ -251,7 +232,13 @@ class LowBitView:
             group_size=g, anomalous=self.anomalous, fft=self.fft)
         v = dequantize_values_ternary(cut(self.v_codes, start, size), cut(self.v_scale, start // g, size // g),
                                       group_size=g)
-        return k.astype(self.dtype), v.astype(self.dtype)
+        k, v = k.astype(self.dtype), v.astype(self.dtype)
+        if self.sink_k is not None:  # slots < n lie in the first block (n <= g <= size)
+            n = self.sink_k.shape[1]
+            is_sink = (start + jnp.arange(size) < n)[None, :, None, None]
+            pad = lambda x: jnp.pad(x.astype(self.dtype), ((0, 0), (0, size - n), (0, 0), (0, 0)))  # noqa: E731
+            k, v = jnp.where(is_sink, pad(self.sink_k), k), jnp.where(is_sink, pad(self.sink_v), v)
+        return k, v
 
     def validate(self) -> None:
         b, s, kh, h, g = self.batch_size, self.num_quantized, self.num_kv_heads, self.head_dim, self.group_size
@@ -266,6 +253,13 @@ class LowBitView:
             x = getattr(self, name)
             if tuple(x.shape) != shape or (dtype is not None and x.dtype != dtype):
                 raise ValueError(f"LowBitView.{name} must be {dtype or ''}{shape}, got {x.dtype}{tuple(x.shape)}")
+        if self.sink_k is not None:
+            n = self.sink_k.shape[1]
+            for name in ("sink_k", "sink_v"):
+                x = getattr(self, name)
+                if x is None or tuple(x.shape) != (b, n, kh, h) or n > g:
+                    raise ValueError(f"LowBitView.{name} must be [B, n <= g={g}, K, H] = {(b, n, kh, h)}, got "
+                                     f"{None if x is None else tuple(x.shape)}")
         r = self.residual_k.shape[1]
         if self.residual_v.shape != self.residual_k.shape or tuple(self.residual_positions.shape) != (b, r):
             raise ValueError("LowBitView residual_k/v [B, R, K, H] and residual_positions [B, R] disagree: "

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, UInt8
 
 from efficient.attention.lowbit import LowBitView
+from efficient.attention.store_view import ResidualStoreView
 
 LAYOUTS = ("BSKH", "BKSH")
 QUANT_BITS = (2, 4, 8)
@@ -201,7 +202,7 @@ def add_corrections(
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class QuantizedView:
+class QuantizedView(ResidualStoreView):
     """KIVI-style quantized keys/values (S slots) plus a full-precision residual (R slots).
 
     k_codes/v_codes: uint8 [B, S, K, H * bits / 8]; scales/zeros per `k_axis`/`v_axis`
@@ -248,10 +249,6 @@ class QuantizedView:
                 raise ValueError(f"QuantizedView.{name} must be one of {QUANT_AXES}, got {getattr(self, name)!r}")
 
     @property
-    def batch_size(self) -> int:
-        return self.k_codes.shape[0]
-
-    @property
     def has_corrections(self) -> bool:
         return any(getattr(self, f"{p}_{name}") is not None for p in "kv"
                    for name in ("lowrank_a", "outlier_values"))
@@ -260,26 +257,6 @@ class QuantizedView:
         """(lowrank_a, lowrank_b, outlier_values, outlier_index) of "k" or "v" (None where absent)."""
         return tuple(getattr(self, f"{prefix}_{name}")
                      for name in ("lowrank_a", "lowrank_b", "outlier_values", "outlier_index"))
-
-    @property
-    def num_quantized(self) -> int:
-        return self.k_codes.shape[1]
-
-    @property
-    def num_slots(self) -> int:  # S + R
-        return self.k_codes.shape[1] + self.residual_k.shape[1]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.k_codes.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.residual_k.shape[3]
-
-    @property
-    def dtype(self) -> jnp.dtype:
-        return self.residual_k.dtype
 
     def validate(self) -> None:
         b, s, kh, h = self.batch_size, self.num_quantized, self.num_kv_heads, self.head_dim

@@ -49,16 +49,6 @@ class KIVICache(GroupQuantizedCache):
     k_zero: Float[Array, "L B Sg K H"]
     v_scale: Float[Array, "L B S K Hg"]
     v_zero: Float[Array, "L B S K Hg"]
-    residual_k: Float[Array, "L B R K H"]
-    residual_v: Float[Array, "L B R K H"]
-    positions: Int[Array, "B S"]
-    residual_positions: Int[Array, "B R"]
-    residual_slots: Int[Array, "B R"]
-    lengths: Int[Array, " B"]
-    quantized: Int[Array, " B"]
-    flush_start: Int[Array, " B"]
-    flush_groups: Int[Array, " B"]
-    append_start: Int[Array, " B"]
     # GEAR (rank > 0 / outliers > 0): per-slot [L, B, S, K, R] and per-group [L, B, S/g, K, R, H]
     # low-rank factors of the quantization error; per-group outliers [L, B, S/g, K, O].
     k_lowrank_a: jax.Array | None = None

@@ -48,18 +48,32 @@ def bookkeeping(batch_size: int, capacity: int, ring: int) -> dict[str, jax.Arra
                 append_start=zeros_b())
 
 
+@dataclasses.dataclass(frozen=True)
 class GroupQuantizedCache(PerLayerFields):
-    """Residual ring plus packed store of whole groups (module docstring). Fields every
-    subclass has: k_codes [L, B, S, K, ...]; residual_k/v [L, B, R, K, H] (or, after
+    """Residual ring plus packed store of whole groups (module docstring). The fields below,
+    and in every subclass: k_codes [L, B, S, K, ...] and the other encoded fields; static
+    group_size, residual_length, dtype_name. residual_k/v [L, B, R, K, H] (or, after
     `split_layers`, every layer field as a tuple of L per-layer buffers); positions of the
     packed slots [B, S] and of the residual entries [B, R] with the logical slot each holds;
     lengths [B] (logical), quantized [B] (slots flushed, a multiple of g, <= lengths);
     `flush_*` / `append_start`: the plan `reserve` made for the layers' `update` of this
-    forward; static group_size, residual_length, dtype_name."""
+    forward."""
+
+    residual_k: Float[Array, "L B R K H"]
+    residual_v: Float[Array, "L B R K H"]
+    positions: Int[Array, "B S"]
+    residual_positions: Int[Array, "B R"]
+    residual_slots: Int[Array, "B R"]
+    lengths: Int[Array, " B"]
+    quantized: Int[Array, " B"]
+    flush_start: Int[Array, " B"]
+    flush_groups: Int[Array, " B"]
+    append_start: Int[Array, " B"]
 
     SLOT_FIELDS: ClassVar[tuple[str, ...]] = ()
     GROUP_FIELDS: ClassVar[tuple[str, ...]] = ()
     CODE_FIELDS: ClassVar[tuple[str, ...]] = ()
+    EXTRA_LAYER_FIELDS: ClassVar[tuple[str, ...]] = ()  # other [L, ...] fields (None when unused)
 
     def _encode(self, k: Float[Array, "B F g K H"], v: Float[Array, "B F g K H"]) -> dict[str, jax.Array]:
         """Encoded fields of F groups: per slot [B, F*g, ...], per group [B, F, ...]."""
@@ -69,11 +83,18 @@ class GroupQuantizedCache(PerLayerFields):
         """Keys and values of one layer's group from its fields (per slot [B, g, ...], per group [B, 1, ...])."""
         raise NotImplementedError
 
+    def _keep_exact(self, layer: int | Int[Array, ""], k: jax.Array, v: jax.Array,
+                    dest: Int[Array, "B C"]) -> dict[str, jax.Array]:
+        """Fields that keep some flushed tokens exact (stored k/v [B, C, K, H] going to logical
+        slots `dest`, the capacity where nothing is flushed); none by default."""
+        del layer, k, v, dest
+        return {}
+
     # ------------------------------------------------------------ layers
     @property
     def layer_fields(self) -> tuple[str, ...]:
         """The fields with a leading layer axis (None fields left out)."""
-        names = (*self.SLOT_FIELDS, *self.GROUP_FIELDS, "residual_k", "residual_v")
+        names = (*self.SLOT_FIELDS, *self.GROUP_FIELDS, *self.EXTRA_LAYER_FIELDS, "residual_k", "residual_v")
         return tuple(name for name in names if getattr(self, name) is not None)
 
     # ------------------------------------------------------------ shapes
@@ -186,6 +207,7 @@ class GroupQuantizedCache(PerLayerFields):
             stored = x if name in self.CODE_FIELDS else store(x)
             index = (grows, group_dest) if name in self.GROUP_FIELDS else (rows, dest)
             fields[name] = self._set(name, layer, index, stored)
+        fields |= self._keep_exact(layer, store(fk), store(fv), dest)
         # New tokens not flushed go to the residual ring (slots past the capacity: dropped).
         flushed_to = self.flush_start + self.flush_groups * g
         entry = jnp.where((slots >= flushed_to[:, None]) & (slots < cap), slots % r, r)

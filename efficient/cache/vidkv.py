@@ -29,7 +29,7 @@ from efficient.attention.lowbit import (
     quantize_values_ternary,
     trit_bytes,
 )
-from efficient.cache.dense import _floating_dtype, _from_storage, _storage_dtype, positive_int
+from efficient.cache.dense import _floating_dtype, _from_storage, _rows, _storage_dtype, positive_int
 from efficient.cache.quantized_store import GroupQuantizedCache, bookkeeping
 
 
@@ -47,35 +47,31 @@ class VidKVCache(GroupQuantizedCache):
     k_mask: UInt8[Array, "L B Sg K H8"]
     v_codes: UInt8[Array, "L B S K Ht"]
     v_scale: Float[Array, "L B Sg K H"]
-    residual_k: Float[Array, "L B R K H"]
-    residual_v: Float[Array, "L B R K H"]
-    positions: Int[Array, "B S"]
-    residual_positions: Int[Array, "B R"]
-    residual_slots: Int[Array, "B R"]
-    lengths: Int[Array, " B"]
-    quantized: Int[Array, " B"]
-    flush_start: Int[Array, " B"]
-    flush_groups: Int[Array, " B"]
-    append_start: Int[Array, " B"]
+    sink_k: Float[Array, "L B n K H"] | None = None
+    sink_v: Float[Array, "L B n K H"] | None = None
     group_size: int = dataclasses.field(default=32, metadata=dict(static=True))
     residual_length: int = dataclasses.field(default=128, metadata=dict(static=True))
     anomalous: int = dataclasses.field(default=0, metadata=dict(static=True))
     fft: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    sinks: int = dataclasses.field(default=0, metadata=dict(static=True))
     dtype_name: str = dataclasses.field(default="float32", metadata=dict(static=True))
 
     SLOT_FIELDS = ("k_codes", "v_codes")
     GROUP_FIELDS = ("k_scale", "k_zero", "k_mask", "v_scale")
     CODE_FIELDS = ("k_codes", "v_codes", "k_mask")
+    EXTRA_LAYER_FIELDS = ("sink_k", "sink_v")
 
     @classmethod
     def init(
         cls, *, num_layers: int, batch_size: int, capacity: int, num_kv_heads: int, head_dim: int,
         group_size: int = 32, residual_length: int = 128, anomalous_fraction: float = 0.5, fft: bool = True,
-        dtype: jnp.dtype | str = jnp.float32,
+        sinks: int = 0, dtype: jnp.dtype | str = jnp.float32,
     ) -> VidKVCache:
         """capacity: logical slots per row (rounded up to a multiple of `group_size`);
         residual_length: recent tokens always in full precision; anomalous_fraction: the share
-        of each group's key channels (widest range) kept at 2 bits, the rest at 1 bit."""
+        of each group's key channels (widest range) kept at 2 bits, the rest at 1 bit; sinks:
+        the first `sinks` logical slots (at most one group) also kept exactly once flushed,
+        text's stand-in for VidKV's protected salient tokens (attention sinks, Xiao et al. 2024)."""
         caller = "VidKVCache.init"
         for name, value in (("num_layers", num_layers), ("batch_size", batch_size), ("capacity", capacity),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim), ("group_size", group_size),
@@ -86,6 +82,8 @@ class VidKVCache(GroupQuantizedCache):
         anomalous = int(round(anomalous_fraction * head_dim))
         if not isinstance(fft, bool):
             raise ValueError(f"{caller}: fft={fft!r} must be a bool")
+        if not isinstance(sinks, int) or isinstance(sinks, bool) or not 0 <= sinks <= group_size:
+            raise ValueError(f"{caller}: sinks={sinks!r} must be an int in [0, group_size={group_size}]")
         capacity = -(-capacity // group_size) * group_size
         if residual_length > capacity:
             raise ValueError(f"{caller}: residual_length={residual_length} is larger than the capacity {capacity}")
@@ -102,16 +100,19 @@ class VidKVCache(GroupQuantizedCache):
             residual_k=jnp.zeros((num_layers, batch_size, ring, num_kv_heads, head_dim), store),
             residual_v=jnp.zeros((num_layers, batch_size, ring, num_kv_heads, head_dim), store),
             **bookkeeping(batch_size, capacity, ring), group_size=group_size, residual_length=residual_length,
-            anomalous=anomalous, fft=fft, dtype_name=dtype.name,
+            anomalous=anomalous, fft=fft, dtype_name=dtype.name, sinks=sinks,
+            **({} if not sinks else {name: jnp.zeros((num_layers, batch_size, sinks, num_kv_heads, head_dim), store)
+                                     for name in ("sink_k", "sink_v")}),
         )
 
     @classmethod
     def for_model(cls, config, batch_size: int, capacity: int, dtype=None, *, group_size: int = 32,  # noqa: ANN001
-                  residual_length: int = 128, anomalous_fraction: float = 0.5, fft: bool = True) -> VidKVCache:
+                  residual_length: int = 128, anomalous_fraction: float = 0.5, fft: bool = True,
+                  sinks: int = 0) -> VidKVCache:
         return cls.init(num_layers=config.num_layers, batch_size=batch_size, capacity=capacity,
                         num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, group_size=group_size,
                         residual_length=residual_length, anomalous_fraction=anomalous_fraction, fft=fft,
-                        dtype=dtype or config.dtype)
+                        sinks=sinks, dtype=dtype or config.dtype)
 
     def _encode(self, k: Float[Array, "B F g K H"], v: Float[Array, "B F g K H"]) -> dict[str, jax.Array]:
         return quantize_keys_lowbit(k, self.anomalous, self.fft) | quantize_values_ternary(v)
@@ -121,6 +122,28 @@ class VidKVCache(GroupQuantizedCache):
         k = dequantize_keys_lowbit(fields["k_codes"], fields["k_scale"], fields["k_zero"], fields["k_mask"],
                                    group_size=g, anomalous=self.anomalous, fft=self.fft)
         return k, dequantize_values_ternary(fields["v_codes"], fields["v_scale"], group_size=g)
+
+    def _keep_exact(self, layer: int | Int[Array, ""], k: jax.Array, v: jax.Array,
+                    dest: Int[Array, "B C"]) -> dict[str, jax.Array]:
+        """The flushed tokens of slots < sinks, exactly."""
+        if not self.sinks:
+            return {}
+        index = (_rows(*dest.shape), jnp.where(dest < self.sinks, dest, self.sinks))
+        return dict(sink_k=self._set("sink_k", layer, index, k), sink_v=self._set("sink_v", layer, index, v))
+
+    def _dequantized_group(self, start: Int[Array, " B"]) -> tuple[jax.Array, jax.Array]:
+        """As the base's, with the sink slots exact when the group is the first."""
+        k, v = super()._dequantized_group(start)
+        if not self.sinks:
+            return k, v
+        first = (start == 0)[None, :, None, None, None]
+        n = self.sinks
+        out = []
+        for x, name in ((k, "sink_k"), (v, "sink_v")):
+            stored = getattr(self, name)
+            exact = _from_storage(jnp.stack(stored) if isinstance(stored, tuple) else stored, self.dtype)
+            out.append(x.at[:, :, :n].set(jnp.where(first, exact.astype(x.dtype), x[:, :, :n])))
+        return out[0], out[1]
 
     def view(self, layer: int | Int[Array, ""], window: int | None = None) -> LowBitView:
         """Layer `layer`'s packed store and residual, in place (any window)."""
@@ -132,4 +155,5 @@ class VidKVCache(GroupQuantizedCache):
             v_scale=_from_storage(self._stored("v_scale", layer), dt), positions=self.positions,
             residual_k=_from_storage(self._stored("residual_k", layer), dt), residual_v=_from_storage(self._stored("residual_v", layer), dt),
             residual_positions=self.residual_positions, lengths=self.quantized, group_size=self.group_size,
-            anomalous=self.anomalous, fft=self.fft)
+            anomalous=self.anomalous, fft=self.fft,
+            **{name: _from_storage(self._stored(name, layer), dt) for name in ("sink_k", "sink_v") if self.sinks})

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers.tiny import run_in_chunks, tiny_model
+from helpers.views import assert_xla_matches_the_oracle
 
 import efficient.attention.backends  # noqa: F401  (registers the pallas adapters)
-from efficient.attention import CAPABILITIES, AttentionSpec, attention, unsupported
+from efficient.attention import CAPABILITIES, AttentionSpec, unsupported
 from efficient.attention.views import dense_kv, slot_positions
 from efficient.cache import DenseKVCache
 from efficient.cache.kivi import KIVICache
@@ -85,18 +86,7 @@ def test_stored_keys_and_values_are_within_the_rounding_bound_and_really_quantiz
 @pytest.mark.parametrize("gear", [{}, dict(rank=2, outlier_fraction=0.05)], ids=["kivi", "gear"])
 def test_blockwise_attention_over_the_view_equals_the_oracle(gear: dict) -> None:
     _, kivi = _prefilled(4, **gear)
-    view = kivi.view(1)
-    q = jnp.asarray(np.random.default_rng(2).normal(size=(2, 3, 4, 16)), jnp.float32)
-    q_positions = jnp.asarray([[37, 38, 39]] * 2, jnp.int32)
-    mask = jnp.asarray(np.random.default_rng(3).random((2, 3, view.num_slots)) < 0.8)
-    spec = AttentionSpec(causal=True, window=20)
-    for m in (None, mask):
-        got, lse = attention(q, view, spec=spec, q_positions=q_positions, mask=m, return_lse=True,
-                             implementation="xla")
-        want, want_lse = attention(q, view, spec=spec, q_positions=q_positions, mask=m, return_lse=True,
-                                   implementation="reference")
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
+    assert_xla_matches_the_oracle(kivi.view(1), num_heads=4, head_dim=16, last_position=39)
 
 
 def test_decode_stays_near_dense_and_lossier_at_fewer_bits() -> None:

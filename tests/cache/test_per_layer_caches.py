@@ -21,7 +21,7 @@ G, RESIDUAL = 8, 8
 CACHES = {
     "gear": lambda config: KIVICache.for_model(config, 2, 64, bits=2, group_size=G, residual_length=RESIDUAL,
                                                rank=2, outlier_fraction=0.05),
-    "vidkv": lambda config: VidKVCache.for_model(config, 2, 64, group_size=G, residual_length=RESIDUAL),
+    "vidkv": lambda config: VidKVCache.for_model(config, 2, 64, group_size=G, residual_length=RESIDUAL, sinks=2),
     "paged": lambda config: PagedKVCache.for_model(config, 2, 64, page_size=8),
 }
 

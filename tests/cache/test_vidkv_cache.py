@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers.tiny import run_in_chunks, tiny_model
+from helpers.views import assert_xla_matches_the_oracle
 
 import efficient.attention.backends  # noqa: F401  (registers the pallas adapters)
-from efficient.attention import CAPABILITIES, AttentionSpec, attention, unsupported
+from efficient.attention import CAPABILITIES, AttentionSpec, unsupported
 from efficient.attention.lowbit import (
     anomalous_order,
     dequantize_keys_lowbit,
@@ -183,19 +184,10 @@ def test_the_cache_stores_the_codec_of_the_flushed_tokens_and_an_exact_residual(
 def test_blockwise_attention_over_the_view_equals_the_oracle_and_kernels_refuse_it() -> None:
     _, cache = _prefilled("vidkv")
     view = cache.view(1)
-    q = jnp.asarray(np.random.default_rng(2).normal(size=(2, 3, 4, 16)), jnp.float32)
-    q_positions = jnp.asarray([[37, 38, 39]] * 2, jnp.int32)
-    mask = jnp.asarray(np.random.default_rng(3).random((2, 3, view.num_slots)) < 0.8)
-    spec = AttentionSpec(causal=True, window=20)
-    for m in (None, mask):
-        got, lse = attention(q, view, spec=spec, q_positions=q_positions, mask=m, return_lse=True,
-                             implementation="xla")
-        want, want_lse = attention(q, view, spec=spec, q_positions=q_positions, mask=m, return_lse=True,
-                                   implementation="reference")
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
+    assert_xla_matches_the_oracle(view, num_heads=4, head_dim=16, last_position=39)
     caps = dataclasses.replace(CAPABILITIES["pallas_tpu_quantized"], head_dims=None)
-    reason = unsupported("pallas_tpu_quantized", q[:, :1], view, AttentionSpec(), capabilities=caps)
+    q = jnp.zeros((2, 1, 4, 16), jnp.float32)
+    reason = unsupported("pallas_tpu_quantized", q, view, AttentionSpec(), capabilities=caps)
     assert reason is not None and "LowBitView is not served" in reason
 
 
@@ -229,6 +221,28 @@ def test_rollback_into_the_packed_store_returns_the_stored_values_to_the_residua
     assert np.all(np.isfinite(logits))
 
 
+def test_sink_slots_are_kept_exact_through_flushes_and_rollback() -> None:
+    """sinks=3: once flushed, slots 0-2 read back exactly (layer 0 depends on the tokens only),
+    slot 3 on is quantized; a rollback into the first group returns them to the residual exact."""
+    _, dense = _prefilled("dense")
+    ref = dense.view(0)
+    k_ref, v_ref = (np.swapaxes(np.asarray(x), 1, 2) for x in (ref.k, ref.v))
+    _, cache = run_in_chunks(_model(), _vidkv(sinks=3), _tokens(0), CHUNKS)
+    k, v = (np.asarray(x) for x in dense_kv(cache.view(0)))
+    np.testing.assert_array_equal(k[:, :3], k_ref[:, :3])
+    np.testing.assert_array_equal(v[:, :3], v_ref[:, :3])
+    assert np.abs(k[:, 3:8] - k_ref[:, 3:8]).max(axis=(2, 3)).min() > 0  # every other slot of the group is quantized
+    cut = cache.truncate(jnp.asarray([5, 5], jnp.int32))
+    assert np.all(np.asarray(cut.quantized) == 0)
+    view = cut.view(0)
+    pos = np.asarray(slot_positions(view))
+    k_cut = np.asarray(dense_kv(view)[0])
+    for row in range(2):
+        for slot in range(3):
+            entry = np.flatnonzero(pos[row] == slot)[0]
+            np.testing.assert_array_equal(k_cut[row, entry], k_ref[row, slot])
+
+
 def test_nbytes_is_codes_scales_mask_and_residual() -> None:
     """H = 16, A = 8, g = 8, float32: per (slot, head) 3 key-code bytes and 4 value bytes; per
     (group, head) 16 + 8 key scale/zero floats, 2 mask bytes and 16 value-scale floats."""
@@ -245,6 +259,7 @@ def test_nbytes_is_codes_scales_mask_and_residual() -> None:
 @pytest.mark.parametrize("kwargs, match", [
     (dict(anomalous_fraction=1.5), "anomalous_fraction=1.5 must be in"),
     (dict(fft=1), "fft=1 must be a bool"),
+    (dict(sinks=9), r"sinks=9 must be an int in \[0, group_size=8\]"),
     (dict(residual_length=200), "residual_length=200 is larger than the capacity 64"),
     (dict(group_size=0), "group_size must be a positive int"),
 ])
