@@ -59,6 +59,10 @@ register_cache("vidkv", vidkv_factory(), lossless=False,
                            "the rest as 1-bit real-DFT coefficients), ternary values (1.6 bits), groups of 32 "
                            "tokens, 32+ recent tokens in full precision",
                paper="Tao et al. 2025, Plug-and-Play 1.x-Bit KV Cache Quantization for Video Large Language Models")
+register_cache("vidkv_sinks", vidkv_factory(sinks=4), lossless=False,
+               description="VidKV 1.x-bit as 'vidkv', with the first 4 tokens (attention sinks) kept exact",
+               paper="Tao et al. 2025 (VidKV); sinks: Xiao et al. 2024, Efficient Streaming Language Models with "
+                     "Attention Sinks")
 
 def evicting_factory(press: str, kept: float = 0.25, max_step: int = 128, pyramid: bool = False):  # noqa: ANN201
     """An evicting cache factory keeping `kept` of the capacity (at least 8 tokens) with the
