@@ -31,7 +31,10 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     c.kivi = ml_collections.ConfigDict(dict(bits=(2,) if tiny else (4, 2), group_size=8 if tiny else 32,
                                             residual_length=16 if tiny else 32,
                                             # also stored in bfloat16 (scales, zeros, residual) at these widths
-                                            bf16_bits=() if tiny else (4, 2)))
+                                            bf16_bits=() if tiny else (4, 2),
+                                            # also with the first `sinks` tokens kept exact (attention sinks),
+                                            # float32 and (where in bf16_bits) bfloat16: kivi{b}_sinks, kivi{b}_bf16_sinks
+                                            sinks_bits=() if tiny else (2,), sinks=4))
     # GEAR (Kang et al. 2024) on KIVI: rank of each group's error approximation, fraction of exact outliers.
     c.gear = ml_collections.ConfigDict(dict(bits=(2,), rank=2, outlier_fraction=0.02))
     # VidKV (Tao et al. 2025): half of each group's key channels at 2 bits, the rest as 1-bit real-DFT

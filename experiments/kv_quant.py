@@ -70,6 +70,8 @@ class Settings:
     vidkv_group_size: int = 32
     vidkv_anomalous_fraction: float = 0.5
     vidkv_sinks: int = 4
+    kivi_sinks_bits: tuple[int, ...] = ()
+    kivi_sinks: int = 4
     caches: tuple[str, ...] = ()  # empty: all
 
     def __post_init__(self) -> None:
@@ -93,7 +95,7 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
         gear_rank=config.gear.rank, gear_outlier_fraction=config.gear.outlier_fraction,
         bf16_bits=tuple(config.kivi.bf16_bits), vidkv_variants=tuple(config.vidkv.variants),
         vidkv_group_size=config.vidkv.group_size, vidkv_anomalous_fraction=config.vidkv.anomalous_fraction,
-        vidkv_sinks=config.vidkv.sinks,
+        vidkv_sinks=config.vidkv.sinks, kivi_sinks_bits=tuple(config.kivi.sinks_bits), kivi_sinks=config.kivi.sinks,
         caches=tuple(name.strip() for name in str(config.caches).split(",") if name.strip()))
 
 
@@ -111,6 +113,12 @@ def cache_factories(s: Settings) -> dict[str, tuple[Callable[..., Any], bool]]:
         out[f"kivi{bits}_bf16"] = (functools.partial(KIVICache.for_model, dtype="bfloat16", bits=bits,
                                                      group_size=s.group_size, residual_length=s.residual_length),
                                    False)
+    for bits in s.kivi_sinks_bits:  # the first tokens exact (attention sinks)
+        for dtype, suffix in ((None, ""), ("bfloat16", "_bf16")):
+            if dtype is None or bits in s.bf16_bits:
+                out[f"kivi{bits}{suffix}_sinks"] = (functools.partial(
+                    KIVICache.for_model, dtype=dtype, bits=bits, group_size=s.group_size,
+                    residual_length=s.residual_length, sinks=s.kivi_sinks), False)
     for bits in s.gear_bits:
         out[f"gear{bits}"] = (functools.partial(KIVICache.for_model, bits=bits, group_size=s.group_size,
                                                 residual_length=s.residual_length, rank=s.gear_rank,

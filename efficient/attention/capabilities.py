@@ -44,7 +44,7 @@ class Capabilities:
     mask_with_segments: bool = True
     causal_needs_t_eq_s: bool = False
     max_t: int | None = None  # the most queries per call (None: any)
-    corrections: bool = True  # a QuantizedView's GEAR low-rank/outlier corrections
+    corrections: bool = True  # a QuantizedView's GEAR low-rank/outlier corrections or exact sinks
     per_head_positions: bool = False  # a DenseView with positions [B, K, S] (an evicting cache's)
 
 
@@ -124,7 +124,7 @@ def unsupported(
         (mask is not None and q_segment_ids is not None and not caps.mask_with_segments,
          lambda: "a mask together with segment ids is not served"),
         (getattr(view, "has_corrections", False) and not caps.corrections,
-         lambda: "GEAR low-rank/outlier corrections are not served"),
+         lambda: "GEAR low-rank/outlier corrections and exact sink slots are not served"),
         (caps.max_t is not None and t > caps.max_t, lambda: f"serves T <= {caps.max_t} queries, got T={t}"),
         (spec.causal and caps.causal_needs_t_eq_s and t != s,
          lambda: f"causal with T={t} != S={s} is not served (top-left aligned mask)"),

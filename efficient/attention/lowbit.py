@@ -232,13 +232,7 @@ class LowBitView(ResidualStoreView):
             group_size=g, anomalous=self.anomalous, fft=self.fft)
         v = dequantize_values_ternary(cut(self.v_codes, start, size), cut(self.v_scale, start // g, size // g),
                                       group_size=g)
-        k, v = k.astype(self.dtype), v.astype(self.dtype)
-        if self.sink_k is not None:  # slots < n lie in the first block (n <= g <= size)
-            n = self.sink_k.shape[1]
-            is_sink = (start + jnp.arange(size) < n)[None, :, None, None]
-            pad = lambda x: jnp.pad(x.astype(self.dtype), ((0, 0), (0, size - n), (0, 0), (0, 0)))  # noqa: E731
-            k, v = jnp.where(is_sink, pad(self.sink_k), k), jnp.where(is_sink, pad(self.sink_v), v)
-        return k, v
+        return self.overlay_sinks(k.astype(self.dtype), v.astype(self.dtype), start, size)
 
     def validate(self) -> None:
         b, s, kh, h, g = self.batch_size, self.num_quantized, self.num_kv_heads, self.head_dim, self.group_size
@@ -253,13 +247,7 @@ class LowBitView(ResidualStoreView):
             x = getattr(self, name)
             if tuple(x.shape) != shape or (dtype is not None and x.dtype != dtype):
                 raise ValueError(f"LowBitView.{name} must be {dtype or ''}{shape}, got {x.dtype}{tuple(x.shape)}")
-        if self.sink_k is not None:
-            n = self.sink_k.shape[1]
-            for name in ("sink_k", "sink_v"):
-                x = getattr(self, name)
-                if x is None or tuple(x.shape) != (b, n, kh, h) or n > g:
-                    raise ValueError(f"LowBitView.{name} must be [B, n <= g={g}, K, H] = {(b, n, kh, h)}, got "
-                                     f"{None if x is None else tuple(x.shape)}")
+        self.validate_sinks(g)
         r = self.residual_k.shape[1]
         if self.residual_v.shape != self.residual_k.shape or tuple(self.residual_positions.shape) != (b, r):
             raise ValueError("LowBitView residual_k/v [B, R, K, H] and residual_positions [B, R] disagree: "

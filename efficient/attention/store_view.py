@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
 class ResidualStoreView:
     """k_codes [B, S, K, ...] quantized slots, then residual_k [B, R, K, H]: the shape
-    properties of `QuantizedView` (KIVI) and `LowBitView` (VidKV)."""
+    properties of `QuantizedView` (KIVI) and `LowBitView` (VidKV), and their optional exact
+    sink slots (`sink_k`/`sink_v`: the first n quantized slots, kept exact by the cache)."""
 
     @property
     def batch_size(self) -> int:
@@ -32,3 +34,26 @@ class ResidualStoreView:
     @property
     def dtype(self) -> jnp.dtype:
         return self.residual_k.dtype
+
+    def overlay_sinks(self, k: jax.Array, v: jax.Array, start: jax.Array | int, size: int) -> tuple[jax.Array, jax.Array]:
+        """Keys/values [B, size, K, H] of quantized slots [start, start + size) with the
+        exact sink slots 0 .. n-1 (`sink_k`/`sink_v` [B, n, K, H], n <= size) written over
+        them; unchanged without sinks or for a block past them."""
+        if self.sink_k is None:
+            return k, v
+        n = self.sink_k.shape[1]
+        is_sink = (start + jnp.arange(size) < n)[None, :, None, None]
+        pad = lambda x, like: jnp.pad(x.astype(like.dtype), ((0, 0), (0, size - n), (0, 0), (0, 0)))  # noqa: E731
+        return jnp.where(is_sink, pad(self.sink_k, k), k), jnp.where(is_sink, pad(self.sink_v, v), v)
+
+    def validate_sinks(self, group_size: int) -> None:
+        if self.sink_k is None and self.sink_v is None:
+            return
+        b, kh, h = self.batch_size, self.num_kv_heads, self.head_dim
+        n = -1 if self.sink_k is None else self.sink_k.shape[1]
+        name = type(self).__name__
+        for field in ("sink_k", "sink_v"):
+            x = getattr(self, field)
+            if x is None or tuple(x.shape) != (b, n, kh, h) or not 0 < n <= group_size:
+                raise ValueError(f"{name}.{field} must be [B, n <= g={group_size}, K, H] = {(b, n, kh, h)}, got "
+                                 f"{None if x is None else tuple(x.shape)}")

@@ -213,6 +213,8 @@ class QuantizedView(ResidualStoreView):
     quantization error of each group of g slots (`*_lowrank_a` [B, S, K, R] per slot,
     `*_lowrank_b` [B, S/g, K, R, H] per group) and exact outliers (`*_outlier_values` and
     int16 `*_outlier_index` into the group's flattened [g, H] block, [B, S/g, K, O]).
+    Optional exact sink slots `sink_k`/`sink_v` [B, n, K, H]: quantized slots 0 .. n-1 (n <= g)
+    read exactly (attention sinks kept by the cache).
     """
 
     k_codes: UInt8[Array, "B S K Hp"]
@@ -234,6 +236,8 @@ class QuantizedView(ResidualStoreView):
     v_lowrank_b: jax.Array | None = None
     v_outlier_values: jax.Array | None = None
     v_outlier_index: jax.Array | None = None
+    sink_k: Float[Array, "B n K H"] | None = None
+    sink_v: Float[Array, "B n K H"] | None = None
     bits: int = _static(4)
     group_size: int = _static(32)
     k_axis: str = _static("channel")
@@ -250,8 +254,9 @@ class QuantizedView(ResidualStoreView):
 
     @property
     def has_corrections(self) -> bool:
-        return any(getattr(self, f"{p}_{name}") is not None for p in "kv"
-                   for name in ("lowrank_a", "outlier_values"))
+        """GEAR's corrections or exact sinks: what a kernel reading the codes alone would miss."""
+        return self.sink_k is not None or any(getattr(self, f"{p}_{name}") is not None for p in "kv"
+                                              for name in ("lowrank_a", "outlier_values"))
 
     def corrections(self, prefix: str) -> tuple:
         """(lowrank_a, lowrank_b, outlier_values, outlier_index) of "k" or "v" (None where absent)."""
@@ -280,6 +285,7 @@ class QuantizedView(ResidualStoreView):
             raise ValueError("QuantizedView residual_k/v [B, R, K, H] and residual_positions [B, R] disagree: "
                              f"{self.residual_k.shape}, {self.residual_v.shape}, {self.residual_positions.shape}")
         _check_lengths("QuantizedView", self.lengths, b)
+        self.validate_sinks(g)
 
 
 KVView = DenseView | PagedView | QuantizedView | LowBitView
@@ -333,6 +339,7 @@ def dense_kv(view: KVView, layout: str = "BSKH") -> tuple[jax.Array, jax.Array]:
         if view.has_corrections:
             k = add_corrections(k, view.group_size, *view.corrections("k"))
             v = add_corrections(v, view.group_size, *view.corrections("v"))
+        k, v = view.overlay_sinks(k, v, 0, view.num_quantized)
         k = jnp.concatenate([k, view.residual_k], axis=1)
         v = jnp.concatenate([v, view.residual_v], axis=1)
     if layout == "BKSH":

@@ -28,7 +28,7 @@ from jaxtyping import Array, Float, Int, UInt8
 from efficient.attention.views import QuantizedView, add_corrections, dequantize
 from efficient.cache.dense import _floating_dtype, _from_storage, _storage_dtype, positive_int
 from efficient.cache.quantize import check_bits, low_rank, quantize_keys, quantize_values, split_outliers
-from efficient.cache.quantized_store import GroupQuantizedCache, bookkeeping
+from efficient.cache.quantized_store import GroupQuantizedCache, bookkeeping, check_sinks, sink_fields
 
 GEAR_FIELDS = tuple(f"{p}_{name}" for p in "kv" for name in ("lowrank_a", "lowrank_b", "outlier_values",
                                                              "outlier_index"))
@@ -59,12 +59,15 @@ class KIVICache(GroupQuantizedCache):
     v_lowrank_b: jax.Array | None = None
     v_outlier_values: jax.Array | None = None
     v_outlier_index: jax.Array | None = None
+    sink_k: Float[Array, "L B n K H"] | None = None
+    sink_v: Float[Array, "L B n K H"] | None = None
     bits: int = dataclasses.field(default=4, metadata=dict(static=True))
     group_size: int = dataclasses.field(default=32, metadata=dict(static=True))
     residual_length: int = dataclasses.field(default=32, metadata=dict(static=True))
     rank: int = dataclasses.field(default=0, metadata=dict(static=True))
     outliers: int = dataclasses.field(default=0, metadata=dict(static=True))
     dtype_name: str = dataclasses.field(default="float32", metadata=dict(static=True))
+    sinks: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     SLOT_FIELDS = ("k_codes", "v_codes", "v_scale", "v_zero", "k_lowrank_a", "v_lowrank_a")
     GROUP_FIELDS = ("k_scale", "k_zero", *(f"{p}_{n}" for p in "kv" for n in ("lowrank_b", "outlier_values",
@@ -75,13 +78,15 @@ class KIVICache(GroupQuantizedCache):
     def init(
         cls, *, num_layers: int, batch_size: int, capacity: int, num_kv_heads: int, head_dim: int,
         bits: int = 4, group_size: int = 32, residual_length: int = 32, dtype: jnp.dtype | str = jnp.float32,
-        rank: int = 0, outlier_fraction: float = 0.0,
+        rank: int = 0, outlier_fraction: float = 0.0, sinks: int = 0,
     ) -> KIVICache:
         """capacity: logical slots per row (rounded up to a multiple of `group_size`);
         residual_length: recent tokens always kept in full precision (the residual ring
         holds residual_length + group_size). GEAR (Kang et al. 2024) on top: `rank` > 0
         keeps a rank-`rank` approximation of each group's quantization error and
-        `outlier_fraction` > 0 that fraction of each (group, head)'s g * H entries exactly."""
+        `outlier_fraction` > 0 that fraction of each (group, head)'s g * H entries exactly.
+        sinks: the first `sinks` logical slots (at most one group) kept exact once flushed
+        (attention sinks; `GroupQuantizedCache`)."""
         caller = "KIVICache.init"
         for name, value in (("num_layers", num_layers), ("batch_size", batch_size), ("capacity", capacity),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim), ("group_size", group_size),
@@ -104,6 +109,7 @@ class KIVICache(GroupQuantizedCache):
                              f"{group_size} x {head_dim}")
         if residual_length > capacity:
             raise ValueError(f"{caller}: residual_length={residual_length} is larger than the capacity {capacity}")
+        check_sinks(sinks, group_size, caller)
         dtype = _floating_dtype(dtype, caller)
         store = _storage_dtype(dtype)
         lb = (num_layers, batch_size)
@@ -122,6 +128,7 @@ class KIVICache(GroupQuantizedCache):
             bits=bits, group_size=group_size, residual_length=residual_length, dtype_name=dtype.name,
             rank=rank, outliers=outliers, **cls._gear_fields(lb, capacity, num_kv_heads, head_dim, group_size,
                                                               rank, outliers, store),
+            sinks=sinks, **sink_fields(num_layers, batch_size, sinks, num_kv_heads, head_dim, store),
         )
 
     @staticmethod
@@ -140,11 +147,11 @@ class KIVICache(GroupQuantizedCache):
     @classmethod
     def for_model(cls, config, batch_size: int, capacity: int, dtype=None, *, bits: int = 4,  # noqa: ANN001
                   group_size: int = 32, residual_length: int = 32, rank: int = 0,
-                  outlier_fraction: float = 0.0) -> KIVICache:
+                  outlier_fraction: float = 0.0, sinks: int = 0) -> KIVICache:
         return cls.init(num_layers=config.num_layers, batch_size=batch_size, capacity=capacity,
                         num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, bits=bits,
                         group_size=group_size, residual_length=residual_length, dtype=dtype or config.dtype,
-                        rank=rank, outlier_fraction=outlier_fraction)
+                        rank=rank, outlier_fraction=outlier_fraction, sinks=sinks)
 
     def _encode(self, k: Float[Array, "B F g K H"], v: Float[Array, "B F g K H"]) -> dict[str, jax.Array]:
         """Min-max codes (keys per channel, values per token) and, for GEAR, the outliers
@@ -188,7 +195,8 @@ class KIVICache(GroupQuantizedCache):
             positions=self.positions, residual_k=_from_storage(self._stored("residual_k", layer), dt),
             residual_v=_from_storage(self._stored("residual_v", layer), dt), residual_positions=self.residual_positions,
             lengths=self.quantized, bits=self.bits, group_size=self.group_size, k_axis="channel", v_axis="token",
-            **{name: self._layer(name, layer) for name in GEAR_FIELDS if getattr(self, name) is not None})
+            **{name: self._layer(name, layer) for name in GEAR_FIELDS if getattr(self, name) is not None},
+            **self._sink_view(layer))
 
     def _layer(self, name: str, layer: int | Int[Array, ""]) -> jax.Array:
         x = self._stored(name, layer)

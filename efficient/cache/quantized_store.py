@@ -48,6 +48,21 @@ def bookkeeping(batch_size: int, capacity: int, ring: int) -> dict[str, jax.Arra
                 append_start=zeros_b())
 
 
+def check_sinks(sinks: object, group_size: int, caller: str) -> int:
+    if not isinstance(sinks, int) or isinstance(sinks, bool) or not 0 <= sinks <= group_size:
+        raise ValueError(f"{caller}: sinks={sinks!r} must be an int in [0, group_size={group_size}]")
+    return sinks
+
+
+def sink_fields(num_layers: int, batch_size: int, sinks: int, num_kv_heads: int, head_dim: int,
+                store: jnp.dtype) -> dict[str, jax.Array]:
+    """Empty sink_k/sink_v [L, B, n, K, H] (none when sinks is 0)."""
+    if not sinks:
+        return {}
+    return {name: jnp.zeros((num_layers, batch_size, sinks, num_kv_heads, head_dim), store)
+            for name in ("sink_k", "sink_v")}
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupQuantizedCache(PerLayerFields):
     """Residual ring plus packed store of whole groups (module docstring). The fields below,
@@ -73,7 +88,7 @@ class GroupQuantizedCache(PerLayerFields):
     SLOT_FIELDS: ClassVar[tuple[str, ...]] = ()
     GROUP_FIELDS: ClassVar[tuple[str, ...]] = ()
     CODE_FIELDS: ClassVar[tuple[str, ...]] = ()
-    EXTRA_LAYER_FIELDS: ClassVar[tuple[str, ...]] = ()  # other [L, ...] fields (None when unused)
+    EXTRA_LAYER_FIELDS: ClassVar[tuple[str, ...]] = ("sink_k", "sink_v")  # other [L, ...] fields (None: unused)
 
     def _encode(self, k: Float[Array, "B F g K H"], v: Float[Array, "B F g K H"]) -> dict[str, jax.Array]:
         """Encoded fields of F groups: per slot [B, F*g, ...], per group [B, F, ...]."""
@@ -83,12 +98,25 @@ class GroupQuantizedCache(PerLayerFields):
         """Keys and values of one layer's group from its fields (per slot [B, g, ...], per group [B, 1, ...])."""
         raise NotImplementedError
 
+    # Exact sinks: a subclass with fields sink_k/sink_v [L, B, n, K, H] (None when n = 0) and a
+    # static `sinks` = n keeps logical slots 0 .. n-1 exact once flushed (n <= g); its view
+    # carries them and reads them over the codes. Attention sinks (Xiao et al. 2024) draw
+    # a large share of attention, so their quantization error reaches every query.
     def _keep_exact(self, layer: int | Int[Array, ""], k: jax.Array, v: jax.Array,
                     dest: Int[Array, "B C"]) -> dict[str, jax.Array]:
-        """Fields that keep some flushed tokens exact (stored k/v [B, C, K, H] going to logical
-        slots `dest`, the capacity where nothing is flushed); none by default."""
-        del layer, k, v, dest
-        return {}
+        """The flushed tokens (stored k/v [B, C, K, H] going to logical slots `dest`) of
+        slots < sinks, exactly."""
+        n = getattr(self, "sinks", 0)
+        if not n:
+            return {}
+        index = (_rows(*dest.shape), jnp.where(dest < n, dest, n))
+        return dict(sink_k=self._set("sink_k", layer, index, k), sink_v=self._set("sink_v", layer, index, v))
+
+    def _sink_view(self, layer: int | Int[Array, ""]) -> dict[str, jax.Array]:
+        """sink_k/sink_v of one layer for its view (none without sinks)."""
+        if not getattr(self, "sinks", 0):
+            return {}
+        return {name: _from_storage(self._stored(name, layer), self.dtype) for name in ("sink_k", "sink_v")}
 
     # ------------------------------------------------------------ layers
     @property
@@ -269,6 +297,12 @@ class GroupQuantizedCache(PerLayerFields):
             fields[name] = (jnp.stack([_take(y, index) for y in x]) if isinstance(x, tuple)
                             else jax.vmap(lambda y, i=index: _take(y, i))(x))  # per layer
         k, v = jax.vmap(self._decode)(fields)
+        n = getattr(self, "sinks", 0)
+        if n:  # the first group: its sink slots exact
+            first = (start == 0)[None, :, None, None, None]
+            exact = [_from_storage(jnp.stack(x) if isinstance(x, tuple) else x, dt) for x in (self.sink_k, self.sink_v)]
+            k, v = (x.at[:, :, :n].set(jnp.where(first, e.astype(x.dtype), x[:, :, :n])) for x, e in zip((k, v), exact,
+                                                                                                     strict=True))
         return k.astype(dt), v.astype(dt)
 
     def select(

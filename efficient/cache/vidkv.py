@@ -29,8 +29,8 @@ from efficient.attention.lowbit import (
     quantize_values_ternary,
     trit_bytes,
 )
-from efficient.cache.dense import _floating_dtype, _from_storage, _rows, _storage_dtype, positive_int
-from efficient.cache.quantized_store import GroupQuantizedCache, bookkeeping
+from efficient.cache.dense import _floating_dtype, _from_storage, _storage_dtype, positive_int
+from efficient.cache.quantized_store import GroupQuantizedCache, bookkeeping, check_sinks, sink_fields
 
 
 @jax.tree_util.register_dataclass
@@ -59,7 +59,6 @@ class VidKVCache(GroupQuantizedCache):
     SLOT_FIELDS = ("k_codes", "v_codes")
     GROUP_FIELDS = ("k_scale", "k_zero", "k_mask", "v_scale")
     CODE_FIELDS = ("k_codes", "v_codes", "k_mask")
-    EXTRA_LAYER_FIELDS = ("sink_k", "sink_v")
 
     @classmethod
     def init(
@@ -82,8 +81,7 @@ class VidKVCache(GroupQuantizedCache):
         anomalous = int(round(anomalous_fraction * head_dim))
         if not isinstance(fft, bool):
             raise ValueError(f"{caller}: fft={fft!r} must be a bool")
-        if not isinstance(sinks, int) or isinstance(sinks, bool) or not 0 <= sinks <= group_size:
-            raise ValueError(f"{caller}: sinks={sinks!r} must be an int in [0, group_size={group_size}]")
+        check_sinks(sinks, group_size, caller)
         capacity = -(-capacity // group_size) * group_size
         if residual_length > capacity:
             raise ValueError(f"{caller}: residual_length={residual_length} is larger than the capacity {capacity}")
@@ -101,8 +99,7 @@ class VidKVCache(GroupQuantizedCache):
             residual_v=jnp.zeros((num_layers, batch_size, ring, num_kv_heads, head_dim), store),
             **bookkeeping(batch_size, capacity, ring), group_size=group_size, residual_length=residual_length,
             anomalous=anomalous, fft=fft, dtype_name=dtype.name, sinks=sinks,
-            **({} if not sinks else {name: jnp.zeros((num_layers, batch_size, sinks, num_kv_heads, head_dim), store)
-                                     for name in ("sink_k", "sink_v")}),
+            **sink_fields(num_layers, batch_size, sinks, num_kv_heads, head_dim, store),
         )
 
     @classmethod
@@ -123,28 +120,6 @@ class VidKVCache(GroupQuantizedCache):
                                    group_size=g, anomalous=self.anomalous, fft=self.fft)
         return k, dequantize_values_ternary(fields["v_codes"], fields["v_scale"], group_size=g)
 
-    def _keep_exact(self, layer: int | Int[Array, ""], k: jax.Array, v: jax.Array,
-                    dest: Int[Array, "B C"]) -> dict[str, jax.Array]:
-        """The flushed tokens of slots < sinks, exactly."""
-        if not self.sinks:
-            return {}
-        index = (_rows(*dest.shape), jnp.where(dest < self.sinks, dest, self.sinks))
-        return dict(sink_k=self._set("sink_k", layer, index, k), sink_v=self._set("sink_v", layer, index, v))
-
-    def _dequantized_group(self, start: Int[Array, " B"]) -> tuple[jax.Array, jax.Array]:
-        """As the base's, with the sink slots exact when the group is the first."""
-        k, v = super()._dequantized_group(start)
-        if not self.sinks:
-            return k, v
-        first = (start == 0)[None, :, None, None, None]
-        n = self.sinks
-        out = []
-        for x, name in ((k, "sink_k"), (v, "sink_v")):
-            stored = getattr(self, name)
-            exact = _from_storage(jnp.stack(stored) if isinstance(stored, tuple) else stored, self.dtype)
-            out.append(x.at[:, :, :n].set(jnp.where(first, exact.astype(x.dtype), x[:, :, :n])))
-        return out[0], out[1]
-
     def view(self, layer: int | Int[Array, ""], window: int | None = None) -> LowBitView:
         """Layer `layer`'s packed store and residual, in place (any window)."""
         del window
@@ -155,5 +130,4 @@ class VidKVCache(GroupQuantizedCache):
             v_scale=_from_storage(self._stored("v_scale", layer), dt), positions=self.positions,
             residual_k=_from_storage(self._stored("residual_k", layer), dt), residual_v=_from_storage(self._stored("residual_v", layer), dt),
             residual_positions=self.residual_positions, lengths=self.quantized, group_size=self.group_size,
-            anomalous=self.anomalous, fft=self.fft,
-            **{name: _from_storage(self._stored(name, layer), dt) for name in ("sink_k", "sink_v") if self.sinks})
+            anomalous=self.anomalous, fft=self.fft, **self._sink_view(layer))

@@ -144,6 +144,24 @@ def test_gear_corrections_shrink_the_error_and_keep_outliers_exact() -> None:
     assert reason is not None and "GEAR" in reason
 
 
+def test_sinks_are_exact_and_the_codes_only_kernel_refuses_them() -> None:
+    """sinks=3: once flushed, slots 0-2 read back exactly, the rest of the group is quantized;
+    the Pallas kernel (codes only) refuses the view rather than read the sinks quantized."""
+    _, dense = _prefilled(None)
+    ref = dense.view(0)
+    k_ref = np.swapaxes(np.asarray(ref.k), 1, 2)
+    _, cache = _run(_kivi(2, sinks=3), _tokens(0), CHUNKS)
+    view = cache.view(0)
+    k = np.asarray(dense_kv(view)[0])
+    np.testing.assert_array_equal(k[:, :3], k_ref[:, :3])
+    assert np.abs(k[:, 3:8] - k_ref[:, 3:8]).max(axis=(2, 3)).min() > 0
+    assert_xla_matches_the_oracle(view, num_heads=4, head_dim=16, last_position=39)
+    caps = dataclasses.replace(CAPABILITIES["pallas_tpu_quantized"], head_dims=None)
+    reason = unsupported("pallas_tpu_quantized", jnp.zeros((2, 1, 4, 16), jnp.float32), view, AttentionSpec(),
+                         capabilities=caps)
+    assert reason is not None and "sink" in reason
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(rank=9), "rank=9 must be an int in"),
     (dict(outlier_fraction=0.6), "outlier_fraction=0.6 must be in"),
@@ -151,6 +169,7 @@ def test_gear_corrections_shrink_the_error_and_keep_outliers_exact() -> None:
     (dict(group_size=12), "group_size=12 must divide head_dim=16"),
     (dict(residual_length=200), "residual_length=200 is larger than the capacity 64"),
     (dict(group_size=0), "group_size must be a positive int"),
+    (dict(sinks=9), r"sinks=9 must be an int in \[0, group_size=8\]"),
 ])
 def test_bad_settings_are_refused_with_the_argument_named(kwargs: dict, match: str) -> None:
     settings = dict(bits=4, group_size=8, residual_length=8) | kwargs

@@ -20,7 +20,7 @@ from efficient.models import unstack_layers
 G, RESIDUAL = 8, 8
 CACHES = {
     "gear": lambda config: KIVICache.for_model(config, 2, 64, bits=2, group_size=G, residual_length=RESIDUAL,
-                                               rank=2, outlier_fraction=0.05),
+                                               rank=2, outlier_fraction=0.05, sinks=2),
     "vidkv": lambda config: VidKVCache.for_model(config, 2, 64, group_size=G, residual_length=RESIDUAL, sinks=2),
     "paged": lambda config: PagedKVCache.for_model(config, 2, 64, page_size=8),
 }
