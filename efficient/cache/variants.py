@@ -37,6 +37,10 @@ for _bits in (4, 2):
                    description=f"KIVI {_bits}-bit: keys per channel, values per token, groups of 32, "
                                "32+ recent tokens in full precision",
                    paper="Liu et al. 2024, KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache")
+register_cache("kivi2_sinks", kivi_factory(2, sinks=4), lossless=False,
+               description="KIVI 2-bit as 'kivi2', with the first 4 tokens (attention sinks) kept exact",
+               paper="Liu et al. 2024 (KIVI); sinks: Xiao et al. 2024, Efficient Streaming Language Models with "
+                     "Attention Sinks")
 register_cache("gear2", kivi_factory(2, rank=2, outlier_fraction=0.02), lossless=False,
                description="GEAR on KIVI-2: a rank-2 approximation of each group's quantization error and "
                            "2% of its entries kept exactly",
