@@ -78,7 +78,7 @@ def view_block(
                         None if index is None else cut(index, start // g, size // g))
             k = add_corrections(k, g, *block(view.corrections("k")))
             v = add_corrections(v, g, *block(view.corrections("v")))
-            k, v = view.overlay_sinks(k, v, start, size)
+        k, v = view.overlay_sinks(k, v, start, size)  # exact sink slots (no-op without)
         pos = cut(view.positions, start, size)
     slot = start + jnp.arange(size, dtype=jnp.int32)[None, :]
     if view.lengths is not None:

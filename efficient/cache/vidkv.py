@@ -7,9 +7,10 @@ with one scale per coefficient. Values: ternary codes per channel (five per byte
 and what attention reads are in efficient/attention/lowbit.py; the residual ring of the most
 recent tokens, the flush of whole groups and rollback are `GroupQuantizedCache`'s.
 
-With anomalous_fraction 0.5 the codes take 1.5 bits per key and 1.6 per value entry; scales
-and zeros (cache dtype) add 2 + 1 bits (float32) or 1 + 0.5 bits (bfloat16) per key entry
-at g = 32, and the packed channel mask 1/g bit. `nbytes` counts all of it.
+With anomalous_fraction 0.5 the codes take 1.5 bits per key and 1.6 per value entry; one
+scale per channel and group of g = 32 tokens (cache dtype) adds 1 bit (float32) or 0.5 bit
+(bfloat16) per key and per value entry, the anomalous channels' zeros half that again per
+key entry, and the packed channel mask 1/g bit. `nbytes` counts all of it.
 """
 
 from __future__ import annotations

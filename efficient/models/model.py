@@ -87,7 +87,8 @@ T = TypeVar("T")
 
 def fit_cache_to_layers(model: DecoderModel, cache: T) -> T:
     """`cache` in the storage `model`'s layer loop reads without copies, for caches
-    that offer both (`split_layers` / `stack_layers`: the dense and the ring cache):
+    that offer both (`split_layers` / `stack_layers`: the dense, ring, paged, KIVI/GEAR and
+    VidKV caches):
     per-layer buffers for unrolled layers, stacked arrays for layers under scan.
     Anything else is returned as it is. A conversion copies the keys and values once
     (meant right after the cache is built, as `generate` does)."""

@@ -231,6 +231,8 @@ def test_sink_slots_are_kept_exact_through_flushes_and_rollback() -> None:
     k, v = (np.asarray(x) for x in dense_kv(cache.view(0)))
     np.testing.assert_array_equal(k[:, :3], k_ref[:, :3])
     np.testing.assert_array_equal(v[:, :3], v_ref[:, :3])
+    # No window: the queries see the sink slots, so the xla path's overlay is compared too.
+    assert_xla_matches_the_oracle(cache.view(1), num_heads=4, head_dim=16, last_position=39, window=None)
     assert np.abs(k[:, 3:8] - k_ref[:, 3:8]).max(axis=(2, 3)).min() > 0  # every other slot of the group is quantized
     cut = cache.truncate(jnp.asarray([5, 5], jnp.int32))
     assert np.all(np.asarray(cut.quantized) == 0)
