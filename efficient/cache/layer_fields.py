@@ -28,6 +28,11 @@ class PerLayerFields:
     def layer_fields(self) -> tuple[str, ...]:
         raise NotImplementedError
 
+    def _layer_shape(self, name: str) -> tuple[int, ...]:
+        """(L, ...) of field `name` in either storage."""
+        x = getattr(self, name)
+        return (len(x), *x[0].shape) if isinstance(x, tuple) else tuple(x.shape)
+
     @property
     def per_layer(self) -> bool:
         """Whether the layer fields are tuples of per-layer buffers (`split_layers`): what an

@@ -136,30 +136,24 @@ class PagedKVCache(PerLayerFields):
         return ("k_pages", "v_pages")
 
     @property
-    def _pool_shape(self) -> tuple[int, ...]:
-        """(L, M, P, K, H) of either storage (stacked, or per-layer after `split_layers`)."""
-        x = self.k_pages
-        return (len(x), *x[0].shape) if isinstance(x, tuple) else tuple(x.shape)
-
-    @property
     def num_layers(self) -> int:
-        return self._pool_shape[0]
+        return self._layer_shape("k_pages")[0]
 
     @property
     def num_pages(self) -> int:  # M
-        return self._pool_shape[1]
+        return self._layer_shape("k_pages")[1]
 
     @property
     def page_size(self) -> int:  # P
-        return self._pool_shape[2]
+        return self._layer_shape("k_pages")[2]
 
     @property
     def num_kv_heads(self) -> int:
-        return self._pool_shape[3]
+        return self._layer_shape("k_pages")[3]
 
     @property
     def head_dim(self) -> int:
-        return self._pool_shape[4]
+        return self._layer_shape("k_pages")[4]
 
     @property
     def dtype(self) -> jnp.dtype:

@@ -132,21 +132,15 @@ class GroupQuantizedCache(PerLayerFields):
 
     @property
     def num_layers(self) -> int:
-        return self._residual_shape[0]
-
-    @property
-    def _residual_shape(self) -> tuple[int, ...]:
-        """(L, B, R, K, H) of either storage."""
-        x = self.residual_k
-        return (len(x), *x[0].shape) if isinstance(x, tuple) else tuple(x.shape)
+        return self._layer_shape("residual_k")[0]
 
     @property
     def num_kv_heads(self) -> int:
-        return self._residual_shape[3]
+        return self._layer_shape("residual_k")[3]
 
     @property
     def head_dim(self) -> int:
-        return self._residual_shape[4]
+        return self._layer_shape("residual_k")[4]
 
     @property
     def dtype(self) -> jnp.dtype:
