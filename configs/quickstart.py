@@ -33,7 +33,9 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     c.seed = 0
     # path: a packaged model name ("smollm2"), a .gguf file or an HF checkpoint folder.
     # tokenizer: "auto" (the GGUF file's, the folder's tokenizer.json, else bytes), "byte", or a path.
-    c.model = ml_collections.ConfigDict(dict(path="smollm2", tokenizer="auto", dtype="float32"))
+    # layer_loop: "scan" (stacked layers and caches), "unrolled" or "auto" (unrolled on CPU, caches in
+    # per-layer buffers; efficient.models.set_layer_loop).
+    c.model = ml_collections.ConfigDict(dict(path="smollm2", tokenizer="auto", dtype="float32", layer_loop="scan"))
     # Loaded only for decoders that need a draft model (speculative decoding); "": none
     # (those decoders are skipped, with the reason in the table).
     c.draft = ml_collections.ConfigDict(dict(path="", dtype="float32"))

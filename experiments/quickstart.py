@@ -108,6 +108,7 @@ class Settings:
     decoders: str
     caches: str
     pairs: str = "each"
+    layer_loop: str = "scan"
 
     def __post_init__(self) -> None:
         if self.pairs not in PAIRINGS:
@@ -118,7 +119,7 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
     """The typed settings of a quickstart config (the only place that reads it)."""
     return Settings(
         model_path=str(config.model.path), tokenizer=config.model.tokenizer, dtype=config.model.dtype,
-        draft_path=str(config.draft.path), draft_dtype=config.draft.dtype,
+        layer_loop=config.model.layer_loop, draft_path=str(config.draft.path), draft_dtype=config.draft.dtype,
         source=config.data.source, suffixes=tuple(config.data.suffixes) if config.data.suffixes else None,
         split=config.data.split, seed=int(config.seed),
         generation=GenerationSettings(**config.generation.to_dict()),
@@ -261,7 +262,7 @@ def plot(rows: list[dict[str, Any]], title: str) -> Figure:
 def run(config: ml_collections.ConfigDict) -> ExperimentResult:
     s = settings_from(config)
     log = _Log()
-    model = load_model(s.model_path, dtype=s.dtype)
+    model = load_model(s.model_path, dtype=s.dtype, layer_loop=s.layer_loop)
     tokenizer = load_tokenizer_for(s.model_path, s.tokenizer, model.config.vocab_size)
     documents = load_documents(s.source, s.suffixes, s.split)
     log(f"model {s.model_path} ({model.config.num_parameters() / 1e6:.2f}M parameters, {s.dtype}), "
