@@ -36,7 +36,8 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
                                             # float32 and (where in bf16_bits) bfloat16: kivi{b}_sinks, kivi{b}_bf16_sinks
                                             sinks_bits=() if tiny else (2,), sinks=4))
     # GEAR (Kang et al. 2024) on KIVI: rank of each group's error approximation, fraction of exact outliers.
-    c.gear = ml_collections.ConfigDict(dict(bits=(2,), rank=2, outlier_fraction=0.02))
+    # sinks_bits: also with the first kivi.sinks tokens exact (gear{b}_sinks).
+    c.gear = ml_collections.ConfigDict(dict(bits=(2,), rank=2, outlier_fraction=0.02, sinks_bits=()))
     # VidKV (Tao et al. 2025): half of each group's key channels at 2 bits, the rest as 1-bit real-DFT
     # coefficients; ternary values; the residual is KIVI's. Variants: vidkv, vidkv_nofft (no DFT), vidkv_bf16,
     # vidkv_sinks and vidkv_bf16_sinks (the first `sinks` tokens kept exact).

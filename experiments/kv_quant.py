@@ -72,6 +72,7 @@ class Settings:
     vidkv_sinks: int = 4
     kivi_sinks_bits: tuple[int, ...] = ()
     kivi_sinks: int = 4
+    gear_sinks_bits: tuple[int, ...] = ()
     caches: tuple[str, ...] = ()  # empty: all
 
     def __post_init__(self) -> None:
@@ -96,6 +97,7 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
         bf16_bits=tuple(config.kivi.bf16_bits), vidkv_variants=tuple(config.vidkv.variants),
         vidkv_group_size=config.vidkv.group_size, vidkv_anomalous_fraction=config.vidkv.anomalous_fraction,
         vidkv_sinks=config.vidkv.sinks, kivi_sinks_bits=tuple(config.kivi.sinks_bits), kivi_sinks=config.kivi.sinks,
+        gear_sinks_bits=tuple(config.gear.sinks_bits),
         caches=tuple(name.strip() for name in str(config.caches).split(",") if name.strip()))
 
 
@@ -119,10 +121,10 @@ def cache_factories(s: Settings) -> dict[str, tuple[Callable[..., Any], bool]]:
                 out[f"kivi{bits}{suffix}_sinks"] = (functools.partial(
                     KIVICache.for_model, dtype=dtype, bits=bits, group_size=s.group_size,
                     residual_length=s.residual_length, sinks=s.kivi_sinks), False)
-    for bits in s.gear_bits:
-        out[f"gear{bits}"] = (functools.partial(KIVICache.for_model, bits=bits, group_size=s.group_size,
-                                                residual_length=s.residual_length, rank=s.gear_rank,
-                                                outlier_fraction=s.gear_outlier_fraction), False)
+    for bits, sinks in [(b, 0) for b in s.gear_bits] + [(b, s.kivi_sinks) for b in s.gear_sinks_bits]:
+        out[f"gear{bits}" + ("_sinks" if sinks else "")] = (functools.partial(
+            KIVICache.for_model, bits=bits, group_size=s.group_size, residual_length=s.residual_length,
+            rank=s.gear_rank, outlier_fraction=s.gear_outlier_fraction, sinks=sinks), False)
     vidkv = dict(vidkv={}, vidkv_nofft=dict(fft=False), vidkv_bf16=dict(dtype="bfloat16"),
                  vidkv_sinks=dict(sinks=s.vidkv_sinks), vidkv_bf16_sinks=dict(dtype="bfloat16", sinks=s.vidkv_sinks))
     for name in s.vidkv_variants:
