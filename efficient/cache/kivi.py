@@ -59,15 +59,9 @@ class KIVICache(GroupQuantizedCache):
     v_lowrank_b: jax.Array | None = None
     v_outlier_values: jax.Array | None = None
     v_outlier_index: jax.Array | None = None
-    sink_k: Float[Array, "L B n K H"] | None = None
-    sink_v: Float[Array, "L B n K H"] | None = None
     bits: int = dataclasses.field(default=4, metadata=dict(static=True))
-    group_size: int = dataclasses.field(default=32, metadata=dict(static=True))
-    residual_length: int = dataclasses.field(default=32, metadata=dict(static=True))
     rank: int = dataclasses.field(default=0, metadata=dict(static=True))
     outliers: int = dataclasses.field(default=0, metadata=dict(static=True))
-    dtype_name: str = dataclasses.field(default="float32", metadata=dict(static=True))
-    sinks: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     SLOT_FIELDS = ("k_codes", "v_codes", "v_scale", "v_zero", "k_lowrank_a", "v_lowrank_a")
     GROUP_FIELDS = ("k_scale", "k_zero", *(f"{p}_{n}" for p in "kv" for n in ("lowrank_b", "outlier_values",

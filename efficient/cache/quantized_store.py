@@ -66,13 +66,14 @@ def sink_fields(num_layers: int, batch_size: int, sinks: int, num_kv_heads: int,
 @dataclasses.dataclass(frozen=True)
 class GroupQuantizedCache(PerLayerFields):
     """Residual ring plus packed store of whole groups (module docstring). The fields below,
-    and in every subclass: k_codes [L, B, S, K, ...] and the other encoded fields; static
-    group_size, residual_length, dtype_name. residual_k/v [L, B, R, K, H] (or, after
+    and in every subclass: k_codes [L, B, S, K, ...] and the other encoded fields.
+    residual_k/v [L, B, R, K, H] (or, after
     `split_layers`, every layer field as a tuple of L per-layer buffers); positions of the
     packed slots [B, S] and of the residual entries [B, R] with the logical slot each holds;
     lengths [B] (logical), quantized [B] (slots flushed, a multiple of g, <= lengths);
     `flush_*` / `append_start`: the plan `reserve` made for the layers' `update` of this
-    forward."""
+    forward. Exact sinks: sink_k/sink_v [L, B, n, K, H] (None when n = `sinks` is 0).
+    Static: group_size, residual_length, sinks, dtype_name."""
 
     residual_k: Float[Array, "L B R K H"]
     residual_v: Float[Array, "L B R K H"]
@@ -84,6 +85,13 @@ class GroupQuantizedCache(PerLayerFields):
     flush_start: Int[Array, " B"]
     flush_groups: Int[Array, " B"]
     append_start: Int[Array, " B"]
+    # Keyword-only, so subclasses declare their encoded (non-default) fields after these.
+    sink_k: Float[Array, "L B n K H"] | None = dataclasses.field(default=None, kw_only=True)
+    sink_v: Float[Array, "L B n K H"] | None = dataclasses.field(default=None, kw_only=True)
+    group_size: int = dataclasses.field(default=32, kw_only=True, metadata=dict(static=True))
+    residual_length: int = dataclasses.field(default=32, kw_only=True, metadata=dict(static=True))
+    sinks: int = dataclasses.field(default=0, kw_only=True, metadata=dict(static=True))
+    dtype_name: str = dataclasses.field(default="float32", kw_only=True, metadata=dict(static=True))
 
     SLOT_FIELDS: ClassVar[tuple[str, ...]] = ()
     GROUP_FIELDS: ClassVar[tuple[str, ...]] = ()
@@ -98,15 +106,14 @@ class GroupQuantizedCache(PerLayerFields):
         """Keys and values of one layer's group from its fields (per slot [B, g, ...], per group [B, 1, ...])."""
         raise NotImplementedError
 
-    # Exact sinks: a subclass with fields sink_k/sink_v [L, B, n, K, H] (None when n = 0) and a
-    # static `sinks` = n keeps logical slots 0 .. n-1 exact once flushed (n <= g); its view
-    # carries them and reads them over the codes. Attention sinks (Xiao et al. 2024) draw
+    # Exact sinks: `sinks` = n keeps logical slots 0 .. n-1 exact once flushed (n <= g) in
+    # sink_k/sink_v; the view carries them and reads them over the codes. Attention sinks (Xiao et al. 2024) draw
     # a large share of attention, so their quantization error reaches every query.
     def _keep_exact(self, layer: int | Int[Array, ""], k: jax.Array, v: jax.Array,
                     dest: Int[Array, "B C"]) -> dict[str, jax.Array]:
         """The flushed tokens (stored k/v [B, C, K, H] going to logical slots `dest`) of
         slots < sinks, exactly."""
-        n = getattr(self, "sinks", 0)
+        n = self.sinks
         if not n:
             return {}
         index = (_rows(*dest.shape), jnp.where(dest < n, dest, n))
@@ -114,7 +121,7 @@ class GroupQuantizedCache(PerLayerFields):
 
     def _sink_view(self, layer: int | Int[Array, ""]) -> dict[str, jax.Array]:
         """sink_k/sink_v of one layer for its view (none without sinks)."""
-        if not getattr(self, "sinks", 0):
+        if not self.sinks:
             return {}
         return {name: _from_storage(self._stored(name, layer), self.dtype) for name in ("sink_k", "sink_v")}
 
@@ -291,7 +298,7 @@ class GroupQuantizedCache(PerLayerFields):
             fields[name] = (jnp.stack([_take(y, index) for y in x]) if isinstance(x, tuple)
                             else jax.vmap(lambda y, i=index: _take(y, i))(x))  # per layer
         k, v = jax.vmap(self._decode)(fields)
-        n = getattr(self, "sinks", 0)
+        n = self.sinks
         if n:  # the first group: its sink slots exact
             first = (start == 0)[None, :, None, None, None]
             exact = [_from_storage(jnp.stack(x) if isinstance(x, tuple) else x, dt) for x in (self.sink_k, self.sink_v)]

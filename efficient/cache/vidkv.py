@@ -48,14 +48,8 @@ class VidKVCache(GroupQuantizedCache):
     k_mask: UInt8[Array, "L B Sg K H8"]
     v_codes: UInt8[Array, "L B S K Ht"]
     v_scale: Float[Array, "L B Sg K H"]
-    sink_k: Float[Array, "L B n K H"] | None = None
-    sink_v: Float[Array, "L B n K H"] | None = None
-    group_size: int = dataclasses.field(default=32, metadata=dict(static=True))
-    residual_length: int = dataclasses.field(default=128, metadata=dict(static=True))
     anomalous: int = dataclasses.field(default=0, metadata=dict(static=True))
     fft: bool = dataclasses.field(default=True, metadata=dict(static=True))
-    sinks: int = dataclasses.field(default=0, metadata=dict(static=True))
-    dtype_name: str = dataclasses.field(default="float32", metadata=dict(static=True))
 
     SLOT_FIELDS = ("k_codes", "v_codes")
     GROUP_FIELDS = ("k_scale", "k_zero", "k_mask", "v_scale")
