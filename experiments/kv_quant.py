@@ -108,23 +108,23 @@ def cache_factories(s: Settings) -> dict[str, tuple[Callable[..., Any], bool]]:
         "dense_bf16": (functools.partial(DenseKVCache.for_model, dtype="bfloat16"), False),
         "paged": (functools.partial(PagedKVCache.for_model, page_size=s.page_size), True),
     }
+    def kivi(**settings: Any) -> tuple[Callable[..., Any], bool]:
+        return functools.partial(KIVICache.for_model, group_size=s.group_size, residual_length=s.residual_length,
+                                 **settings), False
+
+    gear = dict(rank=s.gear_rank, outlier_fraction=s.gear_outlier_fraction)
     for bits in s.bits:
-        out[f"kivi{bits}"] = (functools.partial(KIVICache.for_model, bits=bits, group_size=s.group_size,
-                                                residual_length=s.residual_length), False)
+        out[f"kivi{bits}"] = kivi(bits=bits)
     for bits in s.bf16_bits:  # scales, zeros and the residual in bfloat16, as a bf16 model would keep them
-        out[f"kivi{bits}_bf16"] = (functools.partial(KIVICache.for_model, dtype="bfloat16", bits=bits,
-                                                     group_size=s.group_size, residual_length=s.residual_length),
-                                   False)
+        out[f"kivi{bits}_bf16"] = kivi(bits=bits, dtype="bfloat16")
     for bits in s.kivi_sinks_bits:  # the first tokens exact (attention sinks)
-        for dtype, suffix in ((None, ""), ("bfloat16", "_bf16")):
-            if dtype is None or bits in s.bf16_bits:
-                out[f"kivi{bits}{suffix}_sinks"] = (functools.partial(
-                    KIVICache.for_model, dtype=dtype, bits=bits, group_size=s.group_size,
-                    residual_length=s.residual_length, sinks=s.kivi_sinks), False)
-    for bits, sinks in [(b, 0) for b in s.gear_bits] + [(b, s.kivi_sinks) for b in s.gear_sinks_bits]:
-        out[f"gear{bits}" + ("_sinks" if sinks else "")] = (functools.partial(
-            KIVICache.for_model, bits=bits, group_size=s.group_size, residual_length=s.residual_length,
-            rank=s.gear_rank, outlier_fraction=s.gear_outlier_fraction, sinks=sinks), False)
+        out[f"kivi{bits}_sinks"] = kivi(bits=bits, sinks=s.kivi_sinks)
+        if bits in s.bf16_bits:
+            out[f"kivi{bits}_bf16_sinks"] = kivi(bits=bits, dtype="bfloat16", sinks=s.kivi_sinks)
+    for bits in s.gear_bits:
+        out[f"gear{bits}"] = kivi(bits=bits, **gear)
+    for bits in s.gear_sinks_bits:
+        out[f"gear{bits}_sinks"] = kivi(bits=bits, sinks=s.kivi_sinks, **gear)
     vidkv = dict(vidkv={}, vidkv_nofft=dict(fft=False), vidkv_bf16=dict(dtype="bfloat16"),
                  vidkv_sinks=dict(sinks=s.vidkv_sinks), vidkv_bf16_sinks=dict(dtype="bfloat16", sinks=s.vidkv_sinks))
     for name in s.vidkv_variants:
