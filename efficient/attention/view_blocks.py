@@ -18,14 +18,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from efficient.attention.reference import grouped_attention, pack_outputs
 from efficient.attention.spec import AttentionSpec
-from efficient.attention.views import (
-    QUANTIZED_VIEWS,
-    LowBitView,
-    PagedView,
-    QuantizedView,
-    add_corrections,
-    dequantize,
-)
+from efficient.attention.views import QUANTIZED_VIEWS, LowBitView, PagedView, QuantizedView
 
 TARGET_BLOCK = 512  # slots per block: measured on XLA:CPU like the blockwise dense path's decode blocks
 
@@ -59,27 +52,9 @@ def view_block(
         k = view.k_pages[pages].reshape(b, size, view.num_kv_heads, view.head_dim)
         v = view.v_pages[pages].reshape(b, size, view.num_kv_heads, view.head_dim)
         pos = view.positions[pages].reshape(b, size)
-    elif isinstance(view, LowBitView):
+    else:  # QuantizedView, LowBitView: codes (and corrections, sinks) of this block only
         k, v = view.dequantize_block(start, size)
         pos = jax.lax.dynamic_slice_in_dim(view.positions, start, size, axis=1)
-    else:
-        g = view.group_size
-        cut = lambda x, first, n: jax.lax.dynamic_slice_in_dim(x, first, n, axis=1)  # noqa: E731
-        q = dict(bits=view.bits, group_size=g)
-        k = dequantize(cut(view.k_codes, start, size), cut(view.k_scale, start // g, size // g),
-                       cut(view.k_zero, start // g, size // g), axis="channel", **q).astype(view.dtype)
-        v = dequantize(cut(view.v_codes, start, size), cut(view.v_scale, start, size),
-                       cut(view.v_zero, start, size), axis="token", **q).astype(view.dtype)
-        if view.has_corrections:  # GEAR: per-slot, per-group, per-group
-            def block(fields: tuple) -> tuple:
-                a, b_, values, index = fields
-                return (None if a is None else cut(a, start, size), None if b_ is None else cut(b_, start // g, size // g),
-                        None if values is None else cut(values, start // g, size // g),
-                        None if index is None else cut(index, start // g, size // g))
-            k = add_corrections(k, g, *block(view.corrections("k")))
-            v = add_corrections(v, g, *block(view.corrections("v")))
-        k, v = view.overlay_sinks(k, v, start, size)  # exact sink slots (no-op without)
-        pos = cut(view.positions, start, size)
     slot = start + jnp.arange(size, dtype=jnp.int32)[None, :]
     if view.lengths is not None:
         pos = jnp.where(slot < view.lengths[:, None], pos, -1)

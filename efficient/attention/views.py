@@ -263,6 +263,26 @@ class QuantizedView(ResidualStoreView):
         return tuple(getattr(self, f"{prefix}_{name}")
                      for name in ("lowrank_a", "lowrank_b", "outlier_values", "outlier_index"))
 
+    def dequantize_block(self, start: Int[Array, ""] | int, size: int) -> tuple[jax.Array, jax.Array]:
+        """Keys and values of quantized slots [start, start + size) (whole groups) in the view
+        dtype: codes * scale + zero, GEAR's corrections of those groups, the exact sinks."""
+        g = self.group_size
+        cut = lambda x, first, n: jax.lax.dynamic_slice_in_dim(x, first, n, axis=1)  # noqa: E731
+        per_group = (start // g, size // g)
+        scales = lambda axis: per_group if axis == "channel" else (start, size)  # noqa: E731
+        q = dict(bits=self.bits, group_size=g)
+        k = dequantize(cut(self.k_codes, start, size), cut(self.k_scale, *scales(self.k_axis)),
+                       cut(self.k_zero, *scales(self.k_axis)), axis=self.k_axis, **q).astype(self.dtype)
+        v = dequantize(cut(self.v_codes, start, size), cut(self.v_scale, *scales(self.v_axis)),
+                       cut(self.v_zero, *scales(self.v_axis)), axis=self.v_axis, **q).astype(self.dtype)
+        if self.has_corrections:  # GEAR: lowrank_a per slot; lowrank_b, outliers per group
+            def block(fields: tuple) -> tuple:
+                return tuple(None if x is None else cut(x, *((start, size) if i == 0 else per_group))
+                             for i, x in enumerate(fields))
+            k = add_corrections(k, g, *block(self.corrections("k")))
+            v = add_corrections(v, g, *block(self.corrections("v")))
+        return self.overlay_sinks(k, v, start, size)
+
     def validate(self) -> None:
         b, s, kh, h = self.batch_size, self.num_quantized, self.num_kv_heads, self.head_dim
         packed = (b, s, kh, h * self.bits // 8)
@@ -327,19 +347,8 @@ def dense_kv(view: KVView, layout: str = "BSKH") -> tuple[jax.Array, jax.Array]:
         pages = jnp.clip(view.page_table, 0, view.k_pages.shape[0] - 1)
         k = view.k_pages[pages].reshape(b, s, view.num_kv_heads, view.head_dim)
         v = view.v_pages[pages].reshape(b, s, view.num_kv_heads, view.head_dim)
-    elif isinstance(view, LowBitView):
+    else:  # QuantizedView, LowBitView
         k, v = view.dequantize_block(0, view.num_quantized)
-        k = jnp.concatenate([k, view.residual_k], axis=1)
-        v = jnp.concatenate([v, view.residual_v], axis=1)
-    else:
-        q = dict(bits=view.bits, group_size=view.group_size)
-        dt = view.dtype
-        k = dequantize(view.k_codes, view.k_scale, view.k_zero, axis=view.k_axis, **q).astype(dt)
-        v = dequantize(view.v_codes, view.v_scale, view.v_zero, axis=view.v_axis, **q).astype(dt)
-        if view.has_corrections:
-            k = add_corrections(k, view.group_size, *view.corrections("k"))
-            v = add_corrections(v, view.group_size, *view.corrections("v"))
-        k, v = view.overlay_sinks(k, v, 0, view.num_quantized)
         k = jnp.concatenate([k, view.residual_k], axis=1)
         v = jnp.concatenate([v, view.residual_v], axis=1)
     if layout == "BKSH":
