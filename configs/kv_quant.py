@@ -44,6 +44,13 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     c.vidkv = ml_collections.ConfigDict(dict(variants=("vidkv",) if tiny else ("vidkv", "vidkv_nofft", "vidkv_bf16",
                                                                                "vidkv_sinks", "vidkv_bf16_sinks"),
                                              group_size=8 if tiny else 32, anomalous_fraction=0.5, sinks=4))
+    # ZipCache (He et al. 2024): channel-separable tokenwise codes, each group's `salient_fraction` of tokens
+    # with the highest normalised attention score at hi_bits, the rest at lo_bits; the residual is KIVI's (a
+    # token is scored while it waits there). Variants: zipcache, zipcache_bf16, zipcache_unscored (the same
+    # memory, each group's first tokens at hi_bits: what the saliency is worth).
+    c.zipcache = ml_collections.ConfigDict(dict(
+        variants=("zipcache",) if tiny else ("zipcache", "zipcache_bf16", "zipcache_unscored"),
+        group_size=8 if tiny else 32, salient_fraction=0.5, hi_bits=4, lo_bits=2))
     # A comma-separated subset of the caches to measure (dense and dense_bf16 always run: the baselines).
     c.caches = ""
     c.paged = ml_collections.ConfigDict(dict(page_size=16))

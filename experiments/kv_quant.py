@@ -2,7 +2,7 @@
 
 For each cache (dense, dense bf16, paged, KIVI at each configured bit width, GEAR on
 KIVI: a low-rank approximation of the quantization error and exact outliers, VidKV's
-1.5-bit keys and ternary values) on the
+1.5-bit keys and ternary values, ZipCache's mixed 4/2-bit codes by saliency) on the
 embedded default (SmolLM2-135M-Instruct): bits/byte of held-out stdlib windows
 prefilled through the cache in chunks (a lossy cache changes the logits of every
 chunk after the first), passkey retrieval at the configured context lengths,
@@ -27,7 +27,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from efficient import variants
-from efficient.cache import DenseKVCache, KIVICache, PagedKVCache, VidKVCache
+from efficient.cache import DenseKVCache, KIVICache, PagedKVCache, VidKVCache, ZipCache
 from efficient.data import eval_windows, needle_grid
 from efficient.eval import measure_generation, perplexity, retrieval_accuracy, select_windows
 from efficient.models import resolve_model_path
@@ -73,6 +73,11 @@ class Settings:
     kivi_sinks_bits: tuple[int, ...] = ()
     kivi_sinks: int = 4
     gear_sinks_bits: tuple[int, ...] = ()
+    zipcache_variants: tuple[str, ...] = ()
+    zipcache_group_size: int = 32
+    zipcache_salient_fraction: float = 0.5
+    zipcache_hi_bits: int = 4
+    zipcache_lo_bits: int = 2
     caches: tuple[str, ...] = ()  # empty: all
 
     def __post_init__(self) -> None:
@@ -97,7 +102,9 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
         bf16_bits=tuple(config.kivi.bf16_bits), vidkv_variants=tuple(config.vidkv.variants),
         vidkv_group_size=config.vidkv.group_size, vidkv_anomalous_fraction=config.vidkv.anomalous_fraction,
         vidkv_sinks=config.vidkv.sinks, kivi_sinks_bits=tuple(config.kivi.sinks_bits), kivi_sinks=config.kivi.sinks,
-        gear_sinks_bits=tuple(config.gear.sinks_bits),
+        gear_sinks_bits=tuple(config.gear.sinks_bits), zipcache_variants=tuple(config.zipcache.variants),
+        zipcache_group_size=config.zipcache.group_size, zipcache_salient_fraction=config.zipcache.salient_fraction,
+        zipcache_hi_bits=config.zipcache.hi_bits, zipcache_lo_bits=config.zipcache.lo_bits,
         caches=tuple(name.strip() for name in str(config.caches).split(",") if name.strip()))
 
 
@@ -133,6 +140,13 @@ def cache_factories(s: Settings) -> dict[str, tuple[Callable[..., Any], bool]]:
         out[name] = (functools.partial(VidKVCache.for_model, group_size=s.vidkv_group_size,
                                        residual_length=s.residual_length,
                                        anomalous_fraction=s.vidkv_anomalous_fraction, **vidkv[name]), False)
+    zipcache = dict(zipcache={}, zipcache_bf16=dict(dtype="bfloat16"), zipcache_unscored=dict(scored=False))
+    for name in s.zipcache_variants:
+        if name not in zipcache:
+            raise ValueError(f"config.zipcache.variants: unknown {name!r}; choose from {sorted(zipcache)}")
+        out[name] = (functools.partial(ZipCache.for_model, group_size=s.zipcache_group_size,
+                                       residual_length=s.residual_length, salient_fraction=s.zipcache_salient_fraction,
+                                       hi_bits=s.zipcache_hi_bits, lo_bits=s.zipcache_lo_bits, **zipcache[name]), False)
     unknown = sorted(set(s.caches) - set(out))
     if unknown:
         raise ValueError(f"config.caches: unknown {unknown}; configured: {sorted(out)}")

@@ -12,7 +12,15 @@ from efficient.attention.dispatcher import (
 )
 from efficient.attention.reference import attention_reference
 from efficient.attention.spec import AttentionSpec, KeyStats, default_positions, visibility_mask
-from efficient.attention.views import DenseView, KVView, LowBitView, PagedView, QuantizedView, pack_codes
+from efficient.attention.views import (
+    DenseView,
+    KVView,
+    LowBitView,
+    MixedPrecisionView,
+    PagedView,
+    QuantizedView,
+    pack_codes,
+)
 
 __all__ = [
     "CAPABILITIES",
@@ -23,6 +31,7 @@ __all__ = [
     "KVView",
     "KeyStats",
     "LowBitView",
+    "MixedPrecisionView",
     "PagedView",
     "QuantizedView",
     "attention",

@@ -147,12 +147,14 @@ def attention(
         raise TypeError(f"q must be a float array [B, T, N, H], got {type(q).__name__}")
     if not isinstance(view, VIEW_TYPES):
         raise TypeError(
-            "view must be a KV view (DenseView, PagedView, QuantizedView, LowBitView), got "
+            "view must be a KV view (DenseView, PagedView, QuantizedView, LowBitView, MixedPrecisionView), got "
             f"{type(view).__name__}"
         )
     if not isinstance(spec, AttentionSpec):
         raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}: {spec!r}")
     key_stats = KeyStats.of(key_stats)
+    if key_stats is not None and key_stats.tail is not None and key_stats.tail > view.num_slots:
+        raise ValueError(f"key_stats.tail={key_stats.tail} exceeds the view's {view.num_slots} slots")
     _validate(q, view, q_positions, mask, q_segment_ids, kv_segment_ids)
     if q_positions is None and view.lengths is not None and not isinstance(view, QUANTIZED_VIEWS):
         t = q.shape[1]

@@ -248,11 +248,4 @@ class LowBitView(ResidualStoreView):
             if tuple(x.shape) != shape or (dtype is not None and x.dtype != dtype):
                 raise ValueError(f"LowBitView.{name} must be {dtype or ''}{shape}, got {x.dtype}{tuple(x.shape)}")
         self.validate_sinks(g)
-        r = self.residual_k.shape[1]
-        if self.residual_v.shape != self.residual_k.shape or tuple(self.residual_positions.shape) != (b, r):
-            raise ValueError("LowBitView residual_k/v [B, R, K, H] and residual_positions [B, R] disagree: "
-                             f"{self.residual_k.shape}, {self.residual_v.shape}, {self.residual_positions.shape}")
-        if self.lengths is not None and (tuple(self.lengths.shape) != (b,)
-                                         or not jnp.issubdtype(self.lengths.dtype, jnp.integer)):
-            raise ValueError(f"LowBitView.lengths must be integer [B={b}], got {self.lengths.dtype}"
-                             f"{tuple(self.lengths.shape)}")
+        self.validate_residual()

@@ -46,7 +46,10 @@ def masked_softmax_attention(
 
 def key_mass(probs: Float[Array, "B K G T S"], request: KeyStats) -> Float[Array, "B *KT S"]:
     """Softmax probabilities summed over the requested query heads (n = k * G + g) and
-    queries: [B, S], or [B, K, S] / [B, T, S] / [B, K, T, S] as `request` keeps axes."""
+    queries: [B, S], or [B, K, S] / [B, T, S] / [B, K, T, S] as `request` keeps axes
+    (S: the last `request.tail` slots only, when set)."""
+    if request.tail is not None:
+        probs = probs[..., -request.tail:]
     b, kh, g, t, s = probs.shape
     if request.heads is not None:
         weights = jnp.zeros((kh * g,), probs.dtype).at[jnp.asarray(request.heads, jnp.int32)].set(1.0)
@@ -63,6 +66,36 @@ def pack_outputs(out: jax.Array, lse: jax.Array | None, mass: jax.Array | None, 
     """out, (out, lse), (out, mass) or (out, lse, mass): the dispatcher's return convention."""
     extra = ((lse,) if return_lse else ()) + ((mass,) if mass is not None else ())
     return (out, *extra) if extra else out
+
+
+def grouped_visibility(
+    spec: AttentionSpec, q_positions: Int[Array, "B T"], kv_positions: Int[Array, "B S"] | Int[Array, "B K S"],
+    q_segment_ids: Int[Array, "B T"] | None, kv_segment_ids: Int[Array, "B S"] | None,
+    mask: Bool[Array, "B T S"] | None,
+) -> Bool[Array, "B _K 1 T S"]:
+    """The spec's visibility rule, shaped to broadcast against [B, K, G, T, S] logits."""
+    visible = visibility_mask(spec, q_positions, kv_positions, q_segment_ids=q_segment_ids,
+                              kv_segment_ids=kv_segment_ids, mask=mask)
+    return visible[:, :, None] if visible.ndim == 4 else visible[:, None, None]
+
+
+def grouped_logits(
+    q: Float[Array, "B T N H"], k: Float[Array, "B S K H"] | Float[Array, "B K S H"], *, spec: AttentionSpec,
+    exact: bool, kv_layout: str = "BSKH",
+) -> Float[Array, "B K G T S"]:
+    """Scaled (and soft-capped) float32 logits of each query head against its KV head's keys."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2 if kv_layout == "BSKH" else 1]
+    compute = jnp.float32 if exact else q.dtype
+    qg = q.astype(compute).reshape(b, t, kv_heads, n // kv_heads, h)
+    logits = jnp.einsum(
+        "btkgh,bskh->bkgts" if kv_layout == "BSKH" else "btkgh,bksh->bkgts", qg, k.astype(compute),
+        preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST if exact else None,
+    )
+    logits = logits * spec.logit_scale(h)
+    if spec.softcap is not None:
+        logits = spec.softcap * jnp.tanh(logits / spec.softcap)
+    return logits
 
 
 def grouped_attention(
@@ -88,32 +121,14 @@ def grouped_attention(
     "BKSH" (read in place by the einsums). key_stats: also return the per-slot mass.
     """
     b, t, n, h = q.shape
-    s_axis, k_axis = (1, 2) if kv_layout == "BSKH" else (2, 1)
-    s, kv_heads = k.shape[s_axis], k.shape[k_axis]
-    g = n // kv_heads
+    s = k.shape[1 if kv_layout == "BSKH" else 2]
     if q_positions is None or kv_positions is None:
         dq, dk = default_positions(b, t, s)
         q_positions = dq if q_positions is None else q_positions
         kv_positions = dk if kv_positions is None else kv_positions
-    visible = visibility_mask(
-        spec,
-        q_positions,
-        kv_positions,
-        q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids,
-        mask=mask,
-    )
-    visible = visible[:, :, None] if visible.ndim == 4 else visible[:, None, None]  # B K|1 1 T S
-
+    visible = grouped_visibility(spec, q_positions, kv_positions, q_segment_ids, kv_segment_ids, mask)
     compute = jnp.float32 if exact else q.dtype
-    qg = q.astype(compute).reshape(b, t, kv_heads, g, h)
-    logits = jnp.einsum(
-        "btkgh,bskh->bkgts" if kv_layout == "BSKH" else "btkgh,bksh->bkgts", qg, k.astype(compute), preferred_element_type=jnp.float32,
-        precision=jax.lax.Precision.HIGHEST if exact else None,
-    )
-    logits = logits * spec.logit_scale(h)
-    if spec.softcap is not None:
-        logits = spec.softcap * jnp.tanh(logits / spec.softcap)
+    logits = grouped_logits(q, k, spec=spec, exact=exact, kv_layout=kv_layout)
     out, lse, probs = masked_softmax_attention(
         logits, visible, v, pv_dtype=compute, kv_layout=kv_layout, want_probs=key_stats is not None
     )

@@ -161,12 +161,16 @@ class KeyStats:
     per_kv_head: keep the KV-head axis (summed over each head's G query heads only):
         [B, K, S], what a cache that evicts per KV head scores with.
     per_query: keep the query axis: [B, (K,) T, S], so the cache can weigh queries
-        by their positions (an observation window that skips padding)."""
+        by their positions (an observation window that skips padding).
+    tail: the mass of the view's last `tail` slots only ([..., tail] in place of
+        [..., S]): a quantized view's full-precision residual, the only slots
+        ZipCache still has to score; the xla path then keeps its blockwise read."""
 
     heads: tuple[int, ...] | None = None
     queries: tuple[int, ...] | None = None
     per_kv_head: bool = False
     per_query: bool = False
+    tail: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("per_kv_head", "per_query"):
@@ -179,6 +183,8 @@ class KeyStats:
                 or not all(isinstance(i, int) and not isinstance(i, bool) for i in value)
             ):
                 raise ValueError(f"KeyStats.{name} must be a non-empty tuple of ints or None, got {value!r}")
+        if self.tail is not None and (not isinstance(self.tail, int) or isinstance(self.tail, bool) or self.tail < 1):
+            raise ValueError(f"KeyStats.tail must be a positive int or None, got {self.tail!r}")
 
     @classmethod
     def of(cls, request: KeyStats | bool | None) -> KeyStats | None:

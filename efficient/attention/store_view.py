@@ -7,25 +7,26 @@ import jax.numpy as jnp
 
 
 class ResidualStoreView:
-    """k_codes [B, S, K, ...] quantized slots, then residual_k [B, R, K, H]: the shape
-    properties of `QuantizedView` (KIVI) and `LowBitView` (VidKV), and their optional exact
+    """S quantized slots (positions [B, S]), then residual_k [B, R, K, H]: the shape
+    properties of `QuantizedView` (KIVI), `LowBitView` (VidKV) and `MixedPrecisionView`
+    (ZipCache), and their optional exact
     sink slots (`sink_k`/`sink_v`: the first n quantized slots, kept exact by the cache)."""
 
     @property
     def batch_size(self) -> int:
-        return self.k_codes.shape[0]
+        return self.positions.shape[0]
 
     @property
     def num_quantized(self) -> int:
-        return self.k_codes.shape[1]
+        return self.positions.shape[1]
 
     @property
     def num_slots(self) -> int:  # S + R
-        return self.k_codes.shape[1] + self.residual_k.shape[1]
+        return self.positions.shape[1] + self.residual_k.shape[1]
 
     @property
     def num_kv_heads(self) -> int:
-        return self.k_codes.shape[2]
+        return self.residual_k.shape[2]
 
     @property
     def head_dim(self) -> int:
@@ -57,3 +58,14 @@ class ResidualStoreView:
             if x is None or tuple(x.shape) != (b, n, kh, h) or not 0 < n <= group_size:
                 raise ValueError(f"{name}.{field} must be [B, n <= g={group_size}, K, H] = {(b, n, kh, h)}, got "
                                  f"{None if x is None else tuple(x.shape)}")
+
+    def validate_residual(self) -> None:
+        """residual_k/v [B, R, K, H], residual_positions [B, R] and lengths [B] agree."""
+        b, r, name = self.batch_size, self.residual_k.shape[1], type(self).__name__
+        if self.residual_v.shape != self.residual_k.shape or tuple(self.residual_positions.shape) != (b, r):
+            raise ValueError(f"{name} residual_k/v [B, R, K, H] and residual_positions [B, R] disagree: "
+                             f"{self.residual_k.shape}, {self.residual_v.shape}, {self.residual_positions.shape}")
+        if self.lengths is not None and (tuple(self.lengths.shape) != (b,)
+                                         or not jnp.issubdtype(self.lengths.dtype, jnp.integer)):
+            raise ValueError(f"{name}.lengths must be integer [B={b}], got {self.lengths.dtype}"
+                             f"{tuple(self.lengths.shape)}")

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from efficient.attention.reference import grouped_attention, pack_outputs
-from efficient.attention.spec import AttentionSpec
+from efficient.attention.reference import grouped_attention, grouped_logits, grouped_visibility, key_mass, pack_outputs
+from efficient.attention.spec import AttentionSpec, KeyStats
 from efficient.attention.views import QUANTIZED_VIEWS, LowBitView, PagedView, QuantizedView
 
 TARGET_BLOCK = 512  # slots per block: measured on XLA:CPU like the blockwise dense path's decode blocks
@@ -95,18 +95,27 @@ def attention_over_blocks(
     mask: Bool[Array, "B T S"] | None = None,
     return_lse: bool = False,
     exact: bool = False,
-):  # noqa: ANN201  out, or (out, lse)
-    """Attention of q over `view`, key block by key block (see the module docstring)."""
+    key_stats: KeyStats | None = None,
+):  # noqa: ANN201  out, (out, lse), (out, mass) or (out, lse, mass)
+    """Attention of q over `view`, key block by key block (see the module docstring).
+    key_stats: only the mass of a quantized view's residual (`tail` = its R entries),
+    from the residual's logits and the final log-sum-exp."""
     b, t, n, h = q.shape
     size = block_slots(view)
     stored = _store_slots(view)
     lengths = view.lengths if view.lengths is not None else jnp.full((b,), stored, jnp.int32)
     num_blocks = -(-jnp.max(lengths) // size)
 
+    if key_stats is not None and (not isinstance(view, QUANTIZED_VIEWS) or key_stats.tail != view.residual_k.shape[1]):
+        raise ValueError(f"attention_over_blocks: key_stats serves a quantized view's residual only (tail=R), got "
+                         f"{key_stats} for a {type(view).__name__}")
+    cut = lambda x, axis, first, width: (  # noqa: E731
+        None if x is None else jax.lax.dynamic_slice_in_dim(x, first, width, axis=axis))
+
     def attend(k: jax.Array, v: jax.Array, pos: jax.Array, first: jax.Array | int, width: int):  # noqa: ANN202
-        cut = lambda x, axis: None if x is None else jax.lax.dynamic_slice_in_dim(x, first, width, axis=axis)  # noqa: E731
         return attend_slots(q, k, v, pos, spec=spec, q_positions=q_positions, q_segment_ids=q_segment_ids,
-                            kv_segment_ids=cut(kv_segment_ids, 1), mask=cut(mask, 2), exact=exact)
+                            kv_segment_ids=cut(kv_segment_ids, 1, first, width), mask=cut(mask, 2, first, width),
+                            exact=exact)
 
     def body(i: jax.Array, acc: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         start = i * size
@@ -120,4 +129,28 @@ def attention_over_blocks(
                           view.residual_k.shape[1])
         acc = merge_partials(acc, residual)
     out, lse = acc
-    return pack_outputs(out.astype(q.dtype), lse, None, return_lse)
+    mass = None
+    if key_stats is not None:
+        r = view.residual_k.shape[1]
+        mass = residual_mass(q, view.residual_k, view.residual_positions.astype(jnp.int32), lse, key_stats,
+                             spec=spec, q_positions=q_positions, q_segment_ids=q_segment_ids,
+                             kv_segment_ids=cut(kv_segment_ids, 1, stored, r), mask=cut(mask, 2, stored, r),
+                             exact=exact)
+    return pack_outputs(out.astype(q.dtype), lse, mass, return_lse)
+
+
+def residual_mass(
+    q: Float[Array, "B T N H"], k: Float[Array, "B R K H"], positions: Int[Array, "B R"], lse: Float[Array, "B T N"],
+    request: KeyStats, *, spec: AttentionSpec, q_positions: Int[Array, "B T"],
+    q_segment_ids: Int[Array, "B T"] | None, kv_segment_ids: Int[Array, "B R"] | None,
+    mask: Bool[Array, "B T R"] | None, exact: bool,
+) -> jax.Array:
+    """The attention mass of R slots under the softmax over the whole view (its log-sum-exp
+    `lse`): exp(logit - lse) where visible, summed as `request` asks ([B, (K,) (T,) R])."""
+    b, t, n, _ = q.shape
+    kh = k.shape[2]
+    logits = grouped_logits(q, k, spec=spec, exact=exact)  # B K G T R
+    visible = grouped_visibility(spec, q_positions, positions, q_segment_ids, kv_segment_ids, mask)
+    norm = jnp.transpose(lse.reshape(b, t, kh, n // kh), (0, 2, 3, 1))[..., None]  # B K G T 1
+    probs = jnp.where(visible & jnp.isfinite(norm), jnp.exp(logits - jnp.where(jnp.isfinite(norm), norm, 0.0)), 0.0)
+    return key_mass(probs, request)

@@ -22,6 +22,9 @@ implementation may skip reading it, and must not let it change the result).
 - `LowBitView` (efficient/attention/lowbit.py): VidKV's 1.x-bit keys (2-bit anomalous
   channels, 1-bit real-DFT coefficients of the others) and ternary values, with the same
   residual window.
+- `MixedPrecisionView` (efficient/attention/mixed_precision.py): ZipCache's
+  channel-separable tokenwise codes, salient tokens at more bits than the others, with
+  the same residual window.
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, UInt8
 
 from efficient.attention.lowbit import LowBitView
+from efficient.attention.mixed_precision import MixedPrecisionView
+from efficient.attention.packing import QUANT_BITS, pack_codes, unpack_codes  # noqa: F401  (re-exported)
 from efficient.attention.store_view import ResidualStoreView
 
 LAYOUTS = ("BSKH", "BKSH")
-QUANT_BITS = (2, 4, 8)
 QUANT_AXES = ("channel", "token")
 
 
@@ -146,24 +150,6 @@ def _check_lengths(name: str, lengths: jax.Array | None, b: int) -> None:
 
 
 # ------------------------------------------------------------------ quantized codes
-
-
-def pack_codes(codes: Int[Array, "... H"], bits: int) -> UInt8[Array, "... Hp"]:
-    """Pack unsigned `bits`-bit codes along the last axis, 8 // bits per byte, low bits first."""
-    if bits not in QUANT_BITS:
-        raise ValueError(f"bits must be one of {QUANT_BITS}, got {bits!r}")
-    per = 8 // bits
-    c = codes.astype(jnp.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
-    shifts = (jnp.arange(per, dtype=jnp.uint8) * bits).astype(jnp.uint8)
-    return jnp.sum(c << shifts, axis=-1, dtype=jnp.uint8)  # disjoint bits: sum == or
-
-
-def unpack_codes(packed: UInt8[Array, "... Hp"], bits: int) -> Int[Array, "... H"]:
-    """Inverse of `pack_codes`: uint8 codes [..., Hp * 8 // bits]."""
-    per = 8 // bits
-    shifts = (jnp.arange(per, dtype=jnp.uint8) * bits).astype(jnp.uint8)
-    codes = (packed[..., None] >> shifts) & jnp.uint8((1 << bits) - 1)
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
 def dequantize(
@@ -300,17 +286,14 @@ class QuantizedView(ResidualStoreView):
                     raise ValueError(f"QuantizedView.{name} must have shape {want}, got {getattr(self, name).shape}")
         if tuple(self.positions.shape) != (b, s):
             raise ValueError(f"QuantizedView.positions must have shape {(b, s)}, got {self.positions.shape}")
-        r = self.residual_k.shape[1]
-        if self.residual_v.shape != self.residual_k.shape or tuple(self.residual_positions.shape) != (b, r):
-            raise ValueError("QuantizedView residual_k/v [B, R, K, H] and residual_positions [B, R] disagree: "
-                             f"{self.residual_k.shape}, {self.residual_v.shape}, {self.residual_positions.shape}")
-        _check_lengths("QuantizedView", self.lengths, b)
+        self.validate_residual()
         self.validate_sinks(g)
 
 
-KVView = DenseView | PagedView | QuantizedView | LowBitView
-VIEW_TYPES = (DenseView, PagedView, QuantizedView, LowBitView)
-QUANTIZED_VIEWS = (QuantizedView, LowBitView)  # S quantized slots, then a full-precision residual
+KVView = DenseView | PagedView | QuantizedView | LowBitView | MixedPrecisionView
+VIEW_TYPES = (DenseView, PagedView, QuantizedView, LowBitView, MixedPrecisionView)
+# S quantized slots, then a full-precision residual:
+QUANTIZED_VIEWS = (QuantizedView, LowBitView, MixedPrecisionView)
 
 
 def slot_positions(view: KVView) -> Int[Array, "B S"] | Int[Array, "B K S"]:
@@ -347,7 +330,7 @@ def dense_kv(view: KVView, layout: str = "BSKH") -> tuple[jax.Array, jax.Array]:
         pages = jnp.clip(view.page_table, 0, view.k_pages.shape[0] - 1)
         k = view.k_pages[pages].reshape(b, s, view.num_kv_heads, view.head_dim)
         v = view.v_pages[pages].reshape(b, s, view.num_kv_heads, view.head_dim)
-    else:  # QuantizedView, LowBitView
+    else:  # QuantizedView, LowBitView, MixedPrecisionView
         k, v = view.dequantize_block(0, view.num_quantized)
         k = jnp.concatenate([k, view.residual_k], axis=1)
         v = jnp.concatenate([v, view.residual_v], axis=1)

@@ -11,7 +11,9 @@ stored layout; a paged or quantized view is read one key block at a time (a
 block of pages through the page table, or a dequantized block of codes) with an
 online softmax across blocks (`view_blocks.attention_over_blocks`), never as a
 whole dense float copy. The float32 oracle (`reference_implementation`) and
-requests for key statistics use the materialised path (`views.dense_kv`). A
+requests for key statistics use the materialised path (`views.dense_kv`), except a
+request for a quantized view's residual only (`KeyStats.tail` = R, ZipCache's), which
+the block loop serves from the residual's logits and the final log-sum-exp. A
 dense view whose shape `prefers_blockwise` goes to the online-softmax
 `attention_blockwise` (never materialises the logits; its gradient is the
 materialised path's, recomputed in the backward pass). Decoding over a
@@ -31,7 +33,7 @@ from efficient.attention.blockwise import DECODE_SPARSE_FILL, attention_blockwis
 from efficient.attention.reference import grouped_attention
 from efficient.attention.spec import AttentionSpec, KeyStats, default_positions
 from efficient.attention.view_blocks import attention_over_blocks
-from efficient.attention.views import DenseView, KVView, dense_kv, slot_positions
+from efficient.attention.views import QUANTIZED_VIEWS, DenseView, KVView, dense_kv, slot_positions
 
 
 def attention_xla(
@@ -109,11 +111,14 @@ def _view_attention(exact: bool):  # noqa: ANN202
                 return jax.lax.cond(sparse, blockwise, materialised, q, view)
             if prefer is True:
                 return blockwise(q, view)
-        if not exact and key_stats is None and not isinstance(view, DenseView):
+        residual_stats = (key_stats is not None and isinstance(view, QUANTIZED_VIEWS)
+                          and key_stats.tail == view.residual_k.shape[1])
+        if not exact and (key_stats is None or residual_stats) and not isinstance(view, DenseView):
             if q_positions is None:
                 q_positions = default_positions(q.shape[0], q.shape[1], view.num_slots)[0]
             return attention_over_blocks(q, view, spec=spec, q_positions=q_positions, q_segment_ids=q_segment_ids,
-                                         kv_segment_ids=kv_segment_ids, mask=mask, return_lse=return_lse)
+                                         kv_segment_ids=kv_segment_ids, mask=mask, return_lse=return_lse,
+                                         key_stats=key_stats)
         return materialised(q, view)
 
     return implementation

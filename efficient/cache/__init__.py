@@ -9,7 +9,8 @@ from efficient.cache.press import H2OPress, Press, SnapKVPress, StreamingLLMPres
 from efficient.cache.protocol import KVCache, KVView, tree_nbytes
 from efficient.cache.ring import RingKVCache
 from efficient.cache.vidkv import VidKVCache
+from efficient.cache.zipcache import ZipCache
 
 __all__ = ["DenseKVCache", "EvictingKVCache", "H2OPress", "HybridKVCache", "KIVICache", "KVCache", "KVView",
            "PagedKVCache", "Press", "RingKVCache", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "VidKVCache",
-           "default_cache", "tree_nbytes"]
+           "ZipCache", "default_cache", "tree_nbytes"]

@@ -97,10 +97,21 @@ class GroupQuantizedCache(PerLayerFields):
     GROUP_FIELDS: ClassVar[tuple[str, ...]] = ()
     CODE_FIELDS: ClassVar[tuple[str, ...]] = ()
     EXTRA_LAYER_FIELDS: ClassVar[tuple[str, ...]] = ("sink_k", "sink_v")  # other [L, ...] fields (None: unused)
+    # Per residual entry, moved with it by `select`: [L, B, R, ...] and [B, R, ...] fields.
+    RESIDUAL_LAYER_FIELDS: ClassVar[tuple[str, ...]] = ("residual_k", "residual_v")
+    RESIDUAL_ROW_FIELDS: ClassVar[tuple[str, ...]] = ("residual_positions",)
 
     def _encode(self, k: Float[Array, "B F g K H"], v: Float[Array, "B F g K H"]) -> dict[str, jax.Array]:
         """Encoded fields of F groups: per slot [B, F*g, ...], per group [B, F, ...]."""
         raise NotImplementedError
+
+    def _encode_flush(self, layer: int | Int[Array, ""], k: Float[Array, "B F g K H"], v: Float[Array, "B F g K H"],
+                      entries: Int[Array, "B Fg"], old: Bool[Array, "B Fg"]) -> dict[str, jax.Array]:
+        """Encoded fields of the F groups `update` flushes; `entries`: the residual entry of
+        each flushed slot, `old`: whether it was in the residual before this forward (else
+        it is one of this forward's tokens). A cache that scores its residual reads it here."""
+        del layer, entries, old
+        return self._encode(k, v)
 
     def _decode(self, fields: dict[str, jax.Array]) -> tuple[Float[Array, "B g K H"], Float[Array, "B g K H"]]:
         """Keys and values of one layer's group from its fields (per slot [B, g, ...], per group [B, 1, ...])."""
@@ -224,7 +235,8 @@ class GroupQuantizedCache(PerLayerFields):
                                         _take(x.astype(dt), new_index))
         fk, fv = pick(res_k, k), pick(res_v, v)  # B F*g K H
         kh, h = fk.shape[2:]
-        encoded = self._encode(fk.reshape(b, num_groups, g, kh, h), fv.reshape(b, num_groups, g, kh, h))
+        encoded = self._encode_flush(layer, fk.reshape(b, num_groups, g, kh, h), fv.reshape(b, num_groups, g, kh, h),
+                                     flush_slots % r, old)
         valid = jnp.arange(num_groups * g, dtype=jnp.int32)[None, :] < (self.flush_groups * g)[:, None]
         dest = jnp.where(valid, flush_slots, cap)
         group_index = self.flush_start[:, None] // g + jnp.arange(num_groups, dtype=jnp.int32)[None, :]
@@ -320,13 +332,10 @@ class GroupQuantizedCache(PerLayerFields):
         dst = jnp.where(index < counts[:, None], dest % r, r)
         rows = _rows(b, c)
         move = lambda x, lead: x.at[(*lead, rows, dst)].set(x[(*lead, rows, src)], mode="drop")  # noqa: E731
-        residual_k = self._per_layer_map("residual_k", move)
-        residual_v = self._per_layer_map("residual_v", move)
-        res_pos = self.residual_positions.at[rows, dst].set(_take(self.residual_positions, src), mode="drop")
+        fields = {name: self._per_layer_map(name, move) for name in self.RESIDUAL_LAYER_FIELDS}
+        fields |= {name: move(getattr(self, name), ()) for name in self.RESIDUAL_ROW_FIELDS}
         res_slots = self.residual_slots.at[rows, dst].set(dest, mode="drop")
-        moved = dataclasses.replace(self, residual_k=residual_k, residual_v=residual_v,
-                                    residual_positions=res_pos, residual_slots=res_slots,
-                                    lengths=jnp.maximum(self.lengths, start + c))
+        moved = dataclasses.replace(self, **fields, residual_slots=res_slots, lengths=jnp.maximum(self.lengths, start + c))
         return moved.truncate(start + counts)
 
     def nbytes(self) -> int:

@@ -11,6 +11,7 @@ from efficient.cache.evicting import EvictingKVCache
 from efficient.cache.kivi import KIVICache
 from efficient.cache.paged import PagedKVCache
 from efficient.cache.vidkv import VidKVCache
+from efficient.cache.zipcache import ZipCache
 from efficient.cache.press import press_for_budget
 from efficient.registry import register_cache
 
@@ -67,6 +68,24 @@ register_cache("vidkv_sinks", vidkv_factory(sinks=4), lossless=False,
                description="VidKV 1.x-bit as 'vidkv', with the first 4 tokens (attention sinks) kept exact",
                paper="Tao et al. 2025 (VidKV); sinks: Xiao et al. 2024, Efficient Streaming Language Models with "
                      "Attention Sinks")
+
+
+def zipcache_factory(group_size: int = 32, residual_length: int = 32, **kwargs: object):  # noqa: ANN201
+    """A ZipCache factory; the residual shrinks to the capacity for shorter rows."""
+    def factory(config, batch_size: int, capacity: int, dtype=None) -> ZipCache:  # noqa: ANN001
+        return ZipCache.for_model(config, batch_size, capacity, dtype, group_size=group_size,
+                                  residual_length=min(residual_length, capacity), **kwargs)
+
+    return factory
+
+
+register_cache("zipcache", zipcache_factory(), lossless=False,
+               description="ZipCache: channel-separable tokenwise codes, each group's more salient half of the "
+                           "tokens (normalised attention score) at 4 bits, the rest at 2; groups of 32 tokens, "
+                           "32+ recent tokens in full precision while they are scored",
+               paper="He et al. 2024, ZipCache: Accurate and Efficient KV Cache Quantization with Salient Token "
+                     "Identification")
+
 
 def evicting_factory(press: str, kept: float = 0.25, max_step: int = 128, pyramid: bool = False):  # noqa: ANN201
     """An evicting cache factory keeping `kept` of the capacity (at least 8 tokens) with the

@@ -20,6 +20,8 @@ each row and attends over everything the row holds.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable
 
 import jax
@@ -256,6 +258,8 @@ def _run_layers(
     masks = [cache.view_mask(mask, spec.window) if maps_mask else mask for spec in specs]
     # A cache that scores its keys (eviction) gets the attention mass of each layer's queries.
     key_stats = getattr(cache, "key_stats", None) if cache is not None else None
+    if key_stats is not None and attend_new_only and key_stats.tail is not None:
+        key_stats = dataclasses.replace(key_stats, tail=None)  # a fresh forward's view is its new tokens
     if key_stats is not None and skip is not None:
         raise ValueError(f"forward: a {type(cache).__name__} that scores keys does not serve skip_layers "
                          "(a skipped layer's attention would give it no statistics)")

@@ -21,7 +21,7 @@ def test_kv_quant_end_to_end(tmp_path: Path) -> None:
     out = run_experiment(config)
     metrics = json.loads((out / "metrics.json").read_text())
     rows = {r["cache"]: r for r in metrics["rows"]}
-    assert list(rows) == ["dense", "dense_bf16", "paged", "kivi2", "gear2", "vidkv"]
+    assert list(rows) == ["dense", "dense_bf16", "paged", "kivi2", "gear2", "vidkv", "zipcache"]
     assert rows["paged"]["bits_per_byte"] == pytest.approx(rows["dense"]["bits_per_byte"], rel=1e-6)
     assert rows["paged"]["greedy_agrees_with_dense"]
     assert rows["kivi2"]["memory_bytes"] < rows["dense"]["memory_bytes"]
@@ -29,6 +29,8 @@ def test_kv_quant_end_to_end(tmp_path: Path) -> None:
     assert rows["kivi2"]["bits_per_byte"] != rows["dense"]["bits_per_byte"]  # quantization happened
     assert rows["vidkv"]["memory_bytes"] < rows["kivi2"]["memory_bytes"]
     assert rows["vidkv"]["bits_per_byte"] != rows["dense"]["bits_per_byte"]
+    assert rows["zipcache"]["memory_bytes"] < rows["dense"]["memory_bytes"]  # at 64 slots the residual dominates
+    assert rows["zipcache"]["bits_per_byte"] != rows["dense"]["bits_per_byte"]
     assert (out / "kv_quant.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -44,6 +46,9 @@ def test_unknown_cache_names_are_refused_with_their_key() -> None:
         cache_factories(settings_from(config))
     config.vidkv.variants, config.caches = ("vidkv",), "vidkv"
     assert list(cache_factories(settings_from(config))) == ["dense", "dense_bf16", "vidkv"]
+    config.caches, config.zipcache.variants = "", ("zipcache_fast",)
+    with pytest.raises(ValueError, match="config.zipcache.variants: unknown 'zipcache_fast'"):
+        cache_factories(settings_from(config))
 
 
 def test_a_chunk_longer_than_the_residual_is_refused_with_its_key() -> None:
