@@ -72,9 +72,9 @@ def test_per_layer_buffers_equal_the_stacked_cache(name: str) -> None:
             np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-6)
     back = b.stack_layers()
     assert not back.per_layer and a.stack_layers() is a
-    for field in a.layer_fields:  # ZipCache's attention-mass sums may differ in the last bit
+    for field in a.layer_fields:  # ZipCache's scores and dequantized values may differ in the last bit
         np.testing.assert_allclose(np.asarray(getattr(back, field)), np.asarray(getattr(a, field)), rtol=1e-6,
-                                   atol=0)
+                                   atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["vidkv", "paged"])
