@@ -29,7 +29,6 @@ A new variant adds one `register_*` call in its own module and one import in
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from typing import Any
 
 import ml_collections
-import numpy as np
 from matplotlib.figure import Figure
 
 from efficient import variants

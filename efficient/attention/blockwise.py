@@ -228,8 +228,7 @@ def attention_blockwise(
     _check_block("block_q", block_q)
     _check_block("block_k", block_k)
     b, t, n, h = q.shape
-    s, kh = k_std.shape[1], k_std.shape[2]
-    g = n // kh
+    s = k_std.shape[1]
     if lengths is not None:
         if tuple(lengths.shape) != (b,):
             raise ValueError(f"lengths must have shape ({b},), got {tuple(lengths.shape)}")

@@ -38,7 +38,6 @@ from efficient.attention.views import PagedView, slot_positions
 from efficient.cache.dense import (
     _floating_dtype,
     _from_storage,
-    _rows,
     _storage_dtype,
     _to_storage,
     positions_after,

@@ -27,7 +27,6 @@ prefill writes the padded bucket, then truncates each row to its length).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, Self, TypeAlias, runtime_checkable
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import io
-import re
 import textwrap
 import tokenize
 import zlib

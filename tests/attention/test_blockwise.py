@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tolerances import GRADIENT, assert_close, assert_lse_close, packed_segments, random_inputs  # noqa: E402
+from tolerances import assert_close, assert_lse_close, packed_segments, random_inputs  # noqa: E402
 
 from efficient.attention.blockwise import attention_blockwise, prefers_blockwise  # noqa: E402
 from efficient.attention.reference import attention_reference  # noqa: E402
