@@ -1,0 +1,179 @@
+"""Block-sparse attention: each (row, query head, query block) attends to a list of key blocks.
+
+The primitive under the sparse-attention methods (MInference's vertical-slash and
+block-sparse patterns, Quest's page selection, ...): queries are cut into blocks of
+`block_q`, keys into blocks of `block_k`, and `BlockSparseLayout` lists, for every (row,
+query head, query block), the key blocks it reads (`index`, the first `count` entries
+valid). Inside the listed blocks the usual masking rule applies (positions: causal, window;
+segment ids; efficient.attention.spec), so a listed block that is partly in the future is
+masked as the dense path would mask it, and listing every block gives dense attention.
+
+The xla implementation really skips work: one query block at a time (`lax.map`), it gathers
+only the listed key blocks of each head ([B, N, M, block_k, H]) and runs the softmax over
+them, so time and temporary memory grow with M (the most blocks listed), not with S. GQA:
+query head n reads KV head n // G. Fully masked queries (nothing listed, or nothing visible)
+return zeros and log-sum-exp -inf, never NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from efficient.attention.spec import AttentionSpec, default_positions
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockSparseLayout:
+    """Key blocks listed per (row b, query head n, query block i): index [B, N, Tb, M] int32
+    (distinct blocks; entries past count are ignored), count [B, N, Tb] int32 <= M."""
+
+    index: Int[Array, "B N Tb M"]
+    count: Int[Array, "B N Tb"]
+    block_q: int = dataclasses.field(default=64, metadata=dict(static=True))
+    block_k: int = dataclasses.field(default=64, metadata=dict(static=True))
+
+    @classmethod
+    def from_block_mask(cls, block_mask: Bool[Array, "B N Tb Sb"], block_q: int, block_k: int,
+                        max_blocks: int | None = None) -> BlockSparseLayout:
+        """The layout listing the True blocks of `block_mask`, in ascending order; M is
+        `max_blocks` (at least the largest count; default Sb)."""
+        _check_block("block_q", block_q)
+        _check_block("block_k", block_k)
+        if block_mask.ndim != 4 or block_mask.dtype != jnp.bool_:
+            raise ValueError(f"block_mask must be bool [B, N, Tb, Sb], got {block_mask.dtype}{tuple(block_mask.shape)}")
+        sb = block_mask.shape[-1]
+        m = sb if max_blocks is None else max_blocks
+        if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= sb:
+            raise ValueError(f"max_blocks must be an int in [1, Sb={sb}], got {max_blocks!r}")
+        count = jnp.sum(block_mask, axis=-1, dtype=jnp.int32)
+        if not isinstance(count, jax.core.Tracer) and int(jnp.max(count)) > m:
+            raise ValueError(f"max_blocks={m} is below the {int(jnp.max(count))} blocks the mask lists for one "
+                             "query block")
+        index = jnp.argsort(~block_mask, axis=-1, stable=True)[..., :m].astype(jnp.int32)
+        return cls(index=index, count=jnp.minimum(count, m), block_q=block_q, block_k=block_k)
+
+    @classmethod
+    def dense(cls, batch: int, heads: int, t: int, s: int, block_q: int, block_k: int) -> BlockSparseLayout:
+        """Every key block listed for every query block (dense attention)."""
+        _check_divides("block_q", block_q, "T", t)
+        _check_divides("block_k", block_k, "S", s)
+        return cls.from_block_mask(jnp.ones((batch, heads, t // block_q, s // block_k), jnp.bool_), block_q, block_k)
+
+    def block_mask(self, num_key_blocks: int) -> Bool[Array, "B N Tb Sb"]:
+        """The listed blocks as a boolean [B, N, Tb, Sb] mask."""
+        listed = jnp.arange(self.index.shape[-1])[None, None, None, :] < self.count[..., None]
+        hits = jax.nn.one_hot(self.index, num_key_blocks, dtype=jnp.int32) * listed[..., None]
+        return jnp.sum(hits, axis=-2) > 0
+
+    def density(self, num_key_blocks: int) -> Float[Array, ""]:
+        """Listed blocks over all blocks (not counting what the causal rule masks inside them)."""
+        return jnp.sum(self.count) / (self.count.size * num_key_blocks)
+
+
+def _check_block(name: str, size: object) -> None:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"{name} must be a positive int, got {size!r}")
+
+
+def _check_divides(name: str, size: int, axis: str, length: int) -> None:
+    _check_block(name, size)
+    if length % size:
+        raise ValueError(f"{name}={size} does not divide {axis}={length}; pad the sequence to a multiple of it")
+
+
+def block_sparse_attention(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K H"],
+    layout: BlockSparseLayout,
+    *,
+    spec: AttentionSpec = AttentionSpec(),
+    q_positions: Int[Array, "B T"] | None = None,
+    kv_positions: Int[Array, "B S"] | None = None,
+    q_segment_ids: Int[Array, "B T"] | None = None,
+    kv_segment_ids: Int[Array, "B S"] | None = None,
+    return_lse: bool = False,
+) -> Float[Array, "B T N H"] | tuple[Float[Array, "B T N H"], Float[Array, "B T N"]]:
+    """Attention of q over the key blocks `layout` lists (module docstring): out [B, T, N, H]
+    in q's dtype and, with `return_lse`, the float32 log-sum-exp [B, T, N]. Matmuls in the
+    input dtype with float32 accumulation, as the "xla" implementation."""
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    if k.shape != (b, s, kh, h) or v.shape != k.shape:
+        raise ValueError(f"k and v must be [B={b}, S, K, H={h}] and equal, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if n % kh:
+        raise ValueError(f"query heads N={n} must be a multiple of KV heads K={kh}")
+    bq, bk = layout.block_q, layout.block_k
+    _check_divides("block_q", bq, "T", t)
+    _check_divides("block_k", bk, "S", s)
+    tb, sb = t // bq, s // bk
+    m = layout.index.shape[-1]
+    if tuple(layout.index.shape) != (b, n, tb, m) or tuple(layout.count.shape) != (b, n, tb):
+        raise ValueError(f"layout.index must be [B, N, T/block_q, M] = {(b, n, tb, 'M')} and layout.count "
+                         f"{(b, n, tb)}, got {tuple(layout.index.shape)} and {tuple(layout.count.shape)}")
+    for name, x in (("layout.index", layout.index), ("layout.count", layout.count)):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integer, got {x.dtype}")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+    if q_positions is None or kv_positions is None:
+        dq, dk = default_positions(b, t, s)
+        q_positions = dq if q_positions is None else q_positions
+        kv_positions = dk if kv_positions is None else kv_positions
+
+    g = n // kh
+    scale = spec.logit_scale(h)
+    k_blocks = k.reshape(b, sb, bk, kh, h)
+    v_blocks = v.reshape(b, sb, bk, kh, h)
+    kv_pos = kv_positions.astype(jnp.int32).reshape(b, sb, bk)
+    kv_seg = None if kv_segment_ids is None else kv_segment_ids.reshape(b, sb, bk)
+    rows = jnp.arange(b)[:, None, None]
+    heads = (jnp.arange(n) // g)[None, :, None]
+    per_block = lambda x: jnp.moveaxis(x.reshape(b, tb, bq, *x.shape[2:]), 1, 0)  # noqa: E731  Tb B bq ...
+    xs = dict(q=per_block(q), pos=per_block(q_positions.astype(jnp.int32)),
+              index=jnp.moveaxis(layout.index.astype(jnp.int32), 2, 0),
+              count=jnp.moveaxis(layout.count.astype(jnp.int32), 2, 0))
+    if q_segment_ids is not None:
+        xs["seg"] = per_block(q_segment_ids)
+
+    def one_query_block(x: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        index = jnp.clip(x["index"], 0, sb - 1)  # B N M
+        keys = k_blocks[rows, index, :, heads, :]  # B N M bk H
+        values = v_blocks[rows, index, :, heads, :]
+        kpos = kv_pos[rows, index]  # B N M bk
+        listed = jnp.arange(m)[None, None, :] < x["count"][..., None]  # B N M
+        logits = jnp.einsum("bqnh,bnmkh->bnqmk", x["q"], keys.astype(q.dtype),
+                            preferred_element_type=jnp.float32) * scale
+        if spec.softcap is not None:
+            logits = spec.softcap * jnp.tanh(logits / spec.softcap)
+        qp = x["pos"][:, None, :, None, None]  # B 1 bq 1 1
+        kp = kpos[:, :, None]  # B N 1 M bk
+        visible = (qp >= 0) & (kp >= 0) & listed[:, :, None, :, None]
+        if spec.causal:
+            visible &= kp <= qp
+        if spec.window is not None:
+            visible &= qp - kp < spec.window
+        if "seg" in x:
+            visible &= x["seg"][:, None, :, None, None] == kv_seg[rows, index][:, :, None]
+        logits = jnp.where(visible, logits, -jnp.inf)
+        row_max = jnp.max(logits, axis=(3, 4), keepdims=True)
+        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+        p = jnp.where(visible, jnp.exp(logits - row_max), 0.0)
+        denom = jnp.sum(p, axis=(3, 4))  # B N bq
+        out = jnp.einsum("bnqmk,bnmkh->bqnh", p.astype(q.dtype), values.astype(q.dtype),
+                         preferred_element_type=jnp.float32)
+        safe = jnp.where(denom > 0, denom, 1.0)
+        out = out / jnp.swapaxes(safe, 1, 2)[..., None]
+        lse = jnp.where(denom > 0, row_max[..., 0, 0] + jnp.log(safe), -jnp.inf)
+        return out.astype(q.dtype), jnp.swapaxes(lse, 1, 2)  # B bq N H, B bq N
+
+    out, lse = jax.lax.map(one_query_block, xs)  # Tb B bq ...
+    out = jnp.moveaxis(out, 0, 1).reshape(b, t, n, h)
+    if not return_lse:
+        return out
+    return out, jnp.moveaxis(lse, 0, 1).reshape(b, t, n)
