@@ -8,11 +8,14 @@ valid). Inside the listed blocks the usual masking rule applies (positions: caus
 segment ids; efficient.attention.spec), so a listed block that is partly in the future is
 masked as the dense path would mask it, and listing every block gives dense attention.
 
-The xla implementation really skips work: one query block at a time (`lax.map`), it gathers
-only the listed key blocks of each head ([B, N, M, block_k, H]) and runs the softmax over
-them, so time and temporary memory grow with M (the most blocks listed), not with S. GQA:
-query head n reads KV head n // G. Fully masked queries (nothing listed, or nothing visible)
-return zeros and log-sum-exp -inf, never NaN.
+The xla implementation really skips work: one query block at a time (`lax.map`), it walks
+that block's lists in steps of KEY_CHUNK keys (whole listed blocks), gathering only those
+key blocks of each head ([B, N, c * block_k, H]) and merging them with an online softmax;
+the step count is the longest list of that query block, so unlisted blocks and list padding
+are never computed. Time grows with the listed blocks, temporary memory with one step.
+GQA: query head n reads KV head n // G. Fully masked queries (nothing listed, or nothing
+visible) return zeros and log-sum-exp -inf, never NaN. Forward only (the inner loop has a
+data-dependent trip count).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from efficient.attention.spec import AttentionSpec, default_positions
+
+KEY_CHUNK = 512  # keys per online-softmax step (whole listed blocks), as the dense blockwise path
 
 
 @jax.tree_util.register_dataclass
@@ -128,48 +133,63 @@ def block_sparse_attention(
 
     g = n // kh
     scale = spec.logit_scale(h)
-    k_blocks = k.reshape(b, sb, bk, kh, h)
-    v_blocks = v.reshape(b, sb, bk, kh, h)
+    c = max(1, min(m, KEY_CHUNK // bk))  # listed blocks per inner step
+    chunks = -(-m // c)
+    pad = chunks * c - m
+    index = jnp.pad(layout.index.astype(jnp.int32), ((0, 0), (0, 0), (0, 0), (0, pad)))
+    # K/V per KV head as contiguous [block_k, H] slabs: a listed block is one slab to gather.
+    k_blocks = jnp.transpose(k.reshape(b, sb, bk, kh, h), (0, 3, 1, 2, 4))  # B K Sb bk H
+    v_blocks = jnp.transpose(v.reshape(b, sb, bk, kh, h), (0, 3, 1, 2, 4))
     kv_pos = kv_positions.astype(jnp.int32).reshape(b, sb, bk)
     kv_seg = None if kv_segment_ids is None else kv_segment_ids.reshape(b, sb, bk)
     rows = jnp.arange(b)[:, None, None]
     heads = (jnp.arange(n) // g)[None, :, None]
     per_block = lambda x: jnp.moveaxis(x.reshape(b, tb, bq, *x.shape[2:]), 1, 0)  # noqa: E731  Tb B bq ...
-    xs = dict(q=per_block(q), pos=per_block(q_positions.astype(jnp.int32)),
-              index=jnp.moveaxis(layout.index.astype(jnp.int32), 2, 0),
+    xs = dict(q=per_block(q), pos=per_block(q_positions.astype(jnp.int32)), index=jnp.moveaxis(index, 2, 0),
               count=jnp.moveaxis(layout.count.astype(jnp.int32), 2, 0))
     if q_segment_ids is not None:
         xs["seg"] = per_block(q_segment_ids)
 
     def one_query_block(x: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        index = jnp.clip(x["index"], 0, sb - 1)  # B N M
-        keys = k_blocks[rows, index, :, heads, :]  # B N M bk H
-        values = v_blocks[rows, index, :, heads, :]
-        kpos = kv_pos[rows, index]  # B N M bk
-        listed = jnp.arange(m)[None, None, :] < x["count"][..., None]  # B N M
-        logits = jnp.einsum("bqnh,bnmkh->bnqmk", x["q"], keys.astype(q.dtype),
-                            preferred_element_type=jnp.float32) * scale
-        if spec.softcap is not None:
-            logits = spec.softcap * jnp.tanh(logits / spec.softcap)
-        qp = x["pos"][:, None, :, None, None]  # B 1 bq 1 1
-        kp = kpos[:, :, None]  # B N 1 M bk
-        visible = (qp >= 0) & (kp >= 0) & listed[:, :, None, :, None]
-        if spec.causal:
-            visible &= kp <= qp
-        if spec.window is not None:
-            visible &= qp - kp < spec.window
-        if "seg" in x:
-            visible &= x["seg"][:, None, :, None, None] == kv_seg[rows, index][:, :, None]
-        logits = jnp.where(visible, logits, -jnp.inf)
-        row_max = jnp.max(logits, axis=(3, 4), keepdims=True)
-        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-        p = jnp.where(visible, jnp.exp(logits - row_max), 0.0)
-        denom = jnp.sum(p, axis=(3, 4))  # B N bq
-        out = jnp.einsum("bnqmk,bnmkh->bqnh", p.astype(q.dtype), values.astype(q.dtype),
-                         preferred_element_type=jnp.float32)
-        safe = jnp.where(denom > 0, denom, 1.0)
-        out = out / jnp.swapaxes(safe, 1, 2)[..., None]
-        lse = jnp.where(denom > 0, row_max[..., 0, 0] + jnp.log(safe), -jnp.inf)
+        qp = x["pos"][:, None, :, None]  # B 1 bq 1
+
+        def step(j: jax.Array, acc: tuple[jax.Array, jax.Array, jax.Array]) -> tuple:
+            """Online softmax over listed blocks j*c .. j*c + c - 1 of every head."""
+            out, run_max, run_sum = acc  # B N bq H, B N bq, B N bq
+            slot = j * c + jnp.arange(c)
+            index = jnp.clip(jax.lax.dynamic_slice_in_dim(x["index"], j * c, c, axis=2), 0, sb - 1)  # B N c
+            keys = k_blocks[rows, heads, index].reshape(b, n, c * bk, h)
+            values = v_blocks[rows, heads, index].reshape(b, n, c * bk, h)
+            kp = kv_pos[rows, index].reshape(b, n, 1, c * bk)
+            listed = jnp.repeat(slot[None, None, :] < x["count"][..., None], bk, axis=2)[:, :, None]  # B N 1 cbk
+            logits = jnp.einsum("bqnh,bnsh->bnqs", x["q"], keys.astype(q.dtype),
+                                preferred_element_type=jnp.float32) * scale
+            if spec.softcap is not None:
+                logits = spec.softcap * jnp.tanh(logits / spec.softcap)
+            visible = listed & (qp >= 0) & (kp >= 0)
+            if spec.causal:
+                visible &= kp <= qp
+            if spec.window is not None:
+                visible &= qp - kp < spec.window
+            if "seg" in x:
+                visible &= x["seg"][:, None, :, None] == kv_seg[rows, index].reshape(b, n, 1, c * bk)
+            logits = jnp.where(visible, logits, -jnp.inf)
+            new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))
+            safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+            p = jnp.where(visible, jnp.exp(logits - safe_max[..., None]), 0.0)
+            rescale = jnp.where(jnp.isfinite(run_max), jnp.exp(run_max - safe_max), 0.0)
+            pv = jnp.einsum("bnqs,bnsh->bnqh", p.astype(q.dtype), values.astype(q.dtype),
+                            preferred_element_type=jnp.float32)
+            return out * rescale[..., None] + pv, new_max, run_sum * rescale + jnp.sum(p, axis=-1)
+
+        acc = (jnp.zeros((b, n, bq, h), jnp.float32), jnp.full((b, n, bq), -jnp.inf, jnp.float32),
+               jnp.zeros((b, n, bq), jnp.float32))
+        # Only as many steps as this query block's longest list needs (padding is never computed).
+        steps = -(-jnp.max(x["count"]) // c)
+        out, run_max, run_sum = jax.lax.fori_loop(0, steps, step, acc)
+        safe = jnp.where(run_sum > 0, run_sum, 1.0)
+        lse = jnp.where(run_sum > 0, run_max + jnp.log(safe), -jnp.inf)
+        out = jnp.swapaxes(out / safe[..., None], 1, 2)
         return out.astype(q.dtype), jnp.swapaxes(lse, 1, 2)  # B bq N H, B bq N
 
     out, lse = jax.lax.map(one_query_block, xs)  # Tb B bq ...
