@@ -103,10 +103,26 @@ def block_sparse_attention(
     q_segment_ids: Int[Array, "B T"] | None = None,
     kv_segment_ids: Int[Array, "B S"] | None = None,
     return_lse: bool = False,
+    implementation: str | None = None,
+    interpret: object = False,
 ) -> Float[Array, "B T N H"] | tuple[Float[Array, "B T N H"], Float[Array, "B T N"]]:
     """Attention of q over the key blocks `layout` lists (module docstring): out [B, T, N, H]
-    in q's dtype and, with `return_lse`, the float32 log-sum-exp [B, T, N]. Matmuls in the
-    input dtype with float32 accumulation, as the "xla" implementation."""
+    in q's dtype and, with `return_lse`, the float32 log-sum-exp [B, T, N]. implementation:
+    "xla" (matmuls in the input dtype, float32 accumulation, as the "xla" attention) or
+    "pallas_tpu" (kernels_pallas/block_sparse_attention: skips the DMA of unlisted blocks;
+    no segment ids; `interpret` for CPU tests); None: "pallas_tpu" on a TPU, else "xla"."""
+    if implementation is None:
+        implementation = "pallas_tpu" if jax.default_backend() == "tpu" and q_segment_ids is None else "xla"
+    if implementation not in ("xla", "pallas_tpu"):
+        raise ValueError(f"implementation must be 'xla', 'pallas_tpu' or None, got {implementation!r}")
+    if implementation == "pallas_tpu":
+        if q_segment_ids is not None or kv_segment_ids is not None:
+            raise ValueError("implementation='pallas_tpu' does not serve segment ids; use 'xla'")
+        from kernels_pallas.block_sparse_attention import block_sparse_attention as kernel
+
+        return kernel(q, k, v, layout.index, layout.count, block_q=layout.block_q, block_k=layout.block_k,
+                      q_positions=q_positions, kv_positions=kv_positions, causal=spec.causal, window=spec.window,
+                      softcap=spec.softcap, scale=spec.scale, return_lse=return_lse, interpret=interpret)
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     if k.shape != (b, s, kh, h) or v.shape != k.shape:
@@ -159,8 +175,10 @@ def block_sparse_attention(
             slot = j * c + jnp.arange(c)
             index = jnp.clip(jax.lax.dynamic_slice_in_dim(x["index"], j * c, c, axis=2), 0, sb - 1)  # B N c
             keys = k_blocks[rows, heads, index].reshape(b, n, c * bk, h)
-            values = v_blocks[rows, heads, index].reshape(b, n, c * bk, h)
             kp = kv_pos[rows, index].reshape(b, n, 1, c * bk)
+            # Padding keys (position -1) may hold anything, NaN included: their values are zeroed.
+            values = jnp.where((kp >= 0)[:, :, 0, :, None], v_blocks[rows, heads, index].reshape(b, n, c * bk, h),
+                               jnp.zeros((), v.dtype))
             listed = jnp.repeat(slot[None, None, :] < x["count"][..., None], bk, axis=2)[:, :, None]  # B N 1 cbk
             logits = jnp.einsum("bqnh,bnsh->bnqs", x["q"], keys.astype(q.dtype),
                                 preferred_element_type=jnp.float32) * scale
