@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float, Int
 
+from kernels_pallas import online_softmax
 from kernels_pallas.flash_attention.reference import soft_cap, visible
 
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -65,9 +66,7 @@ def _kernel(cfg: Config, index_ref, count_ref, qp_ref, kp_ref, q_ref, k_ref, v_r
 
     @pl.when(j == 0)
     def _init() -> None:
-        m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
-        l_ref[...] = jnp.zeros_like(l_ref)
-        acc_ref[...] = jnp.zeros_like(acc_ref)
+        online_softmax.reset(m_ref, l_ref, acc_ref)
 
     @pl.when(j < count_ref[_flat(cfg, b, n, i)])
     def _step() -> None:
@@ -75,21 +74,13 @@ def _kernel(cfg: Config, index_ref, count_ref, qp_ref, kp_ref, q_ref, k_ref, v_r
         logits = soft_cap(_dot(q_ref[...], k_ref[...], NT) * cfg.scale, cfg.softcap)  # bq bk
         vis = visible(qp_ref[...], kp_ref[...], None, None, causal=cfg.causal, window=cfg.window)
         logits = jnp.where(vis, logits, -jnp.inf)
-        m_prev = m_ref[...]
-        m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(logits - m_safe)
-        alpha = jnp.exp(m_prev - m_safe)
-        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+        p, alpha = online_softmax.advance(m_ref, l_ref, logits)
+        # A key no query of the block sees (padding) may hold NaN: its value row is zeroed.
         acc_ref[...] = alpha * acc_ref[...] + _dot(p.astype(v.dtype), jnp.where(vis.any(axis=0)[:, None], v, 0), NN)
-        m_ref[...] = m_new
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish() -> None:
-        l = l_ref[...]
-        empty = l == 0.0
-        o_ref[...] = (acc_ref[...] / jnp.where(empty, 1.0, l)).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(empty, -jnp.inf, m_ref[...] + jnp.log(jnp.where(empty, 1.0, l)))
+        online_softmax.emit(m_ref, l_ref, acc_ref[...], o_ref, lse_ref)
 
 
 def forward(

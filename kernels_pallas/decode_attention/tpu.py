@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels_pallas import online_softmax
 from kernels_pallas.decode_attention.reference import decode_attention_reference, decode_positions
 from kernels_pallas.decode_attention.tuning import BlockSizes
 from kernels_pallas.flash_attention.reference import soft_cap, visible
@@ -124,9 +125,7 @@ def _kernel(cfg: Config, steps: int, *refs) -> None:  # noqa: ANN002
 
     @pl.when((flag & FIRST) != 0)
     def _init() -> None:
-        m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
-        l_ref[...] = jnp.zeros_like(l_ref)
-        acc_ref[...] = jnp.zeros_like(acc_ref)
+        online_softmax.reset(m_ref, l_ref, acc_ref)
 
     @pl.when((flag & VALID) != 0)
     def _update() -> None:
@@ -147,24 +146,15 @@ def _kernel(cfg: Config, steps: int, *refs) -> None:  # noqa: ANN002
         if cfg.has_mask:
             vis &= mask_ref[...] != 0
         logits = jnp.where(vis, logits, -jnp.inf)
-        m_prev = m_ref[...]
-        m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(logits - m_safe)
-        alpha = jnp.exp(m_prev - m_safe)
-        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+        p, alpha = online_softmax.advance(m_ref, l_ref, logits)
         acc_ref[...] = alpha * acc_ref[...] + jax.lax.dot_general(
             p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
             preferred_element_type=jnp.float32,
         )
-        m_ref[...] = m_new
 
     @pl.when((flag & LAST) != 0)
     def _emit() -> None:
-        l = l_ref[...]
-        empty = l == 0.0
-        o_ref[...] = acc_ref[...] / jnp.where(empty, 1.0, l)
-        lse_ref[...] = jnp.where(empty, -jnp.inf, m_ref[...] + jnp.log(jnp.where(empty, 1.0, l)))
+        online_softmax.emit(m_ref, l_ref, acc_ref[...], o_ref, lse_ref)
 
 
 def combine_pieces(

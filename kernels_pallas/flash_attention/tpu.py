@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float, Int
 
+from kernels_pallas import online_softmax
 from kernels_pallas.flash_attention.reference import default_positions, soft_cap, visible
 from kernels_pallas.flash_attention.tuning import BlockSizes, default_block_sizes, round_up
 
@@ -97,30 +98,19 @@ def _fwd_kernel(cfg: Config, *refs) -> None:  # noqa: ANN002
 
     @pl.when(j == 0)
     def _init() -> None:
-        m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
-        l_ref[...] = jnp.zeros_like(l_ref)
-        acc_ref[...] = jnp.zeros_like(acc_ref)
+        online_softmax.reset(m_ref, l_ref, acc_ref)
 
     def body(masked: bool) -> None:
         v = v_ref[...]
         _, logits, _ = _logits(cfg, q_ref[...], k_ref[...], qp, kp, qs, ks, masked)
-        m_prev = m_ref[...]  # bq 1
-        m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(logits - m_safe)  # masked entries: exp(-inf) = 0
-        alpha = jnp.exp(m_prev - m_safe)
-        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+        p, alpha = online_softmax.advance(m_ref, l_ref, logits)
         acc_ref[...] = alpha * acc_ref[...] + _dot(p.astype(v.dtype), v, NN)
-        m_ref[...] = m_new
 
     _both_paths(cfg, qp, kp, qs, ks, body)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish() -> None:
-        l = l_ref[...]
-        empty = l == 0.0
-        o_ref[...] = (acc_ref[...] / jnp.where(empty, 1.0, l)).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(empty, -jnp.inf, m_ref[...] + jnp.log(jnp.where(empty, 1.0, l)))
+        online_softmax.emit(m_ref, l_ref, acc_ref[...], o_ref, lse_ref)
 
 
 def _probs_and_dlogits(cfg, q, k, v, do, lse, delta, qp, kp, qs, ks, masked):  # noqa: ANN001, ANN202

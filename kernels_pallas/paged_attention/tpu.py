@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Bool, Float, Int
 
+from kernels_pallas import online_softmax
 from kernels_pallas.decode_attention.tpu import needed_blocks
 from kernels_pallas.flash_attention.reference import soft_cap, visible
 
@@ -104,9 +105,7 @@ def _kernel(cfg: Config, *refs) -> None:  # noqa: ANN002
 
     @pl.when(i == 0)
     def _init() -> None:
-        m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
-        l_ref[...] = jnp.zeros_like(l_ref)
-        acc_ref[...] = jnp.zeros_like(acc_ref)
+        online_softmax.reset(m_ref, l_ref, acc_ref)
 
     @pl.when(jnp.maximum(i * ppb, first) <= jnp.minimum(i * ppb + ppb - 1, last))  # a needed page
     def _update() -> None:
@@ -140,10 +139,7 @@ def _kernel(cfg: Config, *refs) -> None:  # noqa: ANN002
 
     @pl.when(i == cfg.num_blocks - 1)
     def _emit() -> None:
-        l = l_ref[...]
-        empty = l == 0.0
-        o_ref[...] = acc_ref[...] / jnp.where(empty, 1.0, l)
-        lse_ref[...] = jnp.where(empty, -jnp.inf, m_ref[...] + jnp.log(jnp.where(empty, 1.0, l)))
+        online_softmax.emit(m_ref, l_ref, acc_ref[...], o_ref, lse_ref)
 
 
 def _paged_call(

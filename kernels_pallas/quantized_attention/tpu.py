@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Bool, Float, Int, UInt8
 
+from kernels_pallas import online_softmax
 from kernels_pallas.decode_attention.reference import decode_positions
 from kernels_pallas.flash_attention.reference import soft_cap, visible
 
@@ -95,9 +96,7 @@ def _kernel(cfg: Config, lens_ref, *refs) -> None:  # noqa: ANN001
 
     @pl.when(i == 0)
     def _init() -> None:
-        m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
-        l_ref[...] = jnp.zeros_like(l_ref)
-        acc_ref[...] = jnp.zeros_like(acc_ref)
+        online_softmax.reset(m_ref, l_ref, acc_ref)
 
     @pl.when(first < length)
     def _update() -> None:
@@ -131,22 +130,13 @@ def _kernel(cfg: Config, lens_ref, *refs) -> None:  # noqa: ANN001
         if mask_ref is not None:
             vis &= mask_ref[...] != 0
         logits = jnp.where(vis, logits, -jnp.inf)
-        m_prev = m_ref[...]
-        m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        prob = jnp.exp(logits - m_safe)
-        alpha = jnp.exp(m_prev - m_safe)
-        l_ref[...] = alpha * l_ref[...] + jnp.sum(prob, axis=1, keepdims=True)
+        prob, alpha = online_softmax.advance(m_ref, l_ref, logits)
         for p in range(per):
             acc_ref[p] = alpha * acc_ref[p] + _dot(prob, v_planes[p])
-        m_ref[...] = m_new
 
     @pl.when(i == pl.num_programs(2) - 1)
     def _emit() -> None:
-        l = l_ref[...]
-        empty = l == 0.0
-        o_ref[...] = acc_ref[...] / jnp.where(empty, 1.0, l)[None]
-        lse_ref[...] = jnp.where(empty, -jnp.inf, m_ref[...] + jnp.log(jnp.where(empty, 1.0, l)))
+        online_softmax.emit(m_ref, l_ref, acc_ref[...], o_ref, lse_ref, expand=lambda l: l[None])
 
 
 def _kernel_call(cfg: Config, q, kc, ks, kz, vc, vs, vz, lengths, qp, kp, mask):  # noqa: ANN001, ANN202
