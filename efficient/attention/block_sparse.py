@@ -9,10 +9,12 @@ segment ids; efficient.attention.spec), so a listed block that is partly in the 
 masked as the dense path would mask it, and listing every block gives dense attention.
 
 The xla implementation really skips work: one query block at a time (`lax.map`), it walks
-that block's lists in steps of KEY_CHUNK keys (whole listed blocks), gathering only those
+that block's lists in steps of KEY_CHUNK keys (c whole listed blocks), gathering only those
 key blocks of each head ([B, N, c * block_k, H]) and merging them with an online softmax;
-the step count is the longest list of that query block, so unlisted blocks and list padding
-are never computed. Time grows with the listed blocks, temporary memory with one step.
+the step count is set by the longest list of that query block, so at most c - 1 entries past
+a list's end are gathered per step (masked, their values zeroed) and unlisted blocks are never
+read otherwise. Time grows with the listed blocks, temporary memory with one step. Lists hold
+distinct blocks (a repeated block would count twice); count <= M.
 GQA: query head n reads KV head n // G. Fully masked queries (nothing listed, or nothing
 visible) return zeros and log-sum-exp -inf, never NaN. Forward only (the inner loop has a
 data-dependent trip count).
@@ -140,6 +142,10 @@ def block_sparse_attention(
     for name, x in (("layout.index", layout.index), ("layout.count", layout.count)):
         if not jnp.issubdtype(x.dtype, jnp.integer):
             raise ValueError(f"{name} must be integer, got {x.dtype}")
+    if m < 1:
+        raise ValueError("layout.index must list at least one entry per query block (M >= 1)")
+    if not isinstance(layout.count, jax.core.Tracer) and layout.count.size and int(jnp.max(layout.count)) > m:
+        raise ValueError(f"layout.count={int(jnp.max(layout.count))} exceeds the M={m} entries of layout.index")
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("q_segment_ids and kv_segment_ids must be given together")
     if q_positions is None or kv_positions is None:
@@ -162,7 +168,7 @@ def block_sparse_attention(
     heads = (jnp.arange(n) // g)[None, :, None]
     per_block = lambda x: jnp.moveaxis(x.reshape(b, tb, bq, *x.shape[2:]), 1, 0)  # noqa: E731  Tb B bq ...
     xs = dict(q=per_block(q), pos=per_block(q_positions.astype(jnp.int32)), index=jnp.moveaxis(index, 2, 0),
-              count=jnp.moveaxis(layout.count.astype(jnp.int32), 2, 0))
+              count=jnp.moveaxis(jnp.clip(layout.count.astype(jnp.int32), 0, m), 2, 0))
     if q_segment_ids is not None:
         xs["seg"] = per_block(q_segment_ids)
 
@@ -176,10 +182,11 @@ def block_sparse_attention(
             index = jnp.clip(jax.lax.dynamic_slice_in_dim(x["index"], j * c, c, axis=2), 0, sb - 1)  # B N c
             keys = k_blocks[rows, heads, index].reshape(b, n, c * bk, h)
             kp = kv_pos[rows, index].reshape(b, n, 1, c * bk)
-            # Padding keys (position -1) may hold anything, NaN included: their values are zeroed.
-            values = jnp.where((kp >= 0)[:, :, 0, :, None], v_blocks[rows, heads, index].reshape(b, n, c * bk, h),
-                               jnp.zeros((), v.dtype))
             listed = jnp.repeat(slot[None, None, :] < x["count"][..., None], bk, axis=2)[:, :, None]  # B N 1 cbk
+            # Entries past a list's end (gathered with the step) and padding keys (position -1) may
+            # hold anything, NaN included: their values are zeroed, as their probabilities are.
+            values = jnp.where((listed & (kp >= 0))[:, :, 0, :, None],
+                               v_blocks[rows, heads, index].reshape(b, n, c * bk, h), jnp.zeros((), v.dtype))
             logits = jnp.einsum("bqnh,bnsh->bnqs", x["q"], keys.astype(q.dtype),
                                 preferred_element_type=jnp.float32) * scale
             if spec.softcap is not None:

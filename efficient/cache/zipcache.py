@@ -181,6 +181,9 @@ class ZipCache(GroupQuantizedCache):
         and count the queries that could attend each entry (causally; padding never). `mass`
         [B, K, T] of a fresh forward (attention read its T new tokens only) is over entries
         0 .. T-1, where a fresh cache puts them."""
+        if mass.shape[-1] > self.ring_size:
+            raise ValueError(f"ZipCache.observe: mass over {mass.shape[-1]} slots, more than the residual's "
+                             f"{self.ring_size} entries (key_stats.tail was not applied)")
         if mass.shape[-1] < self.ring_size:
             mass = jnp.pad(mass, ((0, 0), (0, 0), (0, self.ring_size - mass.shape[-1])))
         entry = self.residual_positions[:, :, None]  # B R 1

@@ -33,6 +33,8 @@ def validate(q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array, count: 
     if index.ndim != 4 or tuple(index.shape[:3]) != (b, n, tb) or tuple(count.shape) != (b, n, tb):
         raise ValueError(f"index must be [B, N, T/block_q, M] = {(b, n, tb, 'M')} and count {(b, n, tb)}, got "
                          f"{tuple(index.shape)} and {tuple(count.shape)}")
+    if index.shape[-1] < 1:
+        raise ValueError("index must list at least one entry per query block (M >= 1)")
     for name, x in (("index", index), ("count", count)):
         if not jnp.issubdtype(x.dtype, jnp.integer):
             raise TypeError(f"{name} must be an integer array, got {x.dtype}")

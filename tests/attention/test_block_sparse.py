@@ -90,6 +90,18 @@ def test_nothing_listed_gives_zeros_and_minus_infinity_not_nan() -> None:
     assert np.all(np.isfinite(np.asarray(out[:, 16:]))) and np.all(np.isfinite(np.asarray(lse[:, 16:])))
 
 
+def test_entries_past_a_lists_end_are_never_read_into_the_output() -> None:
+    """Every query block lists key block 0 only (M = 2): block 1, gathered with the step as the
+    padding entry, holds NaN and must not reach the output."""
+    q, k, v = _qkv(32, 32)
+    block_mask = jnp.zeros((B, N, 2, 2), bool).at[..., 0].set(True)
+    layout = BlockSparseLayout.from_block_mask(block_mask, 16, 16)  # M = 2: the second entry is padding
+    assert layout.index.shape[-1] == 2
+    got = block_sparse_attention(q, k.at[:, 16:].set(jnp.nan), v.at[:, 16:].set(jnp.nan), layout)
+    want, _ = _oracle_per_head(q, k, v, block_mask, 16, 16, spec=AttentionSpec())
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
 def test_the_layout_can_be_built_inside_jit() -> None:
     q, k, v = _qkv(32, 32)
 
@@ -112,6 +124,9 @@ def test_the_layout_can_be_built_inside_jit() -> None:
      "max_blocks=1 is below the 2 blocks"),
     (lambda q, k, v: BlockSparseLayout.from_block_mask(jnp.ones((B, N, 2, 2), bool), 0, 16),
      "block_q must be a positive int, got 0"),
+    (lambda q, k, v: block_sparse_attention(q, k, v, dataclasses.replace(
+        BlockSparseLayout.dense(B, N, 32, 32, 16, 16), count=jnp.full((B, N, 2), 3, jnp.int32))),
+     "layout.count=3 exceeds the M=2 entries"),
 ])
 def test_bad_layouts_are_refused_with_the_argument_named(make, match: str) -> None:  # noqa: ANN001
     q, k, v = _qkv(32, 32)
