@@ -50,36 +50,26 @@ register_cache("gear2", kivi_factory(2, rank=2, outlier_fraction=0.02), lossless
 
 
 
-def vidkv_factory(group_size: int = 32, residual_length: int = 32, **kwargs: object):  # noqa: ANN201
-    """A VidKV cache factory; the residual shrinks to the capacity for shorter rows."""
-    def factory(config, batch_size: int, capacity: int, dtype=None) -> VidKVCache:  # noqa: ANN001
-        return VidKVCache.for_model(config, batch_size, capacity, dtype, group_size=group_size,
-                                    residual_length=min(residual_length, capacity), **kwargs)
+def store_factory(cls: type, group_size: int = 32, residual_length: int = 32, **kwargs: object):  # noqa: ANN201
+    """A factory of a `GroupQuantizedCache` subclass (VidKV, ZipCache); the residual shrinks to
+    the capacity for shorter rows."""
+    def factory(config, batch_size: int, capacity: int, dtype=None):  # noqa: ANN001, ANN202
+        return cls.for_model(config, batch_size, capacity, dtype, group_size=group_size,
+                             residual_length=min(residual_length, capacity), **kwargs)
 
     return factory
 
 
-register_cache("vidkv", vidkv_factory(), lossless=False,
+register_cache("vidkv", store_factory(VidKVCache), lossless=False,
                description="VidKV 1.x-bit: keys at 1.5 bits (each group's widest half of the channels at 2 bits, "
                            "the rest as 1-bit real-DFT coefficients), ternary values (1.6 bits), groups of 32 "
                            "tokens, 32+ recent tokens in full precision",
                paper="Tao et al. 2025, Plug-and-Play 1.x-Bit KV Cache Quantization for Video Large Language Models")
-register_cache("vidkv_sinks", vidkv_factory(sinks=4), lossless=False,
+register_cache("vidkv_sinks", store_factory(VidKVCache, sinks=4), lossless=False,
                description="VidKV 1.x-bit as 'vidkv', with the first 4 tokens (attention sinks) kept exact",
                paper="Tao et al. 2025 (VidKV); sinks: Xiao et al. 2024, Efficient Streaming Language Models with "
                      "Attention Sinks")
-
-
-def zipcache_factory(group_size: int = 32, residual_length: int = 32, **kwargs: object):  # noqa: ANN201
-    """A ZipCache factory; the residual shrinks to the capacity for shorter rows."""
-    def factory(config, batch_size: int, capacity: int, dtype=None) -> ZipCache:  # noqa: ANN001
-        return ZipCache.for_model(config, batch_size, capacity, dtype, group_size=group_size,
-                                  residual_length=min(residual_length, capacity), **kwargs)
-
-    return factory
-
-
-register_cache("zipcache", zipcache_factory(), lossless=False,
+register_cache("zipcache", store_factory(ZipCache), lossless=False,
                description="ZipCache: channel-separable tokenwise codes, each group's more salient half of the "
                            "tokens (normalised attention score) at 4 bits, the rest at 2; groups of 32 tokens, "
                            "32+ recent tokens in full precision while they are scored",
