@@ -9,7 +9,8 @@ segment ids; efficient.attention.spec), so a listed block that is partly in the 
 masked as the dense path would mask it, and listing every block gives dense attention.
 
 The xla implementation really skips work: one query block at a time (`lax.map`), it walks
-that block's lists in steps of KEY_CHUNK keys (c whole listed blocks), gathering only those
+that block's lists in steps of c whole listed blocks (at most KEY_CHUNK keys, fewer for short
+lists), gathering only those
 key blocks of each head ([B, N, c * block_k, H]) and merging them with an online softmax;
 the step count is set by the longest list of that query block, so at most c - 1 entries past
 a list's end are gathered per step (masked, their values zeroed) and unlisted blocks are never
@@ -30,7 +31,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 from efficient.attention.spec import AttentionSpec, default_positions
 
-KEY_CHUNK = 512  # keys per online-softmax step (whole listed blocks), as the dense blockwise path
+KEY_CHUNK = 512  # keys per online-softmax step at most (whole listed blocks), as the dense blockwise path
+LIST_STEPS = 8  # measured at 8k, 11% density, 64-blocks: 2 blocks per step 145 ms, 8 blocks 156 ms
 
 
 @jax.tree_util.register_dataclass
@@ -155,7 +157,9 @@ def block_sparse_attention(
 
     g = n // kh
     scale = spec.logit_scale(h)
-    c = max(1, min(m, KEY_CHUNK // bk))  # listed blocks per inner step
+    # Listed blocks per inner step: at most KEY_CHUNK keys, and about LIST_STEPS steps for the
+    # longest list, so short lists (sparse layouts) waste little on a last, partly empty step.
+    c = max(1, min(m, KEY_CHUNK // bk, -(-m // LIST_STEPS)))
     chunks = -(-m // c)
     pad = chunks * c - m
     index = jnp.pad(layout.index.astype(jnp.int32), ((0, 0), (0, 0), (0, 0), (0, pad)))
