@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from efficient.attention.spec import AttentionSpec, default_positions
+from kernels_pallas.block_sparse_attention.reference import listed_blocks
 
 KEY_CHUNK = 512  # keys per online-softmax step at most (whole listed blocks), as the dense blockwise path
 LIST_STEPS = 8  # measured at 8k, 11% density, 64-blocks: 2 blocks per step 145 ms, 8 blocks 156 ms
@@ -75,9 +76,7 @@ class BlockSparseLayout:
 
     def block_mask(self, num_key_blocks: int) -> Bool[Array, "B N Tb Sb"]:
         """The listed blocks as a boolean [B, N, Tb, Sb] mask."""
-        listed = jnp.arange(self.index.shape[-1])[None, None, None, :] < self.count[..., None]
-        hits = jax.nn.one_hot(self.index, num_key_blocks, dtype=jnp.int32) * listed[..., None]
-        return jnp.sum(hits, axis=-2) > 0
+        return listed_blocks(self.index, self.count, num_key_blocks)
 
     def density(self, num_key_blocks: int) -> Float[Array, ""]:
         """Listed blocks over all blocks (not counting what the causal rule masks inside them)."""

@@ -243,9 +243,6 @@ class LowBitView(ResidualStoreView):
                     v_codes=((b, s, kh, trit_bytes(h)), jnp.uint8), k_scale=((b, s // g, kh, h), None),
                     k_zero=((b, s // g, kh, a), None), v_scale=((b, s // g, kh, h), None),
                     positions=((b, s), None))
-        for name, (shape, dtype) in want.items():
-            x = getattr(self, name)
-            if tuple(x.shape) != shape or (dtype is not None and x.dtype != dtype):
-                raise ValueError(f"LowBitView.{name} must be {dtype or ''}{shape}, got {x.dtype}{tuple(x.shape)}")
+        self.validate_fields(want)
         self.validate_sinks(g)
         self.validate_residual()

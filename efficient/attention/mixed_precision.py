@@ -145,8 +145,5 @@ class MixedPrecisionView(ResidualStoreView):
                      f"{p}_lo": ((b, s // g, g - n, kh, mixed_code_bytes(h, self.lo_bits)), jnp.uint8),
                      f"{p}_token_scale": ((b, s, kh), None), f"{p}_token_zero": ((b, s, kh), None),
                      f"{p}_channel_scale": ((b, s // g, kh, h), None)}
-        for name, (shape, dtype) in want.items():
-            x = getattr(self, name)
-            if tuple(x.shape) != shape or (dtype is not None and x.dtype != dtype):
-                raise ValueError(f"MixedPrecisionView.{name} must be {dtype or ''}{shape}, got {x.dtype}{tuple(x.shape)}")
+        self.validate_fields(want)
         self.validate_residual()

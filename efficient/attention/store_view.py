@@ -69,3 +69,11 @@ class ResidualStoreView:
                                          or not jnp.issubdtype(self.lengths.dtype, jnp.integer)):
             raise ValueError(f"{name}.lengths must be integer [B={b}], got {self.lengths.dtype}"
                              f"{tuple(self.lengths.shape)}")
+
+    def validate_fields(self, want: dict[str, tuple[tuple[int, ...], jnp.dtype | None]]) -> None:
+        """Each named field has its shape (and dtype, where one is given)."""
+        for name, (shape, dtype) in want.items():
+            x = getattr(self, name)
+            if tuple(x.shape) != shape or (dtype is not None and x.dtype != dtype):
+                raise ValueError(f"{type(self).__name__}.{name} must be {dtype or ''}{shape}, got "
+                                 f"{x.dtype}{tuple(x.shape)}")

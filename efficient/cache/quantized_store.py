@@ -100,6 +100,9 @@ class GroupQuantizedCache(PerLayerFields):
     # Per residual entry, moved with it by `select`: [L, B, R, ...] and [B, R, ...] fields.
     RESIDUAL_LAYER_FIELDS: ClassVar[tuple[str, ...]] = ("residual_k", "residual_v")
     RESIDUAL_ROW_FIELDS: ClassVar[tuple[str, ...]] = ("residual_positions",)
+    # Per-entry [L, B, R, ...] statistics (among the above) that start at zero whenever an entry
+    # takes a token: a new one (`update`) or one moved back from the store (`truncate`).
+    RESIDUAL_SCORE_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     def _encode(self, k: Float[Array, "B F g K H"], v: Float[Array, "B F g K H"]) -> dict[str, jax.Array]:
         """Encoded fields of F groups: per slot [B, F*g, ...], per group [B, F, ...]."""
@@ -255,6 +258,9 @@ class GroupQuantizedCache(PerLayerFields):
         rows_t = _rows(b, t)
         fields["residual_k"] = self._set("residual_k", layer, (rows_t, entry), store(k))
         fields["residual_v"] = self._set("residual_v", layer, (rows_t, entry), store(v))
+        for name in self.RESIDUAL_SCORE_FIELDS:
+            fields[name] = self._set(name, layer, (rows_t, entry),
+                                     jnp.zeros((b, t, *self._layer_shape(name)[3:]), getattr(self, name)[0].dtype))
         return dataclasses.replace(self, **fields)
 
     @property
@@ -289,10 +295,14 @@ class GroupQuantizedCache(PerLayerFields):
                                               mode="drop")
         k, v = self._dequantized_group(quantized)  # L B g K H
         store = lambda x: _to_storage(x, self.dtype)  # noqa: E731
-        residual_k = self._set_all_layers("residual_k", (rows, entry), store(k))
-        residual_v = self._set_all_layers("residual_v", (rows, entry), store(v))
-        return dataclasses.replace(self, residual_k=residual_k, residual_v=residual_v, residual_positions=res_pos,
-                                   residual_slots=res_slots, lengths=lengths, quantized=quantized)
+        fields = dict(residual_k=self._set_all_layers("residual_k", (rows, entry), store(k)),
+                      residual_v=self._set_all_layers("residual_v", (rows, entry), store(v)))
+        for name in self.RESIDUAL_SCORE_FIELDS:
+            shape = self._layer_shape(name)
+            fields[name] = self._set_all_layers(name, (rows, entry), jnp.zeros((shape[0], *rows.shape, *shape[3:]),
+                                                                              getattr(self, name)[0].dtype))
+        return dataclasses.replace(self, **fields, residual_positions=res_pos, residual_slots=res_slots,
+                                   lengths=lengths, quantized=quantized)
 
     def _dequantized_group(self, start: Int[Array, " B"]) -> tuple[jax.Array, jax.Array]:
         """Keys/values of the packed group starting at slot `start[b]`, all layers [L, B, g, K, H]."""

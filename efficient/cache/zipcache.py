@@ -38,7 +38,7 @@ from jaxtyping import Array, Bool, Float, Int, UInt8
 from efficient.attention.mixed_precision import MixedPrecisionView, dequantize_mixed, mixed_code_bytes, quantize_mixed
 from efficient.attention.packing import QUANT_BITS
 from efficient.attention.spec import KeyStats
-from efficient.cache.dense import _floating_dtype, _from_storage, _rows, _storage_dtype, positive_int
+from efficient.cache.dense import _floating_dtype, _from_storage, _storage_dtype, positive_int
 from efficient.cache.quantized_store import GroupQuantizedCache, _take, bookkeeping
 
 CODES = ("hi", "lo", "token_scale", "token_zero", "channel_scale")
@@ -76,6 +76,7 @@ class ZipCache(GroupQuantizedCache):
     CODE_FIELDS = ("k_hi", "k_lo", "v_hi", "v_lo", "rank")
     EXTRA_LAYER_FIELDS = ("residual_mass", "residual_count")
     RESIDUAL_LAYER_FIELDS = ("residual_k", "residual_v", "residual_mass", "residual_count")
+    RESIDUAL_SCORE_FIELDS = ("residual_mass", "residual_count")  # new entries start unscored
 
     @classmethod
     def init(
@@ -163,19 +164,6 @@ class ZipCache(GroupQuantizedCache):
         count = self._stored("residual_count", layer)
         return self._stored("residual_mass", layer) / jnp.maximum(count, 1.0)[:, :, None]
 
-    def update(self, layer: int | Int[Array, ""], k: Float[Array, "B T K H"], v: Float[Array, "B T K H"],
-               slots: Int[Array, "B T"]) -> ZipCache:
-        """As `GroupQuantizedCache.update`; the new tokens' residual entries start unscored."""
-        cache = super().update(layer, k, v, slots)
-        flushed_to = self.flush_start + self.flush_groups * self.group_size
-        entry = jnp.where((slots >= flushed_to[:, None]) & (slots < self.capacity), slots % self.ring_size,
-                          self.ring_size)
-        b, t = slots.shape
-        index = (_rows(b, t), entry)
-        return dataclasses.replace(
-            cache, residual_mass=cache._set("residual_mass", layer, index, jnp.zeros((b, t, self.num_kv_heads))),
-            residual_count=cache._set("residual_count", layer, index, jnp.zeros((b, t))))
-
     def observe(self, layer: int | Int[Array, ""], mass: Float[Array, "B K R"], q_positions: Int[Array, "B T"]) -> ZipCache:
         """Add the attention mass of layer `layer`'s queries to its residual entries' scores,
         and count the queries that could attend each entry (causally; padding never). `mass`
@@ -193,15 +181,6 @@ class ZipCache(GroupQuantizedCache):
         count = self._stored("residual_count", layer) + seen
         return dataclasses.replace(self, residual_mass=self._set("residual_mass", layer, (), mass),
                                    residual_count=self._set("residual_count", layer, (), count))
-
-    def truncate(self, lengths: Int[Array, " B"]) -> ZipCache:
-        """As `GroupQuantizedCache.truncate`; entries moved back from the store start unscored."""
-        cut = super().truncate(lengths)
-        moved = cut.residual_slots != self.residual_slots  # B R
-        unscored = lambda x, lead: jnp.where(moved.reshape(*moved.shape, *([1] * (x.ndim - len(lead) - 2))),  # noqa: E731
-                                             jnp.zeros((), x.dtype), x)
-        return dataclasses.replace(cut, residual_mass=cut._per_layer_map("residual_mass", unscored),
-                                   residual_count=cut._per_layer_map("residual_count", unscored))
 
     # ------------------------------------------------------------ codec
     def _encode_flush(self, layer: int | Int[Array, ""], k: Float[Array, "B F g K H"], v: Float[Array, "B F g K H"],
