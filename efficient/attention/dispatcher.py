@@ -23,6 +23,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from efficient.attention.capabilities import CAPABILITIES, Capabilities, unsupported
 from efficient.attention.spec import AttentionSpec, KeyStats, validate_inputs
+from efficient.attention.page_select import QuestView
 from efficient.attention.views import QUANTIZED_VIEWS, VIEW_TYPES, DenseView, KVView
 from efficient.attention.xla import reference_implementation, xla_implementation
 
@@ -147,12 +148,15 @@ def attention(
         raise TypeError(f"q must be a float array [B, T, N, H], got {type(q).__name__}")
     if not isinstance(view, VIEW_TYPES):
         raise TypeError(
-            "view must be a KV view (DenseView, PagedView, QuantizedView, LowBitView, MixedPrecisionView), got "
+            "view must be a KV view (DenseView, PagedView, QuantizedView, LowBitView, MixedPrecisionView, QuestView), got "
             f"{type(view).__name__}"
         )
     if not isinstance(spec, AttentionSpec):
         raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}: {spec!r}")
     key_stats = KeyStats.of(key_stats)
+    if key_stats is not None and isinstance(view, QuestView):
+        raise ValueError("key_stats is not served over a QuestView (its attention reads selected pages only); "
+                         "a cache that scores keys cannot also select pages")
     if key_stats is not None and key_stats.tail is not None and key_stats.tail > view.num_slots:
         raise ValueError(f"key_stats.tail={key_stats.tail} exceeds the view's {view.num_slots} slots")
     _validate(q, view, q_positions, mask, q_segment_ids, kv_segment_ids)

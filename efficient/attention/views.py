@@ -25,6 +25,8 @@ implementation may skip reading it, and must not let it change the result).
 - `MixedPrecisionView` (efficient/attention/mixed_precision.py): ZipCache's
   channel-separable tokenwise codes, salient tokens at more bits than the others, with
   the same residual window.
+- `QuestView` (efficient/attention/page_select.py): a dense [B, K, S, H] view plus per-page
+  key bounds; attention reads only the pages whose bound is highest for the query (Quest).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from jaxtyping import Array, Float, Int, UInt8
 
 from efficient.attention.lowbit import LowBitView
 from efficient.attention.mixed_precision import MixedPrecisionView
+from efficient.attention.page_select import QuestView
 from efficient.attention.packing import QUANT_BITS, pack_codes, unpack_codes  # noqa: F401  (re-exported)
 from efficient.attention.store_view import ResidualStoreView
 
@@ -290,8 +293,8 @@ class QuantizedView(ResidualStoreView):
         self.validate_sinks(g)
 
 
-KVView = DenseView | PagedView | QuantizedView | LowBitView | MixedPrecisionView
-VIEW_TYPES = (DenseView, PagedView, QuantizedView, LowBitView, MixedPrecisionView)
+KVView = DenseView | PagedView | QuantizedView | LowBitView | MixedPrecisionView | QuestView
+VIEW_TYPES = (DenseView, PagedView, QuantizedView, LowBitView, MixedPrecisionView, QuestView)
 # S quantized slots, then a full-precision residual:
 QUANTIZED_VIEWS = (QuantizedView, LowBitView, MixedPrecisionView)
 
@@ -299,6 +302,8 @@ QUANTIZED_VIEWS = (QuantizedView, LowBitView, MixedPrecisionView)
 def slot_positions(view: KVView) -> Int[Array, "B S"] | Int[Array, "B K S"]:
     """Positions of the view's logical slots [B, S] (a dense view's may be per KV head,
     [B, K, S]), -1 where empty (lengths applied)."""
+    if isinstance(view, QuestView):
+        return slot_positions(view.dense())
     b, s = view.batch_size, view.num_slots
     if isinstance(view, DenseView):
         pos = view.positions
@@ -323,6 +328,8 @@ def dense_kv(view: KVView, layout: str = "BSKH") -> tuple[jax.Array, jax.Array]:
     """Keys and values of every logical slot in `layout`: a transpose for a dense view,
     a page gather for a paged one, dequantization for a quantized one. Meant to run
     inside the attention computation (XLA fuses it); a cache never stores this."""
+    if isinstance(view, QuestView):
+        view = view.dense()
     if isinstance(view, DenseView):
         return view.kv(layout)
     if isinstance(view, PagedView):

@@ -20,7 +20,8 @@ materialised path's, recomputed in the backward pass). Decoding over a
 [B, K, S, H] view (the dense cache's) of 2048 slots or more picks at run time
 (`lax.cond` on the row lengths): blockwise while the fullest row holds at most
 half the slots (it skips the empty key blocks), materialised past that (it reads
-the cache in place, where the blockwise loop copies each key block).
+the cache in place, where the blockwise loop copies each key block). A `QuestView` is read
+as the dense view of its selected pages (or of the whole cache where it does not select).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from efficient.attention.blockwise import DECODE_SPARSE_FILL, attention_blockwise, prefers_blockwise
+from efficient.attention.page_select import QuestView, quest_attention
 from efficient.attention.reference import grouped_attention
 from efficient.attention.spec import AttentionSpec, KeyStats, default_positions
 from efficient.attention.view_blocks import attention_over_blocks
@@ -89,6 +91,12 @@ def _view_attention(exact: bool):  # noqa: ANN202
         return_lse: bool = False,
         key_stats: KeyStats | None = None,
     ):  # noqa: ANN202
+        if isinstance(view, QuestView):  # the selected pages (or all), as dense views
+            def over(q: jax.Array, seen: DenseView, mask: jax.Array | None, kv_segment_ids: jax.Array | None):  # noqa: ANN202
+                return implementation(q, seen, spec=spec, q_positions=q_positions, q_segment_ids=q_segment_ids,
+                                      kv_segment_ids=kv_segment_ids, mask=mask, return_lse=return_lse)
+            return quest_attention(q, view, over, q_positions=q_positions, mask=mask, kv_segment_ids=kv_segment_ids)
+
         def materialised(q: jax.Array, view: KVView):  # noqa: ANN202
             k, v, kv_positions, layout = view_arrays(view)
             return grouped_attention(

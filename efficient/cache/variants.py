@@ -10,6 +10,7 @@ from efficient.cache.dense import DenseKVCache
 from efficient.cache.evicting import EvictingKVCache
 from efficient.cache.kivi import KIVICache
 from efficient.cache.paged import PagedKVCache
+from efficient.cache.quest import QuestKVCache
 from efficient.cache.vidkv import VidKVCache
 from efficient.cache.zipcache import ZipCache
 from efficient.cache.press import press_for_budget
@@ -22,6 +23,23 @@ register_cache("dense_bf16", functools.partial(DenseKVCache.for_model, dtype="bf
 register_cache("paged", PagedKVCache.for_model, lossless=True,
                description="Paged KV pool (16-slot pages, per-row page tables; PagedAttention)",
                paper="Kwon et al. 2023, Efficient Memory Management for LLM Serving with PagedAttention")
+def quest_factory(page_fraction: float = 0.125, page_size: int = 16):  # noqa: ANN201
+    """A Quest cache factory reading `page_fraction` of the pages per decode step; the first
+    two layers (the paper's choice; one for a model of two layers or fewer) read all."""
+    def factory(config, batch_size: int, capacity: int, dtype=None) -> QuestKVCache:  # noqa: ANN001
+        dense_layers = tuple(range(min(2, config.num_layers - 1)))
+        return QuestKVCache.for_model(config, batch_size, capacity, dtype, page_size=page_size,
+                                      page_fraction=page_fraction, dense_layers=dense_layers)
+
+    return factory
+
+
+register_cache("quest", quest_factory(), lossless=False,
+               description="Quest: the dense cache plus per-page key bounds; each decode step reads the 1/8 of "
+                           "its 16-slot pages with the highest bound for its queries (layers 0-1 read all)",
+               paper="Tang et al. 2024, Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference")
+
+
 def kivi_factory(bits: int, group_size: int = 32, residual_length: int = 32, **gear: object):  # noqa: ANN201
     """A KIVI (or, with `rank` / `outlier_fraction`, GEAR) cache factory; the group shrinks
     to head_dim for models with smaller heads and the residual to the capacity for shorter rows."""

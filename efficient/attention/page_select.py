@@ -1,0 +1,231 @@
+"""Query-aware page selection for decoding: Quest (Tang et al. 2024, "Quest: Query-Aware
+Sparsity for Efficient Long-Context LLM Inference").
+
+The cache keeps, per page of P consecutive slots, the channel-wise minimum and maximum
+of its keys. A query q bounds the logit of any key in page p from above by
+
+    U(q, p) = sum_h max(q_h * min_h(p), q_h * max_h(p)),
+
+so the pages with the largest bounds are the ones that can hold the largest logits.
+`QuestView` is a dense cache's [B, K, S, H] view plus those bounds: attention over it
+reads only the `top_pages` pages with the highest bound per (row, KV head), gathered,
+instead of all S slots.
+
+Choices this implementation makes (the paper has one head per KV head):
+- GQA: one selection per KV head, shared by its G query heads and by the T queries of
+  the call (tree verification), ranked by the bound summed over them, so the gather
+  serves all of them at once;
+- the pages holding the call's own queries (the last T slots) are always selected
+  (they hold the newest keys, whose page is partly filled);
+- a call with more than `max_queries` queries (a prefill chunk) attends densely, as
+  Quest prefills densely; so does a layer whose `sparse` flag is False (the paper keeps
+  its first two layers dense).
+
+What it loses: attention mass outside the selected pages (`attention_mass_kept`
+measures it against dense attention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+
+def _static(default: object = dataclasses.MISSING) -> dataclasses.Field:
+    return dataclasses.field(default=default, metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuestView:
+    """A dense [B, K, S, H] view (slot positions [B, S], row lengths [B]) with per-page key
+    bounds page_min/page_max float32 [B, K, S/P, H] (0 for pages with no live slot), the
+    number of pages to read `top_pages`, and `sparse` (a bool, or a traced bool scalar when
+    the layer index is traced): whether this layer selects at all."""
+
+    k: Float[Array, "B K S H"]
+    v: Float[Array, "B K S H"]
+    positions: Int[Array, "B S"]
+    lengths: Int[Array, " B"]
+    page_min: Float[Array, "B K Np H"]
+    page_max: Float[Array, "B K Np H"]
+    sparse: bool | Bool[Array, ""] = True
+    page_size: int = _static(16)
+    top_pages: int = _static(8)
+    max_queries: int = _static(16)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def num_slots(self) -> int:  # S
+        return self.k.shape[2]
+
+    @property
+    def num_kv_heads(self) -> int:  # K
+        return self.k.shape[1]
+
+    @property
+    def head_dim(self) -> int:  # H
+        return self.k.shape[3]
+
+    @property
+    def num_pages(self) -> int:  # Np
+        return self.num_slots // self.page_size
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.k.dtype
+
+    def validate(self) -> None:
+        b, kh, s, h = self.k.shape
+        if self.v.shape != self.k.shape:
+            raise ValueError(f"QuestView k and v must agree on [B, K, S, H], got {self.k.shape} and {self.v.shape}")
+        for name in ("page_size", "top_pages", "max_queries"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"QuestView.{name} must be a positive int, got {value!r}")
+        if s % self.page_size:
+            raise ValueError(f"QuestView.page_size={self.page_size} must divide the {s} slots")
+        if self.max_queries > self.page_size:
+            raise ValueError(f"QuestView.max_queries={self.max_queries} must be <= page_size={self.page_size} "
+                             "(the pages of a call's own queries are always read)")
+        want = (b, kh, self.num_pages, h)
+        for name in ("page_min", "page_max"):
+            if tuple(getattr(self, name).shape) != want:
+                raise ValueError(f"QuestView.{name} must have shape {want}, got {getattr(self, name).shape}")
+        if tuple(self.positions.shape) != (b, s):
+            raise ValueError(f"QuestView.positions must have shape {(b, s)}, got {self.positions.shape}")
+        if tuple(self.lengths.shape) != (b,) or not jnp.issubdtype(self.lengths.dtype, jnp.integer):
+            raise ValueError(f"QuestView.lengths must be integer [B={b}], got {self.lengths.dtype}{self.lengths.shape}")
+
+    def dense(self):  # noqa: ANN201  (a DenseView; views.py imports this module)
+        """The whole cache, as a dense view (what a dense layer or a long call reads)."""
+        from efficient.attention.views import DenseView
+
+        return DenseView(k=self.k, v=self.v, positions=self.positions, lengths=self.lengths, layout="BKSH")
+
+    def selects(self, num_queries: int) -> bool:
+        """Whether a call with `num_queries` queries reads fewer pages than all (static)."""
+        return num_queries <= self.max_queries and self.top_pages < self.num_pages
+
+
+def page_bounds(
+    k: Float[Array, "B K S H"], live: Bool[Array, "B S"], page_size: int
+) -> tuple[Float[Array, "B K Np H"], Float[Array, "B K Np H"]]:
+    """Channel-wise min and max of the live keys of each page (0 where a page has none)."""
+    b, kh, s, h = k.shape
+    pages = k.astype(jnp.float32).reshape(b, kh, s // page_size, page_size, h)
+    alive = live.reshape(b, 1, s // page_size, page_size, 1)
+    lo = jnp.min(jnp.where(alive, pages, jnp.inf), axis=3)
+    hi = jnp.max(jnp.where(alive, pages, -jnp.inf), axis=3)
+    any_live = jnp.any(alive, axis=3)
+    return jnp.where(any_live, lo, 0.0), jnp.where(any_live, hi, 0.0)
+
+
+def page_scores(
+    q: Float[Array, "B T N H"], view: QuestView, q_positions: Int[Array, "B T"] | None = None
+) -> Float[Array, "B K Np"]:
+    """Quest's upper bound of the logits in each page, summed over each KV head's G query
+    heads and the T queries (padding queries, position -1, left out); -inf for pages with
+    no live slot, +inf for the pages that hold the call's queries (always read)."""
+    b, t, n, h = q.shape
+    kh, p = view.num_kv_heads, view.page_size
+    qg = q.astype(jnp.float32)
+    if q_positions is not None:
+        qg = jnp.where((q_positions >= 0)[:, :, None, None], qg, 0.0)
+    qg = qg.reshape(b, t, kh, n // kh, h)
+    # max(q * lo, q * hi) = max(q, 0) * hi + min(q, 0) * lo, per channel: two dots.
+    score = (jnp.einsum("btkgh,bkph->bkp", jnp.maximum(qg, 0.0), view.page_max)
+             + jnp.einsum("btkgh,bkph->bkp", jnp.minimum(qg, 0.0), view.page_min))
+    page = jnp.arange(view.num_pages, dtype=jnp.int32)[None, :]
+    lengths = view.lengths.astype(jnp.int32)[:, None]
+    live = page * p < lengths
+    own = (page >= (lengths - t) // p) & (page <= (lengths - 1) // p) & live
+    return jnp.where(own[:, None, :], jnp.inf, jnp.where(live[:, None, :], score, -jnp.inf))
+
+
+def select_pages(
+    q: Float[Array, "B T N H"], view: QuestView, q_positions: Int[Array, "B T"] | None = None
+) -> Int[Array, "B K k"]:
+    """The `top_pages` pages with the highest bound per (row, KV head), in slot order."""
+    _, index = jax.lax.top_k(page_scores(q, view, q_positions), view.top_pages)
+    return jnp.sort(index, axis=-1).astype(jnp.int32)
+
+
+def gather_pages(view: QuestView, pages: Int[Array, "B K k"]):  # noqa: ANN201  (a DenseView)
+    """The selected pages as a dense [B, K, k*P, H] view with per-KV-head positions
+    [B, K, k*P] (-1 for slots past a row's length or of a page with no live slot, whose
+    keys and values are zeroed so that nothing stored there can reach the output)."""
+    from efficient.attention.views import DenseView
+
+    b, kh, s, h = view.k.shape
+    p, n = view.page_size, pages.shape[-1]
+    index = pages[..., None, None]  # B K k 1 1
+
+    def take(x: jax.Array) -> jax.Array:
+        paged = x.reshape(b, kh, s // p, p, h)
+        return jnp.take_along_axis(paged, index, axis=2).reshape(b, kh, n * p, h)
+
+    slot = (pages[..., None] * p + jnp.arange(p, dtype=jnp.int32)).reshape(b, kh, n * p)
+    positions = jnp.take_along_axis(jnp.broadcast_to(view.positions[:, None], (b, kh, s)), slot, axis=2)
+    positions = jnp.where(slot < view.lengths[:, None, None], positions, -1).astype(jnp.int32)
+    live = (positions >= 0)[..., None]
+    zero = jnp.zeros((), view.k.dtype)
+    return DenseView(k=jnp.where(live, take(view.k), zero), v=jnp.where(live, take(view.v), zero),
+                     positions=positions, layout="BKSH")
+
+
+def _gather_slots(x: jax.Array, view: QuestView, pages: Int[Array, "B K k"]) -> jax.Array:
+    """x [B, T, S] (a mask or, T absent, [B, S] segment ids) at each KV head's selected
+    slots: [B, K, T, k*P] (or [B, K, k*P])."""
+    b, kh, n = pages.shape
+    p = view.page_size
+    slot = (pages[..., None] * p + jnp.arange(p, dtype=jnp.int32)).reshape(b, kh, n * p)
+    if x.ndim == 2:
+        return jnp.take_along_axis(jnp.broadcast_to(x[:, None], (b, kh, x.shape[1])), slot, axis=2)
+    t = x.shape[1]
+    wide = jnp.broadcast_to(x[:, None], (b, kh, t, x.shape[2]))
+    return jnp.take_along_axis(wide, jnp.broadcast_to(slot[:, :, None], (b, kh, t, n * p)), axis=3)
+
+
+def quest_attention(q: Float[Array, "B T N H"], view: QuestView, call, *, q_positions, mask, kv_segment_ids):  # noqa: ANN001, ANN201
+    """Attention over a `QuestView` through `call(q, dense_view, mask, kv_segment_ids)` (an
+    implementation over dense views): over the whole cache where the view does not select,
+    else over the selected pages. A mask or key segment ids over the S logical slots (a
+    draft tree's) are gathered with the pages, and the call then runs once per KV head."""
+    def dense(q: jax.Array):  # noqa: ANN202
+        return call(q, view.dense(), mask, kv_segment_ids)
+
+    def sparse(q: jax.Array):  # noqa: ANN202
+        pages = select_pages(q, view, q_positions)
+        selected = gather_pages(view, pages)
+        if mask is None and kv_segment_ids is None:
+            return call(q, selected, None, None)
+        b, t, n, h = q.shape
+        kh = view.num_kv_heads
+        per_head_q = jnp.moveaxis(q.reshape(b, t, kh, n // kh, h), 2, 0)  # K B T G H
+        head_mask = None if mask is None else jnp.moveaxis(_gather_slots(mask, view, pages), 1, 0)
+        head_seg = None if kv_segment_ids is None else jnp.moveaxis(_gather_slots(kv_segment_ids, view, pages), 1, 0)
+
+        def one_head(qk, k, v, pos, m, seg):  # noqa: ANN001, ANN202
+            head = dataclasses.replace(selected, k=k[:, None], v=v[:, None], positions=pos)
+            return call(qk, head, m, seg)
+
+        outs = jax.vmap(one_head, in_axes=(0, 1, 1, 1, 0, 0))(
+            per_head_q, selected.k, selected.v, selected.positions, head_mask, head_seg)
+        # outs: [K, B, T, G, H] (and lse [K, B, T, G]) back to [B, T, N, ...]
+        def merge(x: jax.Array) -> jax.Array:
+            x = jnp.moveaxis(x, 0, 2)
+            return x.reshape(b, t, n, *x.shape[4:])
+        return jax.tree_util.tree_map(merge, outs)
+
+    if not view.selects(q.shape[1]):
+        return dense(q)
+    if isinstance(view.sparse, bool):
+        return sparse(q) if view.sparse else dense(q)
+    return jax.lax.cond(view.sparse, sparse, dense, q)
