@@ -229,3 +229,23 @@ def quest_attention(q: Float[Array, "B T N H"], view: QuestView, call, *, q_posi
     if isinstance(view.sparse, bool):
         return sparse(q) if view.sparse else dense(q)
     return jax.lax.cond(view.sparse, sparse, dense, q)
+
+
+def attention_mass_kept(
+    q: Float[Array, "B T N H"], view: QuestView, *, spec=None, q_positions: Int[Array, "B T"] | None = None  # noqa: ANN001
+) -> Float[Array, "B K T"]:
+    """What the selection loses, measured: the fraction of dense attention mass (summed over
+    each KV head's G query heads) that falls in the selected pages, per (row, KV head, query)."""
+    from efficient.attention.dispatcher import attention
+    from efficient.attention.spec import AttentionSpec, KeyStats
+
+    _, mass = attention(q, view.dense(), spec=spec or AttentionSpec(), q_positions=q_positions,
+                        key_stats=KeyStats(per_kv_head=True, per_query=True), implementation="xla")
+    b, kh, t, s = mass.shape
+    pages = select_pages(q, view, q_positions)
+    chosen = jnp.zeros((b, kh, view.num_pages), bool).at[
+        jnp.arange(b)[:, None, None], jnp.arange(kh)[None, :, None], pages].set(True)
+    chosen = jnp.repeat(chosen, view.page_size, axis=2)[:, :, None, :]  # B K 1 S
+    total = jnp.sum(mass, axis=-1)
+    return jnp.where(total > 0, jnp.sum(jnp.where(chosen, mass, 0.0), axis=-1) / jnp.where(total > 0, total, 1.0),
+                     1.0)

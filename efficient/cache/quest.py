@@ -80,6 +80,24 @@ class QuestKVCache(DenseKVCache):
                         num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=dtype or config.dtype,
                         page_size=page_size, top_pages=min(top, capacity // page_size), **kwargs)
 
+    @classmethod
+    def from_dense(cls, dense: DenseKVCache, *, page_size: int = 16, top_pages: int = 8, max_queries: int = 16,
+                   dense_layers: tuple[int, ...] = (0, 1)) -> QuestKVCache:
+        """The same keys and values with their page bounds: prefill densely, then decode reading
+        `top_pages` pages (a copy of the dense cache's arrays; its capacity must be whole pages)."""
+        stacked = dense.stack_layers() if dense.per_layer else dense
+        empty = cls.init(num_layers=dense.num_layers, batch_size=dense.batch_size, capacity=dense.capacity,
+                         num_kv_heads=dense.num_kv_heads, head_dim=dense.head_dim, dtype=dense.dtype,
+                         page_size=page_size, top_pages=top_pages, max_queries=max_queries,
+                         dense_layers=dense_layers)
+        cache = dataclasses.replace(empty, **{f.name: jnp.copy(getattr(stacked, f.name))
+                                              for f in dataclasses.fields(DenseKVCache) if f.name != "dtype_name"})
+        if dense.per_layer:
+            cache = cache.split_layers()
+        for layer in range(cache.num_layers):
+            cache = cache._refresh(layer, jnp.zeros((cache.batch_size,), jnp.int32), cache.capacity)
+        return cache
+
     # ----------------------------------------------------------- layer storage
     def split_layers(self) -> Self:
         if self.per_layer:
