@@ -13,8 +13,9 @@ instead of all S slots.
 
 Choices this implementation makes (the paper has one head per KV head):
 - GQA: one selection per KV head, shared by its G query heads and by the T queries of
-  the call (tree verification), ranked by the bound summed over them, so the gather
-  serves all of them at once;
+  the call (tree verification), so the gather serves all of them at once; pages are
+  ranked by the softmax weight each query head's bound allows, summed over them
+  (`page_scores`), which for one head is Quest's own ranking;
 - the pages holding the call's own queries (the last T slots) are always selected
   (they hold the newest keys, whose page is partly filled);
 - a call with more than `max_queries` queries (a prefill chunk) attends densely, as
@@ -127,24 +128,40 @@ def page_bounds(
     return jnp.where(any_live, lo, 0.0), jnp.where(any_live, hi, 0.0)
 
 
-def page_scores(
-    q: Float[Array, "B T N H"], view: QuestView, q_positions: Int[Array, "B T"] | None = None
-) -> Float[Array, "B K Np"]:
-    """Quest's upper bound of the logits in each page, summed over each KV head's G query
-    heads and the T queries (padding queries, position -1, left out); -inf for pages with
-    no live slot, +inf for the pages that hold the call's queries (always read)."""
+def logit_bounds(q: Float[Array, "B T N H"], view: QuestView, scale: float | None = None
+                 ) -> Float[Array, "B K T G Np"]:
+    """Quest's upper bound of the (scaled) logits of each query head in each page:
+    sum_h max(q_h * min_h, q_h * max_h) * scale."""
     b, t, n, h = q.shape
-    kh, p = view.num_kv_heads, view.page_size
-    qg = q.astype(jnp.float32)
-    if q_positions is not None:
-        qg = jnp.where((q_positions >= 0)[:, :, None, None], qg, 0.0)
-    qg = qg.reshape(b, t, kh, n // kh, h)
+    kh = view.num_kv_heads
+    qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h) * (h**-0.5 if scale is None else scale)
     # max(q * lo, q * hi) = max(q, 0) * hi + min(q, 0) * lo, per channel: two dots.
-    score = (jnp.einsum("btkgh,bkph->bkp", jnp.maximum(qg, 0.0), view.page_max)
-             + jnp.einsum("btkgh,bkph->bkp", jnp.minimum(qg, 0.0), view.page_min))
+    return (jnp.einsum("btkgh,bkph->bktgp", jnp.maximum(qg, 0.0), view.page_max)
+            + jnp.einsum("btkgh,bkph->bktgp", jnp.minimum(qg, 0.0), view.page_min))
+
+
+def page_scores(
+    q: Float[Array, "B T N H"], view: QuestView, q_positions: Int[Array, "B T"] | None = None,
+    scale: float | None = None,
+) -> Float[Array, "B K Np"]:
+    """Each page's score for the call: per query head, Quest's upper bound U of the page's
+    logits (times the logit `scale`, default 1/sqrt(H)) turned into the softmax weight it
+    bounds, exp(U - max over pages of U), summed over each KV head's G query heads and the T
+    queries (padding queries, position -1, left out). For one query head this ranks pages
+    exactly as Quest's bound does; summing weights rather than raw bounds gives each query
+    head of a GQA group an equal voice. -inf for pages with no live slot, +inf for the pages
+    that hold the call's queries (always read)."""
+    t, p = q.shape[1], view.page_size
+    bound = logit_bounds(q, view, scale)
     page = jnp.arange(view.num_pages, dtype=jnp.int32)[None, :]
     lengths = view.lengths.astype(jnp.int32)[:, None]
-    live = page * p < lengths
+    live = page * p < lengths  # B Np
+    bound = jnp.where(live[:, None, None, None], bound, -jnp.inf)
+    top = jnp.max(bound, axis=-1, keepdims=True)
+    weight = jnp.exp(bound - jnp.where(jnp.isfinite(top), top, 0.0))
+    if q_positions is not None:
+        weight = jnp.where((q_positions >= 0)[:, None, :, None, None], weight, 0.0)
+    score = jnp.sum(weight, axis=(2, 3))
     own = (page >= (lengths - t) // p) & (page <= (lengths - 1) // p) & live
     return jnp.where(own[:, None, :], jnp.inf, jnp.where(live[:, None, :], score, -jnp.inf))
 

@@ -16,7 +16,14 @@ from helpers.speculative import OracleDrafter, greedy_future
 from helpers.tiny import run_in_chunks, tiny_model
 
 from efficient.attention import attention
-from efficient.attention.page_select import QuestView, gather_pages, page_bounds, page_scores, select_pages
+from efficient.attention.page_select import (
+    QuestView,
+    gather_pages,
+    logit_bounds,
+    page_bounds,
+    page_scores,
+    select_pages,
+)
 from efficient.attention.views import DenseView
 from efficient.cache import DenseKVCache, QuestKVCache
 from efficient.decoding import generate
@@ -88,24 +95,29 @@ def _oracle(q: jax.Array, view: QuestView, pages: np.ndarray, mask: np.ndarray |
 
 def test_page_bounds_bound_every_logit_of_their_page() -> None:
     view = _view(nan_past=False)
-    q = jax.random.normal(jax.random.PRNGKey(1), (2, 1, 2, 16))  # G = 1: the bound of one query head
+    q = jax.random.normal(jax.random.PRNGKey(1), (2, 1, 4, 16))
+    bounds = np.asarray(logit_bounds(q, view, scale=1.0))  # B K T G Np
     scores = np.asarray(page_scores(q, view))  # B K Np
-    logits = np.einsum("bkh,bksh->bks", np.asarray(q[:, 0]), np.asarray(view.k))
+    logits = np.einsum("bkgh,bksh->bkgs", np.asarray(q[:, 0]).reshape(2, 2, 2, 16), np.asarray(view.k))
     lengths = np.asarray(view.lengths)
     for row in range(2):
-        own = range((lengths[row] - 1) // P, (lengths[row] - 1) // P + 1)
+        own = (lengths[row] - 1) // P
         for page in range(view.num_pages):
             live = [s for s in range(page * P, (page + 1) * P) if s < lengths[row]]
             for head in range(2):
                 if not live:
                     assert scores[row, head, page] == -np.inf
-                elif page in own:
-                    assert scores[row, head, page] == np.inf
-                else:
-                    assert scores[row, head, page] >= logits[row, head, live].max() - 1e-5
-                    # and it is tight where min and max are the same key: attained by the page's extremes
-                    assert scores[row, head, page] <= np.abs(q[row, 0, head]).sum() * np.abs(
-                        np.asarray(view.k)[row, head, live]).max() + 1e-5
+                    continue
+                assert scores[row, head, page] == (np.inf if page == own else scores[row, head, page])
+                for g in range(2):  # a true upper bound, attained when one key holds every extreme
+                    assert bounds[row, head, 0, g, page] >= logits[row, head, g, live].max() - 1e-5
+    # the score is the bounded softmax weight summed over the group's query heads
+    b = bounds[:, :, 0] * 16**-0.5
+    live_pages = np.arange(view.num_pages)[None, :] * P < lengths[:, None]
+    b = np.where(live_pages[:, None, None], b, -np.inf)
+    weight = np.exp(b - b.max(axis=-1, keepdims=True)).sum(axis=2)
+    finite = np.isfinite(scores)
+    np.testing.assert_allclose(scores[finite], weight[finite], rtol=1e-5)
 
 
 def test_the_selection_is_what_the_rule_names_on_hand_built_keys() -> None:
