@@ -9,6 +9,9 @@ once, densely, and then decoded from a copy of that cache by each method: dense,
 Quest reading `fractions` of the pages that hold the prompt and answer (16-slot pages,
 layers 0-1 dense, as in the paper). Measured per context length:
 
+- Quest's own rule (`quest-paper`: no page always read but a step's own) at
+  `paper_fractions`, against the library's default, which always reads the first page
+  (attention sinks) and the page before a step's own;
 - retrieval: exact match on the real-model baseline's tasks (classic passkey, kv_prose),
   greedy, one example per depth;
 - bits/byte of the last `tail` tokens of long held-out stdlib files, each token scored by
@@ -67,6 +70,7 @@ class Settings:
     layer_loop: str
     contexts: tuple[int, ...]
     fractions: tuple[float, ...]
+    paper_fractions: tuple[float, ...]
     tasks: tuple[str, ...]
     depths: tuple[float, ...]
     max_new_tokens: int
@@ -77,7 +81,7 @@ class Settings:
     seed: int
 
     def __post_init__(self) -> None:
-        for f in self.fractions:
+        for f in self.fractions + self.paper_fractions:
             if not 0.0 < f <= 1.0:
                 raise ValueError(f"config.fractions: densities must be in (0, 1], got {self.fractions!r}")
         for name in ("max_new_tokens", "tail", "timing_repeats"):
@@ -92,7 +96,8 @@ class Settings:
 def settings_from(config: ml_collections.ConfigDict) -> Settings:
     return Settings(model_path=str(config.model.path), tokenizer=config.model.tokenizer, dtype=config.model.dtype,
                     layer_loop=config.model.layer_loop, contexts=tuple(config.contexts),
-                    fractions=tuple(float(f) for f in config.fractions), tasks=tuple(config.tasks),
+                    fractions=tuple(float(f) for f in config.fractions),
+                    paper_fractions=tuple(float(f) for f in config.paper_fractions), tasks=tuple(config.tasks),
                     depths=tuple(config.depths), max_new_tokens=config.max_new_tokens, files=config.files,
                     tail=config.tail, timing_repeats=config.timing_repeats,
                     step_contexts=tuple(config.step_contexts), seed=config.seed)
@@ -103,20 +108,27 @@ def _round_up(n: int, to: int = PAGE) -> int:
 
 
 def top_pages(fraction: float, tokens: int) -> int:
-    """Pages read per step: `fraction` of the pages that `tokens` tokens fill (at least 2)."""
+    """Pages read per step: `fraction` of the pages that `tokens` tokens fill (at least the 4
+    always read: the sink page, the recent one and a step's own two)."""
     pages = _round_up(tokens) // PAGE
-    return min(pages, max(2, math.ceil(fraction * pages)))
+    return min(pages, max(4, math.ceil(fraction * pages)))
 
 
 def _copy(cache: Any) -> Any:
     return jax.tree_util.tree_map(jnp.copy, cache)
 
 
-def _method_cache(dense: DenseKVCache, fraction: float | None, tokens: int, dense_layers: tuple[int, ...]) -> Any:
+# Quest's own rule (no page always read but a step's own) against the library's default
+# (the first page, attention sinks, and the page before a step's own always read).
+PAPER_RULE = dict(sink_pages=0, recent_pages=0)
+
+
+def _method_cache(dense: DenseKVCache, fraction: float | None, tokens: int, dense_layers: tuple[int, ...],
+                  paper: bool = False) -> Any:
     if fraction is None:
         return _copy(dense)
     return QuestKVCache.from_dense(dense, page_size=PAGE, top_pages=top_pages(fraction, tokens),
-                                   dense_layers=dense_layers)
+                                   dense_layers=dense_layers, **(PAPER_RULE if paper else {}))
 
 
 def _prefill(step: Callable, model: Any, prompt: list[int], width: int, capacity: int) -> tuple[int, DenseKVCache]:
@@ -144,8 +156,10 @@ def _greedy(step: Callable, cache: Any, first: int, position: int, max_new: int,
     return [t for t in out if t not in stop]
 
 
-def _methods(s: Settings) -> list[tuple[str, float | None]]:
-    return [("dense", None)] + [(f"quest {f:g}", f) for f in s.fractions]
+def _methods(s: Settings) -> list[tuple[str, float | None, bool]]:
+    """(name, fraction of the pages or None for dense, whether Quest's own rule)."""
+    return ([("dense", None, False)] + [(f"quest {f:g}", f, False) for f in s.fractions]
+            + [(f"quest-paper {f:g}", f, True) for f in s.paper_fractions])
 
 
 def retrieval(model: Any, tokenizer: Any, s: Settings, dense_layers: tuple[int, ...], log: Callable) -> list[dict]:
@@ -161,8 +175,8 @@ def retrieval(model: Any, tokenizer: Any, s: Settings, dense_layers: tuple[int, 
                                        capacity=model.config.max_position_embeddings - s.max_new_tokens, **kwargs):
                 prompt = tokenizer.encode(example.prompt)
                 first, dense = _prefill(step, model, prompt, n, capacity)
-                for name, fraction in _methods(s):
-                    cache = _method_cache(dense, fraction, len(prompt) + s.max_new_tokens, dense_layers)
+                for name, fraction, paper in _methods(s):
+                    cache = _method_cache(dense, fraction, len(prompt) + s.max_new_tokens, dense_layers, paper)
                     text = tokenizer.decode(_greedy(step, cache, first, len(prompt), s.max_new_tokens, stop))
                     exact, _ = score_answer(example.answer, text)
                     records.append(dict(task=task, context=n, depth=example.depth, method=name, exact=bool(exact),
@@ -204,15 +218,15 @@ def bits_per_byte(model: Any, tokenizer: Any, s: Settings, dense_layers: tuple[i
             if not files:
                 log(f"bits/byte: no held-out file has {n + 1} tokens; skipped")
                 continue
-            nll = {name: 0.0 for name, _ in _methods(s)}
-            kept = {name: [] for name, _ in _methods(s)}
+            nll = {name: 0.0 for name, _, _ in _methods(s)}
+            kept = {name: [] for name, _, _ in _methods(s)}
             num_bytes = 0
             for _, ids in files:
                 prefix, scored = ids[:n - s.tail], ids[n - s.tail:n + 1]
                 num_bytes += tokenizer.num_bytes(scored[1:].tolist())
                 _, dense = _prefill(step, model, prefix.tolist(), n - s.tail, _round_up(n + 1))
-                for name, fraction in _methods(s):
-                    cache = _method_cache(dense, fraction, n + 1, dense_layers)
+                for name, fraction, paper in _methods(s):
+                    cache = _method_cache(dense, fraction, n + 1, dense_layers, paper)
                     recall.clear()
                     run = step if fraction is None else probe_step
                     for i in range(s.tail):
@@ -222,7 +236,7 @@ def bits_per_byte(model: Any, tokenizer: Any, s: Settings, dense_layers: tuple[i
                         nll[name] += -float(logp[int(scored[i + 1])])
                     jax.effects_barrier()
                     kept[name] += recall
-            for name, fraction in _methods(s):
+            for name, fraction, _ in _methods(s):
                 rows.append(dict(context=n, method=name, fraction=fraction or 1.0, files=len(files),
                                  bits_per_byte=nll[name] / math.log(2) / num_bytes,
                                  attention_recall=float(np.mean(kept[name])) if kept[name] else 1.0))
@@ -264,7 +278,8 @@ def attention_times(config: Any, s: Settings) -> list[dict]:
         for f in s.fractions:
             name = f"quest {f:g}"
             args[name] = QuestView(k=k, v=v, positions=positions, lengths=lengths, page_min=lo, page_max=hi,
-                                   page_size=PAGE, top_pages=top_pages(f, context + s.max_new_tokens))
+                                   page_size=PAGE, top_pages=top_pages(f, context + s.max_new_tokens),
+                                   sink_pages=1, recent_pages=1)
             fns[name] = fns["dense"]
         times = _interleaved({name: (lambda fn=fn, a=args[name]: fn(q, a)) for name, fn in fns.items()},
                              s.timing_repeats)
@@ -319,13 +334,14 @@ def plot(retrieval_rows: list[dict], bpb_rows: list[dict], s: Settings) -> Any:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for n in s.contexts:
         xs, ys = [], []
-        for name, fraction in _methods(s):
+        for name, fraction, paper in _methods(s):
             cells = [r["exact"] for r in retrieval_rows if r["context"] == n and r["method"] == name]
-            if cells:
+            if cells and not paper:
                 xs.append(fraction or 1.0)
                 ys.append(float(np.mean(cells)))
         axes[0].plot(xs, ys, marker="o", label=f"{n} tokens")
-        pts = [(r["fraction"], r["bits_per_byte"]) for r in bpb_rows if r["context"] == n]
+        pts = [(r["fraction"], r["bits_per_byte"]) for r in bpb_rows
+               if r["context"] == n and not r["method"].startswith("quest-paper")]
         if pts:
             axes[1].plot(*zip(*sorted(pts)), marker="o", label=f"{n} tokens")
     for ax, label in ((axes[0], "retrieval exact match"), (axes[1], "bits/byte (last tokens)")):
@@ -350,18 +366,18 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
     step_rows = step_times(model, s, dense_layers) if s.step_contexts else []
     summary = []
     for n in s.contexts:
-        for name, fraction in _methods(s):
+        for name, fraction, _ in _methods(s):
             cells = [r["exact"] for r in retrieval_rows if r["context"] == n and r["method"] == name]
             bpb = next((r for r in bpb_rows if r["context"] == n and r["method"] == name), {})
-            attn = next(r for r in attn_rows if r["context"] == n and r["method"] == name)
+            attn = next((r for r in attn_rows if r["context"] == n and r["method"] == name), {})
             summary.append(dict(context=n, method=name, fraction=fraction or 1.0,
                                 exact_match=float(np.mean(cells)) if cells else None,
                                 bits_per_byte=bpb.get("bits_per_byte"), attention_recall=bpb.get("attention_recall"),
-                                attention_ms=attn["ms"], attention_speedup=attn["speedup"]))
+                                attention_ms=attn.get("ms"), attention_speedup=attn.get("speedup")))
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     table = format_table([{**r, "exact_match": fmt(r["exact_match"], ".2f"), "bits_per_byte": fmt(r["bits_per_byte"], ".4f"),
-                           "attention_recall": fmt(r["attention_recall"], ".4f"), "attention_ms": f"{r['attention_ms']:.3f}",
-                           "attention_speedup": f"{r['attention_speedup']:.2f}x"} for r in summary],
+                           "attention_recall": fmt(r["attention_recall"], ".4f"), "attention_ms": fmt(r["attention_ms"], ".3f"),
+                           "attention_speedup": fmt(r["attention_speedup"], ".2f")} for r in summary],
                          [("context", "context", "d"), ("method", "method", "s"), ("exact_match", "exact", "s"),
                           ("bits_per_byte", "bits/byte", "s"), ("attention_recall", "recall", "s"),
                           ("attention_ms", "attn ms", "s"), ("attention_speedup", "attn speedup", "s")])

@@ -17,7 +17,8 @@ Choices this implementation makes (the paper has one head per KV head):
   ranked by the softmax weight each query head's bound allows, summed over them
   (`page_scores`), which for one head is Quest's own ranking;
 - the pages holding the call's own queries (the last T slots) are always selected
-  (they hold the newest keys, whose page is partly filled);
+  (they hold the newest keys, whose page is partly filled), and so are the first
+  `sink_pages` pages (attention sinks) and the `recent_pages` pages before the call's own;
 - a call with more than `max_queries` queries (a prefill chunk) attends densely, as
   Quest prefills densely; so does a layer whose `sparse` flag is False (the paper keeps
   its first two layers dense).
@@ -44,7 +45,7 @@ def _static(default: object = dataclasses.MISSING) -> dataclasses.Field:
 class QuestView:
     """A dense [B, K, S, H] view (slot positions [B, S], row lengths [B]) with per-page key
     bounds page_min/page_max float32 [B, K, S/P, H] (0 for pages with no live slot), the
-    number of pages to read `top_pages`, and `sparse` (a bool, or a traced bool scalar when
+    number of pages to read `top_pages` (the always-read ones included), and `sparse` (a bool, or a traced bool scalar when
     the layer index is traced): whether this layer selects at all."""
 
     k: Float[Array, "B K S H"]
@@ -57,6 +58,8 @@ class QuestView:
     page_size: int = _static(16)
     top_pages: int = _static(8)
     max_queries: int = _static(16)
+    sink_pages: int = _static(0)
+    recent_pages: int = _static(0)
 
     @property
     def batch_size(self) -> int:
@@ -162,7 +165,9 @@ def page_scores(
     if q_positions is not None:
         weight = jnp.where((q_positions >= 0)[:, None, :, None, None], weight, 0.0)
     score = jnp.sum(weight, axis=(2, 3))
-    own = (page >= (lengths - t) // p) & (page <= (lengths - 1) // p) & live
+    first_own = (lengths - t) // p
+    own = (page >= first_own - view.recent_pages) & (page <= (lengths - 1) // p)
+    own = (own | (page < view.sink_pages)) & live
     return jnp.where(own[:, None, :], jnp.inf, jnp.where(live[:, None, :], score, -jnp.inf))
 
 

@@ -36,7 +36,8 @@ def quest_factory(page_fraction: float = 0.125, page_size: int = 16):  # noqa: A
 
 register_cache("quest", quest_factory(), lossless=False,
                description="Quest: the dense cache plus per-page key bounds; each decode step reads the 1/8 of "
-                           "its 16-slot pages with the highest bound for its queries (layers 0-1 read all)",
+                           "its 16-slot pages with the highest bound for its queries, the first page (sinks) and "
+                           "the one before its own always among them (layers 0-1 read all)",
                paper="Tang et al. 2024, Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference")
 
 

@@ -142,6 +142,21 @@ def test_the_selection_is_what_the_rule_names_on_hand_built_keys() -> None:
     assert set(pages[0, 1]) >= {1, own} and 4 not in pages[0, 1]
 
 
+def test_sink_and_recent_pages_are_always_read() -> None:
+    view = _view(nan_past=False, top=5)
+    k = view.k.at[:, :, :P].set(0.0)  # page 0 bounds every logit by 0: the bound alone would not pick it
+    lo, hi = page_bounds(k, view.positions >= 0, P)
+    view = QuestView(**{**view.__dict__, "k": k, "page_min": lo, "page_max": hi})
+    forced = QuestView(**{**view.__dict__, "sink_pages": 1, "recent_pages": 2})
+    q = jax.random.normal(jax.random.PRNGKey(8), (2, 1, 4, 16))
+    pages = np.asarray(select_pages(q, forced))
+    for row, length in enumerate(np.asarray(view.lengths)):
+        own = (length - 1) // P
+        assert {0, own - 2, own - 1, own} <= set(pages[row, 0]) and {0, own - 1, own} <= set(pages[row, 1])
+    free = np.asarray(select_pages(q, view))  # without them, the bound alone decides (row 1 has 4 live pages)
+    assert all(0 not in free[0, h] for h in range(2))
+
+
 def test_padding_queries_do_not_vote() -> None:
     view = _view(nan_past=False, top=2)
     q = jax.random.normal(jax.random.PRNGKey(2), (2, 2, 4, 16))
@@ -298,6 +313,8 @@ def test_sparse_speculative_decoding_runs_without_nan() -> None:
     (dict(max_queries=9), "max_queries=9 must be <= page_size=8"),
     (dict(dense_layers=(5,)), r"dense_layers=\(5,\)"),
     (dict(top_pages=0), "top_pages must be a positive int"),
+    (dict(top_pages=3), "top_pages=3 must hold the 4 pages always read"),
+    (dict(sink_pages=-1), "sink_pages must be an int >= 0"),
 ])
 def test_bad_settings_are_refused(kwargs: dict, match: str) -> None:
     config = _model().config
