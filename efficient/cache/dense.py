@@ -130,23 +130,35 @@ class LayerStackedKV:
             f"Python int layer in [0, {self.num_layers}), got {layer!r}; a model under lax.scan passes "
             f"a traced index: call cache.stack_layers() or set_layer_loop(model, 'unrolled')")
 
-    def _layer_kv(self, layer: int | Int[Array, ""]) -> tuple[jax.Array, jax.Array]:
-        """Stored k/v of one layer, [B, K, slots, H] (a buffer of its own when per-layer)."""
+    def _layer_fields(self, names: tuple[str, ...], layer: int | Int[Array, ""]) -> tuple[jax.Array, ...]:
+        """One layer of each named layer field (a buffer of its own when per-layer)."""
         if self.per_layer:
             layer = self._static_layer(layer, "view")
-        return self.k[layer], self.v[layer]
+        return tuple(getattr(self, name)[layer] for name in names)
+
+    def _write_fields(self, names: tuple[str, ...], layer: int | Int[Array, ""], index: tuple,
+                      values: tuple[jax.Array, ...]) -> Self:
+        """Scatter `values` at `index` of one layer of each named layer field, in place."""
+        if not self.per_layer:
+            full = (layer, *index)
+            return dataclasses.replace(self, **{name: getattr(self, name).at[full].set(value, mode="drop")
+                                                for name, value in zip(names, values, strict=True)})
+        layer = self._static_layer(layer, "update")
+
+        def write(name: str, value: jax.Array) -> tuple:
+            buffers = list(getattr(self, name))
+            buffers[layer] = buffers[layer].at[index].set(value, mode="drop")
+            return tuple(buffers)
+
+        return dataclasses.replace(self, **{name: write(name, value) for name, value in zip(names, values, strict=True)})
+
+    def _layer_kv(self, layer: int | Int[Array, ""]) -> tuple[jax.Array, jax.Array]:
+        """Stored k/v of one layer, [B, K, slots, H] (a buffer of its own when per-layer)."""
+        return self._layer_fields(("k", "v"), layer)
 
     def _write_layer(self, layer: int | Int[Array, ""], index: tuple, k: jax.Array, v: jax.Array) -> Self:
         """Scatter stored-dtype k/v at `index` (rows, heads, slots) of one layer, in place."""
-        if not self.per_layer:
-            full = (layer, *index)
-            return dataclasses.replace(self, k=self.k.at[full].set(k, mode="drop"),
-                                       v=self.v.at[full].set(v, mode="drop"))
-        layer = self._static_layer(layer, "update")
-        ks, vs = list(self.k), list(self.v)
-        ks[layer] = ks[layer].at[index].set(k, mode="drop")
-        vs[layer] = vs[layer].at[index].set(v, mode="drop")
-        return dataclasses.replace(self, k=tuple(ks), v=tuple(vs))
+        return self._write_fields(("k", "v"), layer, index, (k, v))
 
     def _move_slots(self, index_from: tuple, index_to: tuple) -> tuple:
         """k/v of every layer with the entries at `index_from` (rows, heads, slots) copied to

@@ -129,20 +129,10 @@ class QuestKVCache(DenseKVCache):
                                    page_max=jnp.stack(self.page_max))
 
     def _bounds(self, layer: int | Int[Array, ""]) -> tuple[jax.Array, jax.Array]:
-        if self.per_layer:
-            layer = self._static_layer(layer, "view")
-        return self.page_min[layer], self.page_max[layer]
+        return self._layer_fields(("page_min", "page_max"), layer)
 
     def _set_bounds(self, layer: int | Int[Array, ""], index: tuple, lo: jax.Array, hi: jax.Array) -> Self:
-        if not self.per_layer:
-            full = (layer, *index)
-            return dataclasses.replace(self, page_min=self.page_min.at[full].set(lo, mode="drop"),
-                                       page_max=self.page_max.at[full].set(hi, mode="drop"))
-        layer = self._static_layer(layer, "update")
-        mins, maxs = list(self.page_min), list(self.page_max)
-        mins[layer] = mins[layer].at[index].set(lo, mode="drop")
-        maxs[layer] = maxs[layer].at[index].set(hi, mode="drop")
-        return dataclasses.replace(self, page_min=tuple(mins), page_max=tuple(maxs))
+        return self._write_fields(("page_min", "page_max"), layer, index, (lo, hi))
 
     # ----------------------------------------------------------- bounds
     def _live(self) -> jax.Array:  # B S
