@@ -45,8 +45,9 @@ def _static(default: object = dataclasses.MISSING) -> dataclasses.Field:
 class QuestView:
     """A dense [B, K, S, H] view (slot positions [B, S], row lengths [B]) with per-page key
     bounds page_min/page_max float32 [B, K, S/P, H] (0 for pages with no live slot), the
-    number of pages to read `top_pages` (the always-read ones included), and `sparse` (a bool, or a traced bool scalar when
-    the layer index is traced): whether this layer selects at all."""
+    number of pages to read `top_pages` (the always-read ones included), and `sparse` (a
+    bool, or a traced bool scalar when the layer index is traced): whether this layer
+    selects at all."""
 
     k: Float[Array, "B K S H"]
     v: Float[Array, "B K S H"]
@@ -89,10 +90,11 @@ class QuestView:
         b, kh, s, h = self.k.shape
         if self.v.shape != self.k.shape:
             raise ValueError(f"QuestView k and v must agree on [B, K, S, H], got {self.k.shape} and {self.v.shape}")
-        for name in ("page_size", "top_pages", "max_queries"):
+        for name, least in (("page_size", 1), ("top_pages", 1), ("max_queries", 1), ("sink_pages", 0),
+                            ("recent_pages", 0)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"QuestView.{name} must be a positive int, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"QuestView.{name} must be an int >= {least}, got {value!r}")
         if s % self.page_size:
             raise ValueError(f"QuestView.page_size={self.page_size} must divide the {s} slots")
         if self.max_queries > self.page_size:
@@ -172,10 +174,11 @@ def page_scores(
 
 
 def select_pages(
-    q: Float[Array, "B T N H"], view: QuestView, q_positions: Int[Array, "B T"] | None = None
+    q: Float[Array, "B T N H"], view: QuestView, q_positions: Int[Array, "B T"] | None = None,
+    scale: float | None = None,
 ) -> Int[Array, "B K k"]:
-    """The `top_pages` pages with the highest bound per (row, KV head), in slot order."""
-    _, index = jax.lax.top_k(page_scores(q, view, q_positions), view.top_pages)
+    """The `top_pages` pages with the highest `page_scores` per (row, KV head), in slot order."""
+    _, index = jax.lax.top_k(page_scores(q, view, q_positions, scale), view.top_pages)
     return jnp.sort(index, axis=-1).astype(jnp.int32)
 
 
@@ -215,16 +218,18 @@ def _gather_slots(x: jax.Array, view: QuestView, pages: Int[Array, "B K k"]) -> 
     return jnp.take_along_axis(wide, jnp.broadcast_to(slot[:, :, None], (b, kh, t, n * p)), axis=3)
 
 
-def quest_attention(q: Float[Array, "B T N H"], view: QuestView, call, *, q_positions, mask, kv_segment_ids):  # noqa: ANN001, ANN201
+def quest_attention(q: Float[Array, "B T N H"], view: QuestView, call, *, q_positions, mask, kv_segment_ids,  # noqa: ANN001, ANN201
+                    scale: float | None = None):
     """Attention over a `QuestView` through `call(q, dense_view, mask, kv_segment_ids)` (an
     implementation over dense views): over the whole cache where the view does not select,
-    else over the selected pages. A mask or key segment ids over the S logical slots (a
-    draft tree's) are gathered with the pages, and the call then runs once per KV head."""
+    else over the selected pages (ranked with the logit `scale`, the spec's). A mask or key
+    segment ids over the S logical slots (a draft tree's) are gathered with the pages, and
+    the call then runs once per KV head."""
     def dense(q: jax.Array):  # noqa: ANN202
         return call(q, view.dense(), mask, kv_segment_ids)
 
     def sparse(q: jax.Array):  # noqa: ANN202
-        pages = select_pages(q, view, q_positions)
+        pages = select_pages(q, view, q_positions, scale)
         selected = gather_pages(view, pages)
         if mask is None and kv_segment_ids is None:
             return call(q, selected, None, None)
@@ -261,10 +266,11 @@ def attention_mass_kept(
     from efficient.attention.dispatcher import attention
     from efficient.attention.spec import AttentionSpec, KeyStats
 
-    _, mass = attention(q, view.dense(), spec=spec or AttentionSpec(), q_positions=q_positions,
+    spec = spec or AttentionSpec()
+    _, mass = attention(q, view.dense(), spec=spec, q_positions=q_positions,
                         key_stats=KeyStats(per_kv_head=True, per_query=True), implementation="xla")
     b, kh, t, s = mass.shape
-    pages = select_pages(q, view, q_positions)
+    pages = select_pages(q, view, q_positions, spec.logit_scale(view.head_dim))
     chosen = jnp.zeros((b, kh, view.num_pages), bool).at[
         jnp.arange(b)[:, None, None], jnp.arange(kh)[None, :, None], pages].set(True)
     chosen = jnp.repeat(chosen, view.page_size, axis=2)[:, :, None, :]  # B K 1 S

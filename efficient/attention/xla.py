@@ -95,7 +95,8 @@ def _view_attention(exact: bool):  # noqa: ANN202
             def over(q: jax.Array, seen: DenseView, mask: jax.Array | None, kv_segment_ids: jax.Array | None):  # noqa: ANN202
                 return implementation(q, seen, spec=spec, q_positions=q_positions, q_segment_ids=q_segment_ids,
                                       kv_segment_ids=kv_segment_ids, mask=mask, return_lse=return_lse)
-            return quest_attention(q, view, over, q_positions=q_positions, mask=mask, kv_segment_ids=kv_segment_ids)
+            return quest_attention(q, view, over, q_positions=q_positions, mask=mask, kv_segment_ids=kv_segment_ids,
+                                   scale=spec.logit_scale(view.head_dim))
 
         def materialised(q: jax.Array, view: KVView):  # noqa: ANN202
             k, v, kv_positions, layout = view_arrays(view)

@@ -8,8 +8,8 @@ decode or verification step read the `top_pages` pages whose bound is highest fo
 queries. Prefill chunks longer than `max_queries` and the layers in `dense_layers` (the
 paper's first two) read everything. Beyond the paper, the first `sink_pages` pages (attention
 sinks, Xiao et al. 2024) and the `recent_pages` pages before a step's own are always read
-(1 and 1 by default; 0 and 0 is the paper's rule): on SmolLM2 at 1/8 of the pages, the rule
-without the sink page lost 8 passkeys of 8 that the dense cache retrieved, 5 with it.
+(1 and 1 by default; 0 and 0 is the paper's rule): on SmolLM2 at 1/8 of the pages, 8 passkeys
+that the dense cache retrieved and the paper's rule missed gave 5 hits with the sink page.
 
 The bounds of a page are recomputed from the stored keys whenever a forward writes into
 it (only the pages the written slots touch, for a short forward), so rollback (`truncate`)
@@ -56,8 +56,8 @@ class QuestKVCache(DenseKVCache):
         dense_layers: tuple[int, ...] = (0, 1), sink_pages: int = 1, recent_pages: int = 1,
     ) -> QuestKVCache:
         """sink_pages / recent_pages: the first pages (attention sinks) and the pages just before
-        a step's own always read, within `top_pages` (0, 0: the paper's rule; on SmolLM2 the
-        rule without the sink page missed 8 of 8 passkeys that it retrieved with it 5 times)."""
+        a step's own always read, within `top_pages` (0, 0: the paper's rule; on SmolLM2 at 1/8
+        of the pages, 8 passkeys that the paper's rule missed gave 5 hits with the sink page)."""
         for name, value in (("page_size", page_size), ("top_pages", top_pages), ("max_queries", max_queries)):
             positive_int(value, name, "QuestKVCache.init")
         for name, value in (("sink_pages", sink_pages), ("recent_pages", recent_pages)):
