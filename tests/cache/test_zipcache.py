@@ -142,7 +142,7 @@ def test_salient_tokens_are_the_top_normalised_attention_scores() -> None:
                           residual_length=RESIDUAL, salient_fraction=0.5)
     rng = np.random.default_rng(7)
     mass_by_pos, count_by_pos, flushed_score = {}, {}, {}
-    for size in (5, 3, 4, 1, 6, 8, 2, 7, 4):
+    for size in (4, 3, 4, 1, 4, 8, 3, 8, 4):  # few distinct sizes: each compiles every eager op again
         pos = cache.next_positions(size)
         before = int(cache.quantized[0])
         cache, slots = cache.reserve(pos)
