@@ -45,6 +45,7 @@ from efficient.attention.page_select import QuestView, attention_mass_kept, page
 from efficient.attention.views import DenseView
 from efficient.attention.xla import xla_implementation
 from efficient.cache import DenseKVCache, QuestKVCache
+from efficient.cache.dense import _to_storage
 from efficient.data.tasks import needle_grid
 from efficient.eval.retrieval import score_answer
 from efficient.models import jit_forward, set_layer_loop
@@ -299,9 +300,11 @@ def step_times(model: Any, s: Settings, dense_layers: tuple[int, ...]) -> list[d
         capacity = _round_up(context + 4 * s.timing_repeats + 8)
         base = DenseKVCache.for_model(model.config, 1, capacity)
         key = jax.random.split(jax.random.PRNGKey(s.seed), 2)
-        base = dataclasses.replace(base, k=jax.random.normal(key[0], base.k.shape), v=jax.random.normal(key[1], base.v.shape),
-                                   positions=jnp.where(jnp.arange(capacity) < context, jnp.arange(capacity), -1)[None]
-                                   .astype(jnp.int32), lengths=jnp.asarray([context], jnp.int32))
+        slots = jnp.arange(capacity, dtype=jnp.int32)
+        base = dataclasses.replace(base, k=_to_storage(jax.random.normal(key[0], base.k.shape), base.dtype),
+                                   v=_to_storage(jax.random.normal(key[1], base.v.shape), base.dtype),
+                                   positions=jnp.where(slots < context, slots, -1)[None],
+                                   lengths=jnp.asarray([context], jnp.int32))
         caches = {"dense": base}
         for f in s.fractions:
             caches[f"quest {f:g}"] = QuestKVCache.from_dense(base, page_size=PAGE, top_pages=top_pages(f, context),
@@ -375,9 +378,9 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
                                 bits_per_byte=bpb.get("bits_per_byte"), attention_recall=bpb.get("attention_recall"),
                                 attention_ms=attn.get("ms"), attention_speedup=attn.get("speedup")))
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
-    table = format_table([{**r, "exact_match": fmt(r["exact_match"], ".2f"), "bits_per_byte": fmt(r["bits_per_byte"], ".4f"),
-                           "attention_recall": fmt(r["attention_recall"], ".4f"), "attention_ms": fmt(r["attention_ms"], ".3f"),
-                           "attention_speedup": fmt(r["attention_speedup"], ".2f")} for r in summary],
+    cells = dict(exact_match=".2f", bits_per_byte=".4f", attention_recall=".4f", attention_ms=".3f",
+                 attention_speedup=".2f")
+    table = format_table([{**r, **{key: fmt(r[key], spec) for key, spec in cells.items()}} for r in summary],
                          [("context", "context", "d"), ("method", "method", "s"), ("exact_match", "exact", "s"),
                           ("bits_per_byte", "bits/byte", "s"), ("attention_recall", "recall", "s"),
                           ("attention_ms", "attn ms", "s"), ("attention_speedup", "attn speedup", "s")])
@@ -387,4 +390,5 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
     metrics = dict(summary=summary, retrieval=retrieval_rows, bits_per_byte=bpb_rows, attention=attn_rows,
                    decode_step=step_rows, seconds=time.perf_counter() - start, machine=machine_info(),
                    dense_layers=list(dense_layers), page_size=PAGE)
-    return ExperimentResult(metrics=metrics, table=table, figures={"density_accuracy": plot(retrieval_rows, bpb_rows, s)})
+    figures = {"density_accuracy": plot(retrieval_rows, bpb_rows, s)}
+    return ExperimentResult(metrics=metrics, table=table, figures=figures)

@@ -333,3 +333,19 @@ def test_bad_fraction_and_key_stats_are_refused() -> None:
         attention(jnp.zeros((2, 1, 4, 16)), view, key_stats=True)
     with pytest.raises(ValueError, match="QuestView.page_min must have shape"):
         attention(jnp.zeros((2, 1, 4, 16)), QuestView(**{**view.__dict__, "page_min": view.page_min[:, :, :2]}))
+
+
+def test_bfloat16_storage_keeps_float32_bounds_of_the_stored_keys() -> None:
+    model = _model()
+    dense = DenseKVCache.for_model(model.config, 2, 64, dtype="bfloat16")
+    quest = QuestKVCache.for_model(model.config, 2, 64, dtype="bfloat16", page_size=P, page_fraction=1.0,
+                                   max_queries=P, dense_layers=())
+    want, _ = run_in_chunks(model, dense, _tokens(2, t=24), [16, 1, 3, 4])
+    got, cache = run_in_chunks(model, quest, _tokens(2, t=24), [16, 1, 3, 4])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert cache.k.dtype == jnp.uint16 and cache.page_min.dtype == jnp.float32
+    _assert_bounds_exact(cache)
+    _, prefilled = run_in_chunks(model, DenseKVCache.for_model(model.config, 2, 64, dtype="bfloat16"),
+                                 _tokens(2, t=24), [16, 1, 3, 4])
+    converted = QuestKVCache.from_dense(prefilled, page_size=P, top_pages=4, max_queries=P, dense_layers=())
+    np.testing.assert_array_equal(np.asarray(converted.page_max), np.asarray(cache.page_max))

@@ -19,6 +19,7 @@ def test_sparse_attention_end_to_end(tmp_path: Path) -> None:
     config = sparse_config.get_config("tiny")
     config.results_dir, config.run_name = str(tmp_path), "smoke"
     config.contexts, config.fractions, config.tail, config.timing_repeats = (256,), (1.0, 0.125), 4, 1
+    config.step_contexts = (256,)
     out = run_experiment(config)
     metrics = json.loads((out / "metrics.json").read_text())
     rows = {r["method"]: r for r in metrics["summary"]}
@@ -28,6 +29,8 @@ def test_sparse_attention_end_to_end(tmp_path: Path) -> None:
     assert 0.0 < rows["quest 0.125"]["attention_recall"] < 1.0
     assert all(np.isfinite(r["bits_per_byte"]) and 0.0 <= r["exact_match"] <= 1.0 and r["attention_ms"] > 0
                for r in rows.values())
+    assert [r["method"] for r in metrics["decode_step"]] == ["dense", "quest 1", "quest 0.125"]
+    assert all(r["ms"] > 0 for r in metrics["decode_step"])
     assert (out / "density_accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
