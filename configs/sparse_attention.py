@@ -31,6 +31,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     c.contexts = (320, 448) if tiny else (2048, 4096, 8176)
     c.fractions = (0.25, 0.125) if tiny else (0.25, 0.125, 0.0625)  # of the pages, read per decode step
     c.paper_fractions = () if tiny else (0.125,)  # Quest's own rule, without the always-read sink page
+    c.head_fractions = () if tiny else (0.125,)  # each query head reads its own pages (3x the reads)
     c.tasks = ("classic_passkey",) if tiny else ("classic_passkey", "kv_prose")
     c.depths = (0.5,) if tiny else (0.1, 0.3, 0.5, 0.7, 0.9)
     c.max_new_tokens = 16 if tiny else 12

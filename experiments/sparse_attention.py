@@ -12,6 +12,8 @@ layers 0-1 dense, as in the paper). Measured per context length:
 - Quest's own rule (`quest-paper`: no page always read but a step's own) at
   `paper_fractions`, against the library's default, which always reads the first page
   (attention sinks) and the page before a step's own;
+- per-query-head selection (`quest-heads`: each query head reads its own pages, 3x the
+  reads of one selection per KV head) at `head_fractions`;
 - retrieval: exact match on the real-model baseline's tasks (classic passkey, kv_prose),
   greedy, one example per depth;
 - bits/byte of the last `tail` tokens of long held-out stdlib files, each token scored by
@@ -72,6 +74,7 @@ class Settings:
     contexts: tuple[int, ...]
     fractions: tuple[float, ...]
     paper_fractions: tuple[float, ...]
+    head_fractions: tuple[float, ...]
     tasks: tuple[str, ...]
     depths: tuple[float, ...]
     max_new_tokens: int
@@ -82,7 +85,7 @@ class Settings:
     seed: int
 
     def __post_init__(self) -> None:
-        for f in self.fractions + self.paper_fractions:
+        for f in self.fractions + self.paper_fractions + self.head_fractions:
             if not 0.0 < f <= 1.0:
                 raise ValueError(f"config.fractions: densities must be in (0, 1], got {self.fractions!r}")
         for name in ("max_new_tokens", "tail", "timing_repeats"):
@@ -98,7 +101,8 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
     return Settings(model_path=str(config.model.path), tokenizer=config.model.tokenizer, dtype=config.model.dtype,
                     layer_loop=config.model.layer_loop, contexts=tuple(config.contexts),
                     fractions=tuple(float(f) for f in config.fractions),
-                    paper_fractions=tuple(float(f) for f in config.paper_fractions), tasks=tuple(config.tasks),
+                    paper_fractions=tuple(float(f) for f in config.paper_fractions),
+                    head_fractions=tuple(float(f) for f in config.head_fractions), tasks=tuple(config.tasks),
                     depths=tuple(config.depths), max_new_tokens=config.max_new_tokens, files=config.files,
                     tail=config.tail, timing_repeats=config.timing_repeats,
                     step_contexts=tuple(config.step_contexts), seed=config.seed)
@@ -125,11 +129,11 @@ PAPER_RULE = dict(sink_pages=0, recent_pages=0)
 
 
 def _method_cache(dense: DenseKVCache, fraction: float | None, tokens: int, dense_layers: tuple[int, ...],
-                  paper: bool = False) -> Any:
+                  settings: dict[str, Any]) -> Any:
     if fraction is None:
         return _copy(dense)
     return QuestKVCache.from_dense(dense, page_size=PAGE, top_pages=top_pages(fraction, tokens),
-                                   dense_layers=dense_layers, **(PAPER_RULE if paper else {}))
+                                   dense_layers=dense_layers, **settings)
 
 
 def _prefill(step: Callable, model: Any, prompt: list[int], width: int, capacity: int) -> tuple[int, DenseKVCache]:
@@ -157,10 +161,11 @@ def _greedy(step: Callable, cache: Any, first: int, position: int, max_new: int,
     return [t for t in out if t not in stop]
 
 
-def _methods(s: Settings) -> list[tuple[str, float | None, bool]]:
-    """(name, fraction of the pages or None for dense, whether Quest's own rule)."""
-    return ([("dense", None, False)] + [(f"quest {f:g}", f, False) for f in s.fractions]
-            + [(f"quest-paper {f:g}", f, True) for f in s.paper_fractions])
+def _methods(s: Settings) -> list[tuple[str, float | None, dict[str, Any]]]:
+    """(name, fraction of the pages or None for dense, QuestKVCache settings)."""
+    return ([("dense", None, {})] + [(f"quest {f:g}", f, {}) for f in s.fractions]
+            + [(f"quest-paper {f:g}", f, PAPER_RULE) for f in s.paper_fractions]
+            + [(f"quest-heads {f:g}", f, dict(per_query_head=True)) for f in s.head_fractions])
 
 
 def retrieval(model: Any, tokenizer: Any, s: Settings, dense_layers: tuple[int, ...], log: Callable) -> list[dict]:
@@ -176,8 +181,8 @@ def retrieval(model: Any, tokenizer: Any, s: Settings, dense_layers: tuple[int, 
                                        capacity=model.config.max_position_embeddings - s.max_new_tokens, **kwargs):
                 prompt = tokenizer.encode(example.prompt)
                 first, dense = _prefill(step, model, prompt, n, capacity)
-                for name, fraction, paper in _methods(s):
-                    cache = _method_cache(dense, fraction, len(prompt) + s.max_new_tokens, dense_layers, paper)
+                for name, fraction, settings in _methods(s):
+                    cache = _method_cache(dense, fraction, len(prompt) + s.max_new_tokens, dense_layers, settings)
                     text = tokenizer.decode(_greedy(step, cache, first, len(prompt), s.max_new_tokens, stop))
                     exact, _ = score_answer(example.answer, text)
                     records.append(dict(task=task, context=n, depth=example.depth, method=name, exact=bool(exact),
@@ -226,8 +231,8 @@ def bits_per_byte(model: Any, tokenizer: Any, s: Settings, dense_layers: tuple[i
                 prefix, scored = ids[:n - s.tail], ids[n - s.tail:n + 1]
                 num_bytes += tokenizer.num_bytes(scored[1:].tolist())
                 _, dense = _prefill(step, model, prefix.tolist(), n - s.tail, _round_up(n + 1))
-                for name, fraction, paper in _methods(s):
-                    cache = _method_cache(dense, fraction, n + 1, dense_layers, paper)
+                for name, fraction, settings in _methods(s):
+                    cache = _method_cache(dense, fraction, n + 1, dense_layers, settings)
                     recall.clear()
                     run = step if fraction is None else probe_step
                     for i in range(s.tail):
@@ -276,11 +281,12 @@ def attention_times(config: Any, s: Settings) -> list[dict]:
         dense_view = DenseView(k=k, v=v, positions=positions, lengths=lengths, layout="BKSH")
         fns = {"dense": jax.jit(lambda q, view: attention(q, view, spec=AttentionSpec()))}
         args = {"dense": dense_view}
-        for f in s.fractions:
-            name = f"quest {f:g}"
+        timed = [(f"quest {f:g}", f, False) for f in s.fractions] + [(f"quest-heads {f:g}", f, True)
+                                                                     for f in s.head_fractions]
+        for name, f, per_head in timed:
             args[name] = QuestView(k=k, v=v, positions=positions, lengths=lengths, page_min=lo, page_max=hi,
                                    page_size=PAGE, top_pages=top_pages(f, context + s.max_new_tokens),
-                                   sink_pages=1, recent_pages=1)
+                                   sink_pages=1, recent_pages=1, per_query_head=per_head)
             fns[name] = fns["dense"]
         times = _interleaved({name: (lambda fn=fn, a=args[name]: fn(q, a)) for name, fn in fns.items()},
                              s.timing_repeats)
@@ -337,14 +343,14 @@ def plot(retrieval_rows: list[dict], bpb_rows: list[dict], s: Settings) -> Any:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for n in s.contexts:
         xs, ys = [], []
-        for name, fraction, paper in _methods(s):
+        for name, fraction, settings in _methods(s):
             cells = [r["exact"] for r in retrieval_rows if r["context"] == n and r["method"] == name]
-            if cells and not paper:
+            if cells and not settings:
                 xs.append(fraction or 1.0)
                 ys.append(float(np.mean(cells)))
         axes[0].plot(xs, ys, marker="o", label=f"{n} tokens")
         pts = [(r["fraction"], r["bits_per_byte"]) for r in bpb_rows
-               if r["context"] == n and not r["method"].startswith("quest-paper")]
+               if r["context"] == n and r["method"].split(" ")[0] in ("dense", "quest")]
         if pts:
             axes[1].plot(*zip(*sorted(pts)), marker="o", label=f"{n} tokens")
     for ax, label in ((axes[0], "retrieval exact match"), (axes[1], "bits/byte (last tokens)")):

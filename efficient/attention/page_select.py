@@ -15,7 +15,9 @@ Choices this implementation makes (the paper has one head per KV head):
 - GQA: one selection per KV head, shared by its G query heads and by the T queries of
   the call (tree verification), so the gather serves all of them at once; pages are
   ranked by the softmax weight each query head's bound allows, summed over them
-  (`page_scores`), which for one head is Quest's own ranking;
+  (`page_scores`), which for one head is Quest's own ranking. `per_query_head=True` is the
+  paper's per-head selection instead: each query head reads its own `top_pages` pages
+  (G times the keys and values read);
 - the pages holding the call's own queries (the last T slots) are always selected
   (they hold the newest keys, whose page is partly filled), and so are the first
   `sink_pages` pages (attention sinks) and the `recent_pages` pages before the call's own;
@@ -61,6 +63,7 @@ class QuestView:
     max_queries: int = _static(16)
     sink_pages: int = _static(0)
     recent_pages: int = _static(0)
+    per_query_head: bool = _static(False)
 
     @property
     def batch_size(self) -> int:
@@ -154,8 +157,9 @@ def page_scores(
     bounds, exp(U - max over pages of U), summed over each KV head's G query heads and the T
     queries (padding queries, position -1, left out). For one query head this ranks pages
     exactly as Quest's bound does; summing weights rather than raw bounds gives each query
-    head of a GQA group an equal voice. -inf for pages with no live slot, +inf for the pages
-    that hold the call's queries (always read)."""
+    head of a GQA group an equal voice. With `view.per_query_head`, [B, N, Np]: each query
+    head's own scores. -inf for pages with no live slot, +inf for the pages that hold the
+    call's queries (always read)."""
     t, p = q.shape[1], view.page_size
     bound = logit_bounds(q, view, scale)
     page = jnp.arange(view.num_pages, dtype=jnp.int32)[None, :]
@@ -166,7 +170,10 @@ def page_scores(
     weight = jnp.exp(bound - jnp.where(jnp.isfinite(top), top, 0.0))
     if q_positions is not None:
         weight = jnp.where((q_positions >= 0)[:, None, :, None, None], weight, 0.0)
-    score = jnp.sum(weight, axis=(2, 3))
+    if view.per_query_head:  # B K G Np -> B N Np: each query head ranks its own pages
+        score = jnp.sum(weight, axis=2).reshape(weight.shape[0], -1, weight.shape[-1])
+    else:
+        score = jnp.sum(weight, axis=(2, 3))
     first_own = (lengths - t) // p
     own = (page >= first_own - view.recent_pages) & (page <= (lengths - 1) // p)
     own = (own | (page < view.sink_pages)) & live
@@ -182,22 +189,27 @@ def select_pages(
     return jnp.sort(index, axis=-1).astype(jnp.int32)
 
 
-def gather_pages(view: QuestView, pages: Int[Array, "B K k"]):  # noqa: ANN201  (a DenseView)
+def gather_pages(view: QuestView, pages: Int[Array, "B K k"] | Int[Array, "B N k"]):  # noqa: ANN201  (a DenseView)
     """The selected pages as a dense [B, K, k*P, H] view with per-KV-head positions
     [B, K, k*P] (-1 for slots past a row's length or of a page with no live slot, whose
-    keys and values are zeroed so that nothing stored there can reach the output)."""
+    keys and values are zeroed so that nothing stored there can reach the output). Pages
+    chosen per query head ([B, N, k]) give [B, N, k*P, H]: query head i reads its own pages
+    of KV head i // G, one "KV head" per query head."""
     from efficient.attention.views import DenseView
 
     b, kh, s, h = view.k.shape
-    p, n = view.page_size, pages.shape[-1]
-    index = pages[..., None, None]  # B K k 1 1
+    heads, p, n = pages.shape[1], view.page_size, pages.shape[-1]
+    source = jnp.arange(heads, dtype=jnp.int32) // (heads // kh)  # the KV head each row of pages reads
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None, None]
 
     def take(x: jax.Array) -> jax.Array:
-        paged = x.reshape(b, kh, s // p, p, h)
-        return jnp.take_along_axis(paged, index, axis=2).reshape(b, kh, n * p, h)
+        if heads == kh:
+            paged = x.reshape(b, kh, s // p, p, h)
+            return jnp.take_along_axis(paged, pages[..., None, None], axis=2).reshape(b, kh, n * p, h)
+        return x.reshape(b, kh, s // p, p, h)[rows, source[None, :, None], pages].reshape(b, heads, n * p, h)
 
-    slot = (pages[..., None] * p + jnp.arange(p, dtype=jnp.int32)).reshape(b, kh, n * p)
-    positions = jnp.take_along_axis(jnp.broadcast_to(view.positions[:, None], (b, kh, s)), slot, axis=2)
+    slot = (pages[..., None] * p + jnp.arange(p, dtype=jnp.int32)).reshape(b, heads, n * p)
+    positions = jnp.take_along_axis(jnp.broadcast_to(view.positions[:, None], (b, heads, s)), slot, axis=2)
     positions = jnp.where(slot < view.lengths[:, None, None], positions, -1).astype(jnp.int32)
     live = (positions >= 0)[..., None]
     zero = jnp.zeros((), view.k.dtype)
@@ -206,8 +218,8 @@ def gather_pages(view: QuestView, pages: Int[Array, "B K k"]):  # noqa: ANN201  
 
 
 def _gather_slots(x: jax.Array, view: QuestView, pages: Int[Array, "B K k"]) -> jax.Array:
-    """x [B, T, S] (a mask or, T absent, [B, S] segment ids) at each KV head's selected
-    slots: [B, K, T, k*P] (or [B, K, k*P])."""
+    """x [B, T, S] (a mask or, T absent, [B, S] segment ids) at each head's selected
+    slots: [B, K, T, k*P] (or [B, K, k*P]; N for pages chosen per query head)."""
     b, kh, n = pages.shape
     p = view.page_size
     slot = (pages[..., None] * p + jnp.arange(p, dtype=jnp.int32)).reshape(b, kh, n * p)
@@ -234,7 +246,7 @@ def quest_attention(q: Float[Array, "B T N H"], view: QuestView, call, *, q_posi
         if mask is None and kv_segment_ids is None:
             return call(q, selected, None, None)
         b, t, n, h = q.shape
-        kh = view.num_kv_heads
+        kh = pages.shape[1]  # K, or N when each query head chose its own pages
         per_head_q = jnp.moveaxis(q.reshape(b, t, kh, n // kh, h), 2, 0)  # K B T G H
         head_mask = None if mask is None else jnp.moveaxis(_gather_slots(mask, view, pages), 1, 0)
         head_seg = None if kv_segment_ids is None else jnp.moveaxis(_gather_slots(kv_segment_ids, view, pages), 1, 0)
@@ -262,17 +274,24 @@ def attention_mass_kept(
     q: Float[Array, "B T N H"], view: QuestView, *, spec=None, q_positions: Int[Array, "B T"] | None = None  # noqa: ANN001
 ) -> Float[Array, "B K T"]:
     """What the selection loses, measured: the fraction of dense attention mass (summed over
-    each KV head's G query heads) that falls in the selected pages, per (row, KV head, query)."""
+    each KV head's G query heads) that falls in the selected pages, per (row, KV head, query)
+    ([B, N, T], per query head, when each query head chooses its own pages)."""
     from efficient.attention.dispatcher import attention
     from efficient.attention.spec import AttentionSpec, KeyStats
 
     spec = spec or AttentionSpec()
     _, mass = attention(q, view.dense(), spec=spec, q_positions=q_positions,
                         key_stats=KeyStats(per_kv_head=True, per_query=True), implementation="xla")
-    b, kh, t, s = mass.shape
     pages = select_pages(q, view, q_positions, spec.logit_scale(view.head_dim))
-    chosen = jnp.zeros((b, kh, view.num_pages), bool).at[
-        jnp.arange(b)[:, None, None], jnp.arange(kh)[None, :, None], pages].set(True)
+    if view.per_query_head:  # each query head's own mass over its own pages: [B, N, T, S]
+        _, mass = attention(q, dataclasses.replace(view.dense(), k=jnp.repeat(view.k, q.shape[2] // view.num_kv_heads,
+                                                                              axis=1),
+                                                   v=jnp.repeat(view.v, q.shape[2] // view.num_kv_heads, axis=1)),
+                            spec=spec, q_positions=q_positions,
+                            key_stats=KeyStats(per_kv_head=True, per_query=True), implementation="xla")
+    b, heads, t, s = mass.shape
+    chosen = jnp.zeros((b, heads, view.num_pages), bool).at[
+        jnp.arange(b)[:, None, None], jnp.arange(heads)[None, :, None], pages].set(True)
     chosen = jnp.repeat(chosen, view.page_size, axis=2)[:, :, None, :]  # B K 1 S
     total = jnp.sum(mass, axis=-1)
     return jnp.where(total > 0, jnp.sum(jnp.where(chosen, mass, 0.0), axis=-1) / jnp.where(total > 0, total, 1.0),

@@ -47,6 +47,7 @@ class QuestKVCache(DenseKVCache):
     max_queries: int = dataclasses.field(default=16, metadata=dict(static=True))
     sink_pages: int = dataclasses.field(default=1, metadata=dict(static=True))
     recent_pages: int = dataclasses.field(default=1, metadata=dict(static=True))
+    per_query_head: bool = dataclasses.field(default=False, metadata=dict(static=True))
     dense_layers: tuple[int, ...] = dataclasses.field(default=(0, 1), metadata=dict(static=True))
 
     @classmethod
@@ -54,10 +55,13 @@ class QuestKVCache(DenseKVCache):
         cls, *, num_layers: int, batch_size: int, capacity: int, num_kv_heads: int, head_dim: int,
         dtype: jnp.dtype | str = jnp.float32, page_size: int = 16, top_pages: int = 8, max_queries: int = 16,
         dense_layers: tuple[int, ...] = (0, 1), sink_pages: int = 1, recent_pages: int = 1,
+        per_query_head: bool = False,
     ) -> QuestKVCache:
         """sink_pages / recent_pages: the first pages (attention sinks) and the pages just before
         a step's own always read, within `top_pages` (0, 0: the paper's rule; on SmolLM2 at 1/8
-        of the pages, 8 passkeys that the paper's rule missed gave 5 hits with the sink page)."""
+        of the pages, 8 passkeys that the paper's rule missed gave 5 hits with the sink page).
+        per_query_head: each query head reads its own `top_pages` pages (the paper's per-head
+        selection; G times the reads) instead of one selection per KV head."""
         for name, value in (("page_size", page_size), ("top_pages", top_pages), ("max_queries", max_queries)):
             positive_int(value, name, "QuestKVCache.init")
         for name, value in (("sink_pages", sink_pages), ("recent_pages", recent_pages)):
@@ -81,7 +85,7 @@ class QuestKVCache(DenseKVCache):
         return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(DenseKVCache)},
                    page_min=jnp.zeros(shape, jnp.float32), page_max=jnp.zeros(shape, jnp.float32),
                    page_size=page_size, top_pages=top_pages, max_queries=max_queries, dense_layers=dense_layers,
-                   sink_pages=sink_pages, recent_pages=recent_pages)
+                   sink_pages=sink_pages, recent_pages=recent_pages, per_query_head=bool(per_query_head))
 
     @classmethod
     def for_model(cls, config, batch_size: int, capacity: int, dtype=None, *, page_size: int = 16,  # noqa: ANN001
@@ -174,7 +178,7 @@ class QuestKVCache(DenseKVCache):
         return QuestView(k=dense.k, v=dense.v, positions=dense.positions, lengths=dense.lengths, page_min=lo,
                          page_max=hi, sparse=sparse, page_size=self.page_size, top_pages=self.top_pages,
                          max_queries=self.max_queries, sink_pages=self.sink_pages,
-                         recent_pages=self.recent_pages)
+                         recent_pages=self.recent_pages, per_query_head=self.per_query_head)
 
     def select(self, source_slots: Int[Array, "B C"], counts: Int[Array, " B"], start: Int[Array, " B"]) -> Self:
         moved = super().select(source_slots, counts, start)

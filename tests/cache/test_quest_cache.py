@@ -18,6 +18,7 @@ from helpers.tiny import run_in_chunks, tiny_model
 from efficient.attention import attention
 from efficient.attention.page_select import (
     QuestView,
+    attention_mass_kept,
     gather_pages,
     logit_bounds,
     page_bounds,
@@ -186,6 +187,39 @@ def test_attention_over_the_selected_pages_equals_the_masked_oracle(implementati
         mask[:, :, :4] = True
         got = np.asarray(attention(q, view, mask=jnp.asarray(mask), implementation=implementation))
         np.testing.assert_allclose(got, _oracle(q, view, pages, mask), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_per_query_head_selection_reads_each_heads_own_pages(masked: bool) -> None:
+    view = QuestView(**{**_view(top=3).__dict__, "per_query_head": True})
+    t = 2
+    q = jax.random.normal(jax.random.PRNGKey(9), (2, t, 4, 16))
+    pages = np.asarray(select_pages(q, view))  # B N k
+    assert pages.shape == (2, 4, 3)
+    shared = np.asarray(select_pages(q, QuestView(**{**view.__dict__, "per_query_head": False})))
+    assert not all(np.array_equal(pages[:, 2 * h], shared[:, h]) and np.array_equal(pages[:, 2 * h + 1], shared[:, h])
+                   for h in range(2))  # the heads of a group disagree somewhere
+    mask = np.random.default_rng(5).random((2, t, view.num_slots)) < 0.7 if masked else None
+    if masked:
+        mask[:, :, :4] = True
+    got = np.asarray(attention(q, view, mask=None if mask is None else jnp.asarray(mask), implementation="xla"))
+    lengths = np.asarray(view.lengths)
+    for head in range(4):  # query head i over KV head i // 2, its own pages
+        kv = head // 2
+        chosen = np.zeros((2, view.num_slots), bool)
+        for row in range(2):
+            for page in pages[row, head]:
+                chosen[row, page * P:(page + 1) * P] = True
+        positions = np.where(chosen, np.asarray(view.positions), -1)
+        live = positions >= 0
+        k = jnp.where(live[:, None, :, None], view.k[:, kv:kv + 1], 0.0)
+        v = jnp.where(live[:, None, :, None], view.v[:, kv:kv + 1], 0.0)
+        want = attention(q[:, :, head:head + 1], DenseView(k=k, v=v, positions=jnp.asarray(positions), layout="BKSH"),
+                         q_positions=jnp.asarray(lengths[:, None] - t + np.arange(t)[None, :], jnp.int32),
+                         mask=None if mask is None else jnp.asarray(mask), implementation="reference")
+        np.testing.assert_allclose(got[:, :, head:head + 1], np.asarray(want), rtol=2e-5, atol=2e-5)
+    kept = np.asarray(attention_mass_kept(q, view))
+    assert kept.shape == (2, 4, t) and (kept > 0).all() and (kept <= 1 + 1e-6).all() and (kept < 1 - 1e-4).any()
 
 
 def test_full_density_long_calls_and_dense_layers_read_everything() -> None:

@@ -19,14 +19,15 @@ def test_sparse_attention_end_to_end(tmp_path: Path) -> None:
     config = sparse_config.get_config("tiny")
     config.results_dir, config.run_name = str(tmp_path), "smoke"
     config.contexts, config.fractions, config.tail, config.timing_repeats = (256,), (1.0, 0.125), 4, 1
-    config.step_contexts = (256,)
+    config.step_contexts, config.head_fractions = (256,), (0.125,)
     out = run_experiment(config)
     metrics = json.loads((out / "metrics.json").read_text())
     rows = {r["method"]: r for r in metrics["summary"]}
-    assert set(rows) == {"dense", "quest 1", "quest 0.125"}
+    assert set(rows) == {"dense", "quest 1", "quest 0.125", "quest-heads 0.125"}
     assert rows["quest 1"]["bits_per_byte"] == pytest.approx(rows["dense"]["bits_per_byte"], rel=1e-6)
     assert rows["dense"]["attention_recall"] == rows["quest 1"]["attention_recall"] == 1.0
     assert 0.0 < rows["quest 0.125"]["attention_recall"] < 1.0
+    assert 0.0 < rows["quest-heads 0.125"]["attention_recall"] < 1.0
     assert all(np.isfinite(r["bits_per_byte"]) and 0.0 <= r["exact_match"] <= 1.0 and r["attention_ms"] > 0
                for r in rows.values())
     assert [r["method"] for r in metrics["decode_step"]] == ["dense", "quest 1", "quest 0.125"]
