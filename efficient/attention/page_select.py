@@ -189,6 +189,12 @@ def select_pages(
     return jnp.sort(index, axis=-1).astype(jnp.int32)
 
 
+def _page_slots(pages: Int[Array, "B K k"], page_size: int) -> Int[Array, "B K kP"]:
+    """The slots of the selected pages, page by page: [B, K, k * P]."""
+    b, heads, n = pages.shape
+    return (pages[..., None] * page_size + jnp.arange(page_size, dtype=jnp.int32)).reshape(b, heads, n * page_size)
+
+
 def gather_pages(view: QuestView, pages: Int[Array, "B K k"] | Int[Array, "B N k"]):  # noqa: ANN201  (a DenseView)
     """The selected pages as a dense [B, K, k*P, H] view with per-KV-head positions
     [B, K, k*P] (-1 for slots past a row's length or of a page with no live slot, whose
@@ -208,7 +214,7 @@ def gather_pages(view: QuestView, pages: Int[Array, "B K k"] | Int[Array, "B N k
             return jnp.take_along_axis(paged, pages[..., None, None], axis=2).reshape(b, kh, n * p, h)
         return x.reshape(b, kh, s // p, p, h)[rows, source[None, :, None], pages].reshape(b, heads, n * p, h)
 
-    slot = (pages[..., None] * p + jnp.arange(p, dtype=jnp.int32)).reshape(b, heads, n * p)
+    slot = _page_slots(pages, p)
     positions = jnp.take_along_axis(jnp.broadcast_to(view.positions[:, None], (b, heads, s)), slot, axis=2)
     positions = jnp.where(slot < view.lengths[:, None, None], positions, -1).astype(jnp.int32)
     live = (positions >= 0)[..., None]
@@ -222,7 +228,7 @@ def _gather_slots(x: jax.Array, view: QuestView, pages: Int[Array, "B K k"]) -> 
     slots: [B, K, T, k*P] (or [B, K, k*P]; N for pages chosen per query head)."""
     b, kh, n = pages.shape
     p = view.page_size
-    slot = (pages[..., None] * p + jnp.arange(p, dtype=jnp.int32)).reshape(b, kh, n * p)
+    slot = _page_slots(pages, p)
     if x.ndim == 2:
         return jnp.take_along_axis(jnp.broadcast_to(x[:, None], (b, kh, x.shape[1])), slot, axis=2)
     t = x.shape[1]
@@ -280,15 +286,13 @@ def attention_mass_kept(
     from efficient.attention.spec import AttentionSpec, KeyStats
 
     spec = spec or AttentionSpec()
-    _, mass = attention(q, view.dense(), spec=spec, q_positions=q_positions,
+    seen = view.dense()
+    if view.per_query_head:  # one "KV head" per query head: each head's own mass, [B, N, T, S]
+        g = q.shape[2] // view.num_kv_heads
+        seen = dataclasses.replace(seen, k=jnp.repeat(view.k, g, axis=1), v=jnp.repeat(view.v, g, axis=1))
+    _, mass = attention(q, seen, spec=spec, q_positions=q_positions,
                         key_stats=KeyStats(per_kv_head=True, per_query=True), implementation="xla")
     pages = select_pages(q, view, q_positions, spec.logit_scale(view.head_dim))
-    if view.per_query_head:  # each query head's own mass over its own pages: [B, N, T, S]
-        _, mass = attention(q, dataclasses.replace(view.dense(), k=jnp.repeat(view.k, q.shape[2] // view.num_kv_heads,
-                                                                              axis=1),
-                                                   v=jnp.repeat(view.v, q.shape[2] // view.num_kv_heads, axis=1)),
-                            spec=spec, q_positions=q_positions,
-                            key_stats=KeyStats(per_kv_head=True, per_query=True), implementation="xla")
     b, heads, t, s = mass.shape
     chosen = jnp.zeros((b, heads, view.num_pages), bool).at[
         jnp.arange(b)[:, None, None], jnp.arange(heads)[None, :, None], pages].set(True)
