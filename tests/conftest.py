@@ -41,6 +41,11 @@ def _add_xla_flag(flag: str) -> None:
 
 if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
     _add_xla_flag(_FAST_COMPILE)
+# The sharding tests (tests/parallel) run on 8 simulated CPU devices. Everything else runs
+# on device 0 as before: an unsharded computation never touches the other seven.
+_DEVICES = "--xla_force_host_platform_device_count=8"
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    _add_xla_flag(_DEVICES)
 # The xdist workers inherit the controller's XLA_FLAGS, so only the controller probes.
 if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"] and _xla_accepts(_CLASSIC_EMITTERS):
     _add_xla_flag(_CLASSIC_EMITTERS)

@@ -31,6 +31,7 @@ from efficient.models.config import ModelConfig
 from efficient.models.forward import forward
 from efficient.models.llama import LlamaModel
 from efficient.models.model import fit_cache_to_layers
+from efficient.parallel.cache import build_cache
 
 
 # Number of times each jitted stage was traced (a test asserts on it).
@@ -310,7 +311,7 @@ def generate(
     batch, max_new = request.batch, request.max_new
     b = batch.batch_size
     factory = cache or default_cache
-    kv_cache = factory(config, b, request.capacity)
+    kv_cache = build_cache(factory, config, b, request.capacity, getattr(model, "sharding", None))
     check_cache_matches(config, kv_cache, b, "generate", capacity=request.capacity)
     kv_cache = fit_cache_to_layers(model, kv_cache)
     graphdef, params = nnx.split(model)

@@ -47,6 +47,7 @@ from efficient.models.checks import check_cache_factory, check_cache_matches, ch
 from efficient.models.forward import forward
 from efficient.models.llama import LlamaModel
 from efficient.models.model import fit_cache_to_layers
+from efficient.parallel.cache import build_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,7 +320,7 @@ def speculative_generate(
                          f"max_position_embeddings {config.max_position_embeddings}; speculative decoding "
                          "would not be lossless there")
     b = batch.batch_size
-    kv_cache = (cache or default_cache)(config, b, request.capacity)
+    kv_cache = build_cache(cache or default_cache, config, b, request.capacity, getattr(model, "sharding", None))
     check_cache_matches(config, kv_cache, b, "speculative_generate", capacity=request.capacity)
     kv_cache = fit_cache_to_layers(model, kv_cache)
     graphdef, params = nnx.split(model)

@@ -166,6 +166,8 @@ def forward(
     if positions.shape != (b, t):
         raise ValueError(f"positions must have shape {(b, t)}, got {tuple(positions.shape)}")
     skip = skip_mask(skip_layers, config.num_layers)
+    # A sharded model (efficient.parallel.shard_model): constraints at layer boundaries.
+    sharding = getattr(model, "sharding", None)
     # A prefill into an empty cache with no extra mask attends its new tokens directly.
     attend_new_only = fresh_cache and mask is None and tree_mask is None
     slots = None
@@ -175,11 +177,15 @@ def forward(
         check_capacity(cache, t)
         check_step_size(cache, t, attend_new_only)
         cache, slots = cache.reserve(positions)
+        if sharding is not None:
+            cache = sharding.constrain_cache(cache)
     if tree_mask is not None:
         mask = _with_new_token_mask(mask, tree_mask, slots, cache, b, t)
 
     x, cache = _run_layers(model, model.embed(tokens), positions, cache, slots, mask, skip,
                            implementation or config.attention_implementation, attend_new_only)
+    if sharding is not None and cache is not None:
+        cache = sharding.constrain_cache(cache)
     if logits_indices is not None:
         if logits_indices.ndim != 2 or logits_indices.shape[0] != b:
             raise ValueError(f"logits_indices must have shape [{b}, I], got {tuple(logits_indices.shape)}")
@@ -239,6 +245,14 @@ def _run_layers(
 ) -> tuple[Float[Array, "B T D"], KVCache | None]:
     """`lax.scan` over the stacked layers, carrying (x, cache)."""
     config = model.config
+    sharding = getattr(model, "sharding", None)
+
+    def boundary(x: jax.Array) -> jax.Array:
+        """The hidden state [B, T, D] at a layer boundary: split by batch (and tokens, under a
+        sequence rule) on a sharded model."""
+        return x if sharding is None else sharding.constrain(x, ("batch", "seq", "embed"))
+
+    x = boundary(x)
     kinds, kind_ids = config.layer_kinds()
     scale = None if config.query_pre_attn_scalar is None else config.query_pre_attn_scalar**-0.5
     specs = tuple(AttentionSpec(causal=True, window=window, softcap=config.attn_logit_softcapping, scale=scale)
@@ -310,7 +324,7 @@ def _run_layers(
             return out
 
         x = layer(x, cos_all[kind], sin_all[kind], attend)
-        return x, written[0]
+        return boundary(x), written[0]
 
     def gated_step(params: nnx.State, x: jax.Array, cache: KVCache | None, index: jax.Array, kind: jax.Array,
                    skipped: jax.Array) -> tuple[jax.Array, KVCache | None]:
@@ -332,7 +346,7 @@ def _run_layers(
 
             return nnx.merge(graphdef, params)(x, cos_all[kind], sin_all[kind], attend)
 
-        return jax.lax.cond(skipped, lambda x: x, run, x), cache
+        return boundary(jax.lax.cond(skipped, lambda x: x, run, x)), cache
 
     def body(carry: tuple, xs: tuple) -> tuple[tuple, None]:
         x, cache = carry

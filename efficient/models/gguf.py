@@ -389,11 +389,12 @@ class GGUFSource:
         return values
 
 
-def from_gguf(path: str | os.PathLike[str], dtype: str | None = None) -> nnx.Module:
+def from_gguf(path: str | os.PathLike[str], dtype: str | None = None, sharding: object | None = None
+              ) -> nnx.Module:
     """Load a GGUF file (llama/Mistral, qwen2, qwen3) into the model `load_tensors` builds.
 
     dtype: parameter/compute dtype ("float32", "bfloat16", "float16"); default float32.
     """
     reader = open_gguf(path)
     config = config_from_gguf(reader, dtype=dtype)
-    return load_tensors(config, GGUFSource(reader, config))
+    return load_tensors(config, GGUFSource(reader, config), sharding)

@@ -165,14 +165,28 @@ class SafetensorsSource:
         self._handles.clear()
 
 
-def load_tensors(config: ModelConfig, source: TensorSource) -> LlamaModel:
+def load_tensors(config: ModelConfig, source: TensorSource, sharding: object | None = None) -> LlamaModel:
     """A model for `config` with every parameter read from `source` (cast to config.dtype).
+
+    sharding: an `efficient.parallel.ModelSharding`: each tensor goes from host memory
+    straight into its shards (no device holds a whole matrix it does not own), and the
+    model carries the sharding.
 
     Each parameter must be present with the right shape; tensors the config does not
     use are refused. Errors name the tensor and `source.location`.
     """
     target_dtype = jnp.dtype(config.dtype)
     model = nnx.eval_shape(lambda: LlamaModel(config, rngs=nnx.Rngs(0)))
+    if sharding is not None:
+        from efficient.parallel.params import as_sharding, param_sharding  # parallel imports models
+
+        sharding = as_sharding(sharding)
+
+    def place(attr_path: tuple[str, ...], value: np.ndarray) -> jax.Array:
+        if sharding is None:
+            return jnp.asarray(value, dtype=target_dtype)
+        return jax.device_put(np.asarray(value).astype(target_dtype),
+                              param_sharding(sharding, config, attr_path, tuple(value.shape)))
     available = set(source.names())
     expected = set()
     stacked: dict[tuple[str, ...], np.ndarray] = {}  # per-layer tensors gathered on a leading L axis
@@ -193,13 +207,13 @@ def load_tensors(config: ModelConfig, source: TensorSource) -> LlamaModel:
                 f"{want[::-1] if transpose else want} for this config"
             )
         if layer is None:
-            variable.set_value(jnp.asarray(tensor, dtype=target_dtype))
+            variable.set_value(place(attr_path, tensor))
         else:
             if attr_path not in stacked:
                 stacked[attr_path] = np.empty(full, target_dtype)
             stacked[attr_path][layer] = np.asarray(tensor).astype(target_dtype)
     for attr_path, value in stacked.items():
-        _get_variable(model, attr_path).set_value(jnp.asarray(value))
+        _get_variable(model, attr_path).set_value(place(attr_path, value))
     unexpected = sorted(
         name for name in available
         if name not in expected
@@ -211,16 +225,21 @@ def load_tensors(config: ModelConfig, source: TensorSource) -> LlamaModel:
             f"checkpoint {source.location!r} has tensors this config does not use: {unexpected[:8]}"
             + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else "")
         )
+    if sharding is not None:
+        model.sharding = sharding
     return model
 
 
-def from_pretrained(path: str | os.PathLike[str], dtype: str | None = None) -> LlamaModel:
+def from_pretrained(path: str | os.PathLike[str], dtype: str | None = None, sharding: object | None = None
+                    ) -> LlamaModel:
     """Load a local HF checkpoint folder (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text), or a llama.cpp
     `.gguf` file (see `efficient.models.gguf`), into a model. A packaged model's short name
     (`efficient.models.PACKAGED_MODELS`, e.g. "smollm2") loads its installed file.
 
     dtype: parameter/compute dtype ("float32", "bfloat16", "float16"); default
     the checkpoint's own (float32 for GGUF).
+    sharding: an `efficient.parallel.ModelSharding` (or a mesh, with the default rules):
+        parameters are loaded straight into their shards.
     """
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"path: expected a checkpoint folder or .gguf file path (str or Path), got "
@@ -231,13 +250,13 @@ def from_pretrained(path: str | os.PathLike[str], dtype: str | None = None) -> L
     if folder.suffix.lower() == ".gguf" and not folder.is_dir():
         from efficient.models.gguf import from_gguf  # imported here: gguf.py imports this module
 
-        return from_gguf(folder, dtype=dtype)
+        return from_gguf(folder, dtype=dtype, sharding=sharding)
     if folder.is_file():
         raise CheckpointError(f"expected an HF checkpoint folder or a .gguf file, got file {str(folder)!r}")
     config = load_config(folder, dtype=dtype)
     source = SafetensorsSource(folder)
     try:
-        return load_tensors(config, source)
+        return load_tensors(config, source, sharding)
     finally:
         source.close()
 

@@ -1,0 +1,60 @@
+"""DeepSpeed-Ulysses sequence parallelism (Jacobs et al., 2023) over a mesh axis.
+
+Inputs arrive split along tokens over `axis` (n devices). One all-to-all turns each
+device's [B, T/n, N, H] queries (and keys, values) into [B, T, N/n, H]: the whole
+sequence for a 1/n slice of the heads. Attention then runs locally through the
+dispatcher (any implementation that serves a `DenseView`), and a second all-to-all
+turns the output back into token blocks. Communication per device is O(T·N·H/n) per
+all-to-all; it needs N (and K, or K is expanded to N first) divisible by n.
+Differentiable: the transpose of an all-to-all is the reverse all-to-all.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+from jaxtyping import Array, Float, Int
+
+from efficient.attention import DenseView, attention
+from efficient.attention.spec import AttentionSpec
+from efficient.parallel.ring_attention import check_sequence_split
+
+
+def _ulysses_local(q, k, v, q_pos, kv_pos, *, spec: AttentionSpec, axis: str,  # noqa: ANN001, ANN202
+                   implementation: str | tuple[str, ...]):
+    def heads_to_sequence(x: jax.Array) -> jax.Array:  # [B, T/n, X, H] -> [B, T, X/n, H]
+        return jax.lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
+
+    q, k, v = heads_to_sequence(q), heads_to_sequence(k), heads_to_sequence(v)
+    q_pos = jax.lax.all_gather(q_pos, axis, axis=1, tiled=True)
+    kv_pos = jax.lax.all_gather(kv_pos, axis, axis=1, tiled=True)
+    out = attention(q, DenseView(k=k, v=v, positions=kv_pos), spec=spec, q_positions=q_pos,
+                    implementation=implementation)
+    return jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
+
+
+def ulysses_attention(
+    q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], *,
+    mesh: Mesh, q_positions: Int[Array, "B T"], kv_positions: Int[Array, "B S"],
+    spec: AttentionSpec = AttentionSpec(), axis: str = "sequence", batch_axis: str | None = None,
+    implementation: str | tuple[str, ...] = "xla",
+) -> Float[Array, "B T N H"]:
+    """Attention with q, k, v split along tokens over mesh axis `axis`, computed head-split
+    after an all-to-all; equal to the dense oracle with the same positions. KV heads that
+    the axis does not divide are repeated to the query heads first (GQA expanded)."""
+    n = check_sequence_split(mesh, axis, {"q": q.shape[1], "kv": k.shape[1]}, "ulysses_attention")
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"ulysses_attention: query heads N={heads} must be a multiple of KV heads K={kv_heads}")
+    if heads % n:
+        raise ValueError(f"ulysses_attention: query heads N={heads} cannot be split across the {n} devices of "
+                         f"mesh axis {axis!r}; use ring_attention, which splits tokens only")
+    if kv_heads % n:
+        k, v = (jnp.repeat(x, heads // kv_heads, axis=2) for x in (k, v))
+    tokens = PartitionSpec(batch_axis, axis)
+    local = functools.partial(_ulysses_local, spec=spec, axis=axis, implementation=implementation)
+    return jax.shard_map(local, mesh=mesh, in_specs=(tokens,) * 5, out_specs=tokens, check_vma=False)(
+        q, k, v, jnp.asarray(q_positions, jnp.int32), jnp.asarray(kv_positions, jnp.int32))
