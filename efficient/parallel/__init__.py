@@ -4,11 +4,19 @@ sequence-parallel attention (ring attention, DeepSpeed-Ulysses) under `shard_map
 
 from efficient.parallel.cache import build_cache, cache_shardings, constrain_cache, shard_cache
 from efficient.parallel.mesh import MESH_AXES, make_mesh, mesh_shape
-from efficient.parallel.params import device_bytes, param_axes, param_sharding, shard_model
-from efficient.parallel.rules import DEFAULT_RULES, LOGICAL_AXES, AxisRules, ModelSharding
+from efficient.parallel.params import (
+    device_bytes,
+    param_axes,
+    param_sharding,
+    param_shardings,
+    place_params,
+    shard_model,
+)
+from efficient.parallel.rules import DEFAULT_RULES, FSDP_RULES, LOGICAL_AXES, AxisRules, ModelSharding
 
 __all__ = [
     "DEFAULT_RULES",
+    "FSDP_RULES",
     "LOGICAL_AXES",
     "MESH_AXES",
     "AxisRules",
@@ -21,6 +29,8 @@ __all__ = [
     "mesh_shape",
     "param_axes",
     "param_sharding",
+    "param_shardings",
+    "place_params",
     "shard_cache",
     "shard_model",
 ]

@@ -75,6 +75,17 @@ def as_sharding(sharding: ModelSharding | jax.sharding.Mesh,
     return ModelSharding(sharding, AxisRules.of(rules))
 
 
+def param_shardings(params: object, config: ModelConfig, sharding: ModelSharding) -> object:
+    """A pytree like `params` (an nnx.State, concrete or abstract) of NamedShardings."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: param_sharding(sharding, config, _keys(path), tuple(x.shape)), params)
+
+
+def place_params(params: object, config: ModelConfig, sharding: ModelSharding) -> object:
+    """`params` moved to their shards (e.g. a training run's initial parameters)."""
+    return jax.device_put(params, param_shardings(params, config, sharding))
+
+
 def shard_model(model: nnx.Module, sharding: ModelSharding | jax.sharding.Mesh,
                 rules: Mapping[str, str | None] | AxisRules | None = None) -> nnx.Module:
     """Move every parameter of `model` to its shards and attach the sharding (in place;
@@ -82,10 +93,7 @@ def shard_model(model: nnx.Module, sharding: ModelSharding | jax.sharding.Mesh,
     references to the unsharded arrays."""
     sharding = as_sharding(sharding, rules)
     config = model.config
-    state = nnx.state(model, nnx.Param)
-    placed = jax.tree_util.tree_map_with_path(
-        lambda path, x: jax.device_put(x, param_sharding(sharding, config, _keys(path), tuple(x.shape))), state)
-    nnx.update(model, placed)
+    nnx.update(model, place_params(nnx.state(model, nnx.Param), config, sharding))
     model.sharding = sharding
     return model
 

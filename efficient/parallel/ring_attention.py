@@ -57,8 +57,10 @@ def _accumulate(stats: Stats, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: j
     return jax.lax.cond(any_visible, update, lambda s: s, stats)
 
 
-def _ring(n: int) -> list[tuple[int, int]]:
-    return [(i, (i + 1) % n) for i in range(n)]
+def _pass_on(x: object, axis: str, n: int) -> object:
+    """Each device's `x` (a pytree) to the next device around the ring (nothing to pass on
+    a ring of one)."""
+    return x if n == 1 else jax.lax.ppermute(x, axis, [(i, (i + 1) % n) for i in range(n)])
 
 
 def _chunks(x: jax.Array, c: int, axis: int) -> list[jax.Array]:
@@ -81,7 +83,7 @@ def _accumulate_blocks(stats: Stats, q: jax.Array, k: jax.Array, v: jax.Array, q
     return tuple(jnp.concatenate([d[n] for d in done], axis=3) for n in range(3))
 
 
-def _forward(q, k, v, q_pos, kv_pos, spec: AttentionSpec, axis: str, n: int, c: int):  # noqa: ANN001, ANN202
+def _forward(q, k, v, q_pos, kv_pos, spec: AttentionSpec, axis: str, n: int, c: int, unroll: bool):  # noqa: ANN001, ANN202
     b, t, heads, h = q.shape
     kv_heads = k.shape[2]
     g = heads // kv_heads
@@ -91,10 +93,11 @@ def _forward(q, k, v, q_pos, kv_pos, spec: AttentionSpec, axis: str, n: int, c: 
     def hop(carry: tuple, _: None) -> tuple[tuple, None]:
         stats, k, v, kv_pos = carry
         stats = _accumulate_blocks(stats, q, k, v, q_pos, kv_pos, spec, c)
-        k, v, kv_pos = jax.lax.ppermute((k, v, kv_pos), axis, _ring(n))
+        k, v, kv_pos = _pass_on((k, v, kv_pos), axis, n)
         return (stats, k, v, kv_pos), None
 
-    (stats, k, v, kv_pos), _ = jax.lax.scan(hop, (stats, k, v, kv_pos), None, length=n - 1)
+    (stats, k, v, kv_pos), _ = jax.lax.scan(hop, (stats, k, v, kv_pos), None, length=n - 1,
+                                             unroll=unroll or 1)
     m, total, acc = _accumulate_blocks(stats, q, k, v, q_pos, kv_pos, spec, c)
     out = jnp.where(total[..., None] > 0, acc / jnp.maximum(total, 1e-30)[..., None], 0.0)
     lse = jnp.where(total > 0, m + jnp.log(jnp.maximum(total, 1e-30)), -jnp.inf)
@@ -135,7 +138,8 @@ def _grads_blocks(q, k, v, q_pos, kv_pos, out_g, lse, dout_g, spec: AttentionSpe
     return tuple(jnp.concatenate(parts, axis=1) for parts in (dq, dk, dv))
 
 
-def _backward(q, k, v, q_pos, kv_pos, out, lse, dout, spec: AttentionSpec, axis: str, n: int, c: int):  # noqa: ANN001, ANN202
+def _backward(q, k, v, q_pos, kv_pos, out, lse, dout, spec: AttentionSpec, axis: str, n: int, c: int,
+              unroll: bool):  # noqa: ANN001, ANN202
     b, t, heads, h = q.shape
     kv_heads = k.shape[2]
     g = heads // kv_heads
@@ -148,27 +152,27 @@ def _backward(q, k, v, q_pos, kv_pos, out, lse, dout, spec: AttentionSpec, axis:
     def hop(carry: tuple, _: None) -> tuple[tuple, None]:
         dq, k, v, kv_pos, dk, dv = carry
         ddq, ddk, ddv = _grads_blocks(q, k, v, q_pos, kv_pos, out_g, lse, dout_g, spec, c)
-        k, v, kv_pos, dk, dv = jax.lax.ppermute((k, v, kv_pos, dk + ddk, dv + ddv), axis, _ring(n))
+        k, v, kv_pos, dk, dv = _pass_on((k, v, kv_pos, dk + ddk, dv + ddv), axis, n)
         return (dq + ddq, k, v, kv_pos, dk, dv), None
 
     init = (jnp.zeros_like(q), k, v, kv_pos, jnp.zeros_like(k), jnp.zeros_like(v))
-    (dq, _, _, _, dk, dv), _ = jax.lax.scan(hop, init, None, length=n)
+    (dq, _, _, _, dk, dv), _ = jax.lax.scan(hop, init, None, length=n, unroll=unroll or 1)
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _ring_local(q, k, v, q_pos, kv_pos, spec: AttentionSpec, axis: str, n: int, c: int):  # noqa: ANN001, ANN202
-    return _forward(q, k, v, q_pos, kv_pos, spec, axis, n, c)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _ring_local(q, k, v, q_pos, kv_pos, spec: AttentionSpec, axis: str, n: int, c: int, unroll: bool):  # noqa: ANN001, ANN202
+    return _forward(q, k, v, q_pos, kv_pos, spec, axis, n, c, unroll)[0]
 
 
-def _ring_local_fwd(q, k, v, q_pos, kv_pos, spec, axis, n, c):  # noqa: ANN001, ANN202
-    out, lse = _forward(q, k, v, q_pos, kv_pos, spec, axis, n, c)
+def _ring_local_fwd(q, k, v, q_pos, kv_pos, spec, axis, n, c, unroll):  # noqa: ANN001, ANN202
+    out, lse = _forward(q, k, v, q_pos, kv_pos, spec, axis, n, c, unroll)
     return out, (q, k, v, q_pos, kv_pos, out, lse)
 
 
-def _ring_local_bwd(spec, axis, n, c, residuals, dout):  # noqa: ANN001, ANN202
+def _ring_local_bwd(spec, axis, n, c, unroll, residuals, dout):  # noqa: ANN001, ANN202
     q, k, v, q_pos, kv_pos, out, lse = residuals
-    dq, dk, dv = _backward(q, k, v, q_pos, kv_pos, out, lse, dout, spec, axis, n, c)
+    dq, dk, dv = _backward(q, k, v, q_pos, kv_pos, out, lse, dout, spec, axis, n, c, unroll)
     return dq, dk, dv, None, None
 
 
@@ -192,7 +196,7 @@ def ring_attention(
     q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], *,
     mesh: Mesh, q_positions: Int[Array, "B T"], kv_positions: Int[Array, "B S"],
     spec: AttentionSpec = AttentionSpec(), axis: str = "sequence", batch_axis: str | None = None,
-    sub_blocks: int = 2,
+    sub_blocks: int = 2, unroll_hops: bool = False,
 ) -> Float[Array, "B T N H"]:
     """Attention with q, k, v split along tokens over mesh axis `axis` (and optionally the
     batch over `batch_axis`); equal to the dense oracle with the same positions. Positions
@@ -200,7 +204,9 @@ def ring_attention(
 
     sub_blocks: each device's block is computed as sub_blocks x sub_blocks pairs, each
         skipped when nothing in it is visible (2 matches the zig-zag layout's two
-        halves); 1 when the local block lengths are not multiples of it."""
+        halves); 1 when the local block lengths are not multiples of it.
+    unroll_hops: unroll the hop loops (XLA may then overlap a hop's transfer with the
+        previous hop's compute; every transfer is a separate op in the compiled HLO)."""
     n = check_sequence_split(mesh, axis, {"q": q.shape[1], "kv": k.shape[1]}, "ring_attention")
     if not isinstance(sub_blocks, int) or isinstance(sub_blocks, bool) or sub_blocks < 1:
         raise ValueError(f"ring_attention: sub_blocks must be a positive int, got {sub_blocks!r}")
@@ -208,7 +214,7 @@ def ring_attention(
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"ring_attention: query heads N={q.shape[2]} must be a multiple of KV heads K={k.shape[2]}")
     tokens = PartitionSpec(batch_axis, axis)
-    local = functools.partial(_ring_local, spec=spec, axis=axis, n=n, c=c)
+    local = functools.partial(_ring_local, spec=spec, axis=axis, n=n, c=c, unroll=bool(unroll_hops))
     return jax.shard_map(lambda *a: local(*a), mesh=mesh, in_specs=(tokens,) * 5, out_specs=tokens,
                          check_vma=False)(q, k, v, jnp.asarray(q_positions, jnp.int32),
                                           jnp.asarray(kv_positions, jnp.int32))

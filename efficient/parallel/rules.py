@@ -27,6 +27,10 @@ LOGICAL_AXES = ("batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp",
 DEFAULT_RULES: dict[str, str | None] = {"batch": "data", "heads": "model", "kv_heads": "model",
                                         "mlp": "model", "vocab": "model"}
 
+# FSDP / ZeRO-3 (Rajbhandari et al., 2020): parameters (and so optimizer state) also split
+# along the model dimension over "data"; XLA gathers each layer's weights where used.
+FSDP_RULES: dict[str, str | None] = {**DEFAULT_RULES, "embed": "data"}
+
 
 @dataclasses.dataclass(frozen=True)
 class AxisRules:

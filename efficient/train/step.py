@@ -33,9 +33,12 @@ class TrainFns:
     eval_sums: Callable[[Params, Int[Array, "B T+1"], Bool[Array, "B T"]], tuple[jax.Array, jax.Array]]
 
 
-def compute_graphdef(config: ModelConfig, compute_dtype: str) -> nnx.GraphDef:
-    """The graphdef of a model whose modules compute (and hold params) in `compute_dtype`."""
+def compute_graphdef(config: ModelConfig, compute_dtype: str, sharding: Any = None) -> nnx.GraphDef:
+    """The graphdef of a model whose modules compute (and hold params) in `compute_dtype`
+    (carrying `sharding`, an `efficient.parallel.ModelSharding`, when given)."""
     abstract = nnx.eval_shape(lambda: LlamaModel(config, rngs=nnx.Rngs(0), dtype=compute_dtype))
+    if sharding is not None:
+        abstract.sharding = sharding
     return nnx.split(abstract)[0]
 
 
@@ -52,16 +55,30 @@ def token_nll(
 
 def make_train_fns(
     model_config: ModelConfig, optimizer: optax.GradientTransformation, compute_dtype: str,
-    microbatches: int = 1,
+    microbatches: int = 1, sharding: Any = None,
 ) -> TrainFns:
     """Jitted train step (params and optimizer state donated) and masked eval sums.
 
     microbatches > 1 accumulates gradients over that many equal chunks of the
     batch (a `lax.scan`), dividing activation memory by it.
+    sharding: an `efficient.parallel.ModelSharding`: data parallel (the batch split on
+        the rules' batch axis; XLA sums the gradients across it), with the parameters and
+        optimizer state split by the rules (Megatron over "model"; with `FSDP_RULES` also
+        over "data", ZeRO-3 / FSDP style). Place the initial params with `place_params`.
     """
     if microbatches < 1:
         raise ValueError(f"microbatches must be >= 1, got {microbatches}")
-    graphdef = compute_graphdef(model_config, compute_dtype)
+    if sharding is not None:
+        from efficient.parallel.params import as_sharding, param_shardings  # parallel imports models
+
+        sharding = as_sharding(sharding)
+    graphdef = compute_graphdef(model_config, compute_dtype, sharding)
+
+    def constrain(params: Params, windows: jax.Array) -> tuple[Params, jax.Array]:
+        if sharding is None:
+            return params, windows
+        params = jax.lax.with_sharding_constraint(params, param_shardings(params, model_config, sharding))
+        return params, sharding.constrain(windows, ("batch", None))
 
     def loss_fn(params: Params, windows: Int[Array, "B T+1"]) -> jax.Array:
         return jnp.mean(token_nll(graphdef, params, windows, compute_dtype))
@@ -85,12 +102,14 @@ def make_train_fns(
         return jax.tree.map(lambda x: x / microbatches, (loss, grads))
 
     def step(params: Params, opt_state: optax.OptState, windows: Int[Array, "B T+1"]):  # noqa: ANN202
+        params, windows = constrain(params, windows)
         loss, grads = accumulated(params, windows)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        params, _ = constrain(optax.apply_updates(params, updates), windows)
         return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     def eval_sums(params: Params, windows: Int[Array, "B T+1"], mask: Bool[Array, "B T"]):  # noqa: ANN202
+        params, windows = constrain(params, windows)
         nll = token_nll(graphdef, params, windows, compute_dtype)
         return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask)
 

@@ -1,0 +1,72 @@
+"""Data-parallel and FSDP training steps equal one device's; orbax saves and restores a
+sharded run in its shards."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from efficient.models import LlamaModel, ModelConfig
+from efficient.parallel import FSDP_RULES, AxisRules, ModelSharding, make_mesh, place_params
+from efficient.train.checkpoint import Checkpointer
+from efficient.train.step import make_train_fns
+
+CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=8,
+                     num_kv_heads=4, head_dim=8, pad_token_id=0)
+OPTIMIZER = optax.adamw(1e-2)
+
+
+def _params() -> nnx.State:
+    return nnx.split(LlamaModel(CONFIG, rngs=nnx.Rngs(0)))[1]
+
+
+def _windows() -> jax.Array:
+    return jnp.asarray(np.random.RandomState(0).randint(0, 64, size=(8, 17)), jnp.int32)
+
+
+def _train(sharding: ModelSharding | None, steps: int = 2) -> tuple[list[float], nnx.State]:
+    fns = make_train_fns(CONFIG, OPTIMIZER, "float32", sharding=sharding)
+    params = _params() if sharding is None else place_params(_params(), CONFIG, sharding)
+    opt_state = OPTIMIZER.init(params)
+    losses = []
+    for _ in range(steps):
+        params, opt_state, metrics = fns.step(params, opt_state, _windows())
+        losses.append(float(metrics["loss"]))
+    return losses, params
+
+
+@pytest.fixture(scope="module")
+def one_device() -> tuple[list[float], nnx.State]:
+    return _train(None)
+
+
+@pytest.mark.parametrize(("mesh_shape", "rules"), [(dict(data=8), None), (dict(data=4, model=2), FSDP_RULES)],
+                         ids=["data-parallel 8", "fsdp 4x2"])
+def test_sharded_train_steps_equal_one_device(mesh_shape: dict, rules: dict | None, one_device: tuple) -> None:
+    sharding = ModelSharding(make_mesh(**mesh_shape), AxisRules.of(rules))
+    losses, params = _train(sharding)
+    np.testing.assert_allclose(losses, one_device[0], rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(one_device[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    kernel = params["layers"]["mlp"]["gate_proj"]["kernel"][...]
+    expected = (None, "data", "model") if rules else ()
+    assert tuple(kernel.sharding.spec) == expected  # the step kept the parameters in their shards
+
+
+def test_orbax_restores_a_sharded_run_into_its_shards(tmp_path) -> None:  # noqa: ANN001
+    sharding = ModelSharding(make_mesh(data=4, model=2), AxisRules.of(FSDP_RULES))
+    params = place_params(_params(), CONFIG, sharding)
+    opt_state = OPTIMIZER.init(params)
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(3, params, opt_state, {"note": "sharded"})
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (params, opt_state))
+    restored = ckpt.restore(*like)
+    ckpt.close()
+    assert restored.step == 3
+    for got, want in zip(jax.tree.leaves(restored.params), jax.tree.leaves(params), strict=True):
+        assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
