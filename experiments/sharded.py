@@ -80,16 +80,23 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def hlo_collectives(hlo: str) -> dict[str, Any]:
-    """Counts of each collective in a compiled HLO text, and each op's result sizes
-    (elements, bytes) keyed by the op (async pairs are counted once, at their start)."""
+    """Counts of each collective in a compiled HLO text, and each op's result bytes per
+    device (a tuple result, as XLA emits for a combined or decomposed op, summed; of an
+    async start's (operand, result, ...) tuple only the result)."""
     counts = {name: 0 for name in COLLECTIVES}
     sizes: dict[str, list[int]] = {name: [] for name in COLLECTIVES}
-    itemsize = {"f32": 4, "s32": 4, "bf16": 2, "f16": 2, "u32": 4, "pred": 1, "u8": 1, "s8": 1, "u16": 2}
-    for match in re.finditer(r"= \(?(\w+)\[([\d,]*)\][^=]*? (" + "|".join(COLLECTIVES) + r")(-start)?\(", hlo):
-        dtype, dims, op = match.group(1), match.group(2), match.group(3)
-        counts[op] += 1
-        elements = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-        sizes[op].append(elements * itemsize.get(dtype, 4))
+    itemsize = {"f32": 4, "s32": 4, "bf16": 2, "f16": 2, "u32": 4, "pred": 1, "u8": 1, "s8": 1, "u16": 2, "f64": 8}
+    op_pattern = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
+    for line in hlo.splitlines():
+        match = op_pattern.match(line)
+        if not match:
+            continue
+        shapes = re.findall(r"(\w+)\[([\d,]*)\]", match.group(1))
+        if match.group(3) and match.group(2) in ("all-gather", "collective-permute") and len(shapes) > 1:
+            shapes = shapes[1:2]
+        counts[match.group(2)] += 1
+        sizes[match.group(2)].append(sum(int(np.prod([int(d) for d in dims.split(",") if d])) * itemsize.get(dtype, 4)
+                                         for dtype, dims in shapes))
     return {"counts": counts, "bytes": sizes}
 
 

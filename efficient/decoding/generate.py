@@ -188,7 +188,14 @@ def _decode_loop(static: LoopStatic, params, first, prompt_lengths, max_new, cac
     final = jax.lax.while_loop(cond, body, state)
     stopped = stop_hit(jnp.take_along_axis(final.out, (final.num_generated - 1)[:, None], axis=1)[:, 0],
                         stop_ids)
-    return final.out, final.num_generated, stopped, final.steps, final.cache
+    return (*replicated_outputs(model, (final.out, final.num_generated, stopped, final.steps)), final.cache)
+
+
+def replicated_outputs(model: LlamaModel, outputs: tuple) -> tuple:
+    """`outputs` replicated on every device of a sharded model's mesh, so that every process
+    of a multi-host job can read the tokens (a few bytes per row); unchanged otherwise."""
+    sharding = getattr(model, "sharding", None)
+    return outputs if sharding is None else jax.lax.with_sharding_constraint(outputs, sharding.replicated())
 
 
 def _as_key(key: jax.Array | int | None) -> jax.Array:

@@ -30,6 +30,7 @@ from efficient.cache.protocol import KVCache
 from efficient.decoding.drafters.base import DraftContext, Drafter, PromptContext, VerifyOutcome
 from efficient.decoding.generate import (
     TRACE_COUNTS,
+    replicated_outputs,
     CacheFactory,
     GenerateOutput,
     GenerateStats,
@@ -271,7 +272,7 @@ def _speculative_loop(static: _SpecStatic, params, drafter: Drafter, tokens, fir
     stopped = stop_hit(jnp.take_along_axis(final.out, (final.num_generated - 1)[:, None], axis=1)[:, 0],
                         stop_ids)
     counters = (final.steps, final.accepted, final.row_steps, final.proposed_by_depth, final.accepted_by_depth)
-    return final.out, final.num_generated, stopped, counters, final.cache
+    return (*replicated_outputs(model, (final.out, final.num_generated, stopped, counters)), final.cache)
 
 
 def speculative_generate(

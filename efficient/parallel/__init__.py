@@ -39,3 +39,6 @@ from efficient.parallel.ring_attention import inverse_order, ring_attention, rin
 from efficient.parallel.ulysses import ulysses_attention  # noqa: E402
 
 __all__ += ["inverse_order", "ring_attention", "ulysses_attention", "ring_work", "zigzag_order"]
+from efficient.parallel.distributed import initialize_distributed  # noqa: E402
+
+__all__ += ["initialize_distributed"]

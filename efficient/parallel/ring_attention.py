@@ -196,11 +196,12 @@ def ring_attention(
     q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], *,
     mesh: Mesh, q_positions: Int[Array, "B T"], kv_positions: Int[Array, "B S"],
     spec: AttentionSpec = AttentionSpec(), axis: str = "sequence", batch_axis: str | None = None,
-    sub_blocks: int = 2, unroll_hops: bool = False,
+    head_axis: str | None = None, sub_blocks: int = 2, unroll_hops: bool = False,
 ) -> Float[Array, "B T N H"]:
     """Attention with q, k, v split along tokens over mesh axis `axis` (and optionally the
-    batch over `batch_axis`); equal to the dense oracle with the same positions. Positions
-    may be in any order (`zigzag_order` balances causal work); -1 marks padding.
+    batch over `batch_axis` and the query and KV heads over `head_axis`, which must divide
+    both); equal to the dense oracle with the same positions. Positions may be in any order
+    (`zigzag_order` balances causal work); -1 marks padding.
 
     sub_blocks: each device's block is computed as sub_blocks x sub_blocks pairs, each
         skipped when nothing in it is visible (2 matches the zig-zag layout's two
@@ -213,11 +214,14 @@ def ring_attention(
     c = sub_blocks if (q.shape[1] // n) % sub_blocks == 0 and (k.shape[1] // n) % sub_blocks == 0 else 1
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"ring_attention: query heads N={q.shape[2]} must be a multiple of KV heads K={k.shape[2]}")
-    tokens = PartitionSpec(batch_axis, axis)
+    if head_axis is not None and (q.shape[2] % mesh.shape[head_axis] or k.shape[2] % mesh.shape[head_axis]):
+        raise ValueError(f"ring_attention: head_axis {head_axis!r} of size {mesh.shape[head_axis]} must divide the "
+                         f"query heads N={q.shape[2]} and KV heads K={k.shape[2]}")
+    tokens, heads = PartitionSpec(batch_axis, axis), PartitionSpec(batch_axis, axis, head_axis)
     local = functools.partial(_ring_local, spec=spec, axis=axis, n=n, c=c, unroll=bool(unroll_hops))
-    return jax.shard_map(lambda *a: local(*a), mesh=mesh, in_specs=(tokens,) * 5, out_specs=tokens,
-                         check_vma=False)(q, k, v, jnp.asarray(q_positions, jnp.int32),
-                                          jnp.asarray(kv_positions, jnp.int32))
+    return jax.shard_map(lambda *a: local(*a), mesh=mesh, in_specs=(heads, heads, heads, tokens, tokens),
+                         out_specs=heads, check_vma=False)(q, k, v, jnp.asarray(q_positions, jnp.int32),
+                                                           jnp.asarray(kv_positions, jnp.int32))
 
 
 def zigzag_order(length: int, num_shards: int) -> np.ndarray:

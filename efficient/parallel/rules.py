@@ -104,6 +104,27 @@ class ModelSharding:
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
 
+    def sequence_axis(self) -> str | None:
+        """The mesh axis tokens are split on (the "seq" rule), when it has more than one device."""
+        axis = self.rules.mesh_axis("seq")
+        return axis if axis is not None and self.mesh.shape[axis] > 1 else None
+
+    def ring_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, spec: object
+                       ) -> jax.Array:
+        """Self-attention of a prefill's new tokens with ring attention over the sequence axis
+        (batch and heads split as the rules say, where they divide)."""
+        from efficient.parallel.ring_attention import ring_attention  # it imports the attention package
+
+        def axis_for(logical: str, *sizes: int) -> str | None:
+            axis = self.rules.mesh_axis(logical)
+            if axis is None or axis == self.sequence_axis() or any(size % self.mesh.shape[axis] for size in sizes):
+                return None
+            return axis
+
+        return ring_attention(q, k, v, mesh=self.mesh, q_positions=positions, kv_positions=positions, spec=spec,
+                              axis=self.sequence_axis(), batch_axis=axis_for("batch", q.shape[0]),
+                              head_axis=axis_for("heads", q.shape[2], k.shape[2]))
+
     def constrain_cache(self, cache: object) -> object:
         """`cache` constrained field by field (batch on "data", KV heads on "model")."""
         from efficient.parallel.cache import constrain_cache  # cache.py imports this module

@@ -142,21 +142,25 @@ def test_salient_tokens_are_the_top_normalised_attention_scores() -> None:
                           residual_length=RESIDUAL, salient_fraction=0.5)
     rng = np.random.default_rng(7)
     mass_by_pos, count_by_pos, flushed_score = {}, {}, {}
-    for size in (4, 3, 4, 1, 4, 8, 3, 8, 4):  # few distinct sizes: each compiles every eager op again
-        pos = cache.next_positions(size)
-        before = int(cache.quantized[0])
+    @jax.jit  # one compile per forward size (eager, every op compiled again for each size)
+    def forward_by_hand(cache, pos, k, v, q):  # noqa: ANN001, ANN202
         cache, slots = cache.reserve(pos)
-        for p in range(before, int(cache.quantized[0])):  # flushed now: scored by earlier forwards only
-            flushed_score[p] = mass_by_pos[p] / count_by_pos[p]
-        k, v = (jnp.asarray(rng.normal(size=(b, size, kh, h)), jnp.float32) for _ in range(2))
         cache = cache.update(0, k, v, slots)
         view = cache.view(0)
-        q = jnp.asarray(rng.normal(size=(b, size, 2 * kh, h)), jnp.float32)
         _, mass = attention(q, view, q_positions=pos, key_stats=cache.key_stats, implementation="xla")
-        cache = cache.observe(0, mass, pos)
         _, full = attention(q, view, q_positions=pos, key_stats=KeyStats(per_kv_head=True),
                             implementation="reference")
-        slot_pos = np.asarray(slot_positions(view))[0]
+        return cache.observe(0, mass, pos), full, slot_positions(view)
+
+    for size in (4, 3, 4, 1, 4, 8, 3, 8, 4):
+        pos = cache.next_positions(size)
+        before = int(cache.quantized[0])
+        k, v = (jnp.asarray(rng.normal(size=(b, size, kh, h)), jnp.float32) for _ in range(2))
+        q = jnp.asarray(rng.normal(size=(b, size, 2 * kh, h)), jnp.float32)
+        cache, full, slot_pos = forward_by_hand(cache, pos, k, v, q)
+        for p in range(before, int(cache.quantized[0])):  # flushed now: scored by earlier forwards only
+            flushed_score[p] = mass_by_pos[p] / count_by_pos[p]
+        slot_pos = np.asarray(slot_pos)[0]
         for s, p in enumerate(slot_pos):
             if p >= 0 and p >= before:  # tokens still in the residual
                 mass_by_pos[p] = mass_by_pos.get(p, 0) + np.asarray(full)[0, :, s]

@@ -40,8 +40,12 @@ def test_sharded_end_to_end(tmp_path: Path) -> None:
 def test_hlo_collectives_reads_counts_and_sizes() -> None:
     hlo = ("  %a = f32[4,8]{1,0} all-gather(f32[1,8]{1,0} %x), replica_groups={}\n"
            "  %b = (f32[16]{0}, f32[16]{0}) all-reduce-start(f32[16]{0} %y)\n"
-           "  %c = s32[2]{0} collective-permute(s32[2]{0} %z)\n")
+           "  %c = s32[2]{0} collective-permute(s32[2]{0} %z)\n"
+           "  %d = (f32[1,2]{1,0}, f32[1,2]{1,0}, /*index=2*/f32[1,2]{1,0}) all-to-all(%p, %q, %r)\n"
+           "  ROOT %e = (f32[2]{0}, f32[8]{0}) all-gather-start(f32[2]{0} %w)\n"
+           "  %f = f32[8]{0} get-tuple-element(%all-to-all), index=0\n")
     found = hlo_collectives(hlo)
-    assert found["counts"]["all-gather"] == 1 and found["bytes"]["all-gather"] == [128]
-    assert found["counts"]["all-reduce"] == 1
+    assert found["counts"]["all-gather"] == 2 and found["bytes"]["all-gather"] == [128, 32]
+    assert found["counts"]["all-reduce"] == 1 and found["bytes"]["all-reduce"] == [128]
     assert found["bytes"]["collective-permute"] == [8]
+    assert found["counts"]["all-to-all"] == 1 and found["bytes"]["all-to-all"] == [24]

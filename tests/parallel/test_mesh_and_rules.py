@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import jax
 import pytest
+from helpers.sharded import CONFIG
 from jax.sharding import PartitionSpec as P
 
 from efficient.cache import DenseKVCache
-from efficient.models import ModelConfig
 from efficient.parallel import AxisRules, ModelSharding, cache_shardings, make_mesh, param_axes
 import efficient.variants  # noqa: F401  (registers the caches)
 from efficient.registry import get_cache
 
-CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=8,
-                     num_kv_heads=4, head_dim=8, pad_token_id=0)
 
 
 def test_mesh_must_use_every_device() -> None:

@@ -10,19 +10,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.sharded import CONFIG
 from flax import nnx
 
 from efficient.cache import DenseKVCache
 from efficient.decoding import Greedy, generate, speculative_generate
 from efficient.decoding.drafters.prompt_lookup import PromptLookupDrafter
-from efficient.models import LlamaModel, ModelConfig, forward, from_pretrained, jit_forward, save_pretrained
-from efficient.parallel import ModelSharding, cache_shardings, device_bytes, make_mesh, shard_model
+from efficient.models import LlamaModel, forward, from_pretrained, jit_forward, save_pretrained
+from efficient.parallel import DEFAULT_RULES, AxisRules, ModelSharding, cache_shardings, device_bytes, make_mesh, shard_model
 import efficient.variants  # noqa: F401  (registers the caches)
 from efficient.registry import get_cache
 
-# 8 query heads, 4 KV heads: KV heads split on a model axis of 2 or 4, replicated on 8.
-CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=8,
-                     num_kv_heads=4, head_dim=8, pad_token_id=0)
 MESHES = {"8x1": dict(data=8), "4x2": dict(data=4, model=2), "2x4": dict(data=2, model=4), "1x8": dict(model=8)}
 PROMPTS = [[1, 2, 3, 4, 5, 1, 2, 3], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16], [3, 4, 3, 4, 3, 4],
            [5, 6], [9, 9, 9, 9, 9], [20, 21, 22, 23], [30, 31, 32, 30, 31]]
@@ -120,3 +118,18 @@ def test_decode_step_never_gathers_the_cache() -> None:
                 for dims in re.findall(r"= \w+\[([\d,]*)\][^ ]* all-gather", hlo)]
     layer_share = 8 * 4 * 256 * 8 // 8  # one layer's keys [B, K, S, H] over 8 devices
     assert all(size < layer_share for size in gathered), gathered
+
+
+@pytest.mark.parametrize("mesh_shape", [dict(data=2, sequence=4), dict(model=2, sequence=4)])
+def test_a_sequence_rule_prefills_with_ring_attention(mesh_shape: dict, reference: dict) -> None:
+    """Tokens split over "sequence": the prefill's attention is ring attention (its
+    collective-permutes are in the compiled program), logits and greedy tokens as one device's."""
+    rules = AxisRules.of({**DEFAULT_RULES, "seq": "sequence"})
+    model = shard_model(_model(), ModelSharding(make_mesh(**mesh_shape), rules))
+    graphdef, params = nnx.split(model)
+    prefill = jax.jit(lambda p, t: forward(nnx.merge(graphdef, p), t)[0])
+    tokens = reference["tokens"][:, :8]
+    assert "collective-permute" in prefill.lower(params, tokens).compile().as_text()
+    want, _ = forward(_model(), tokens)
+    np.testing.assert_allclose(np.asarray(prefill(params, tokens)), np.asarray(want), atol=2e-5, rtol=2e-5)
+    assert generate(model, PROMPTS, max_new_tokens=10).sequences() == reference["greedy"]

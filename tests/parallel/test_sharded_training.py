@@ -8,15 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers.sharded import CONFIG
 from flax import nnx
 
-from efficient.models import LlamaModel, ModelConfig
+from efficient.models import LlamaModel
 from efficient.parallel import FSDP_RULES, AxisRules, ModelSharding, make_mesh, place_params
 from efficient.train.checkpoint import Checkpointer
 from efficient.train.step import make_train_fns
 
-CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=8,
-                     num_kv_heads=4, head_dim=8, pad_token_id=0)
 OPTIMIZER = optax.adamw(1e-2)
 
 
