@@ -30,13 +30,13 @@ from efficient.cache.protocol import KVCache
 from efficient.decoding.drafters.base import DraftContext, Drafter, PromptContext, VerifyOutcome
 from efficient.decoding.generate import (
     TRACE_COUNTS,
-    replicated_outputs,
     CacheFactory,
     GenerateOutput,
     GenerateStats,
     LoopStatic,
     finish_output,
     prepare_request,
+    replicated_outputs,
     run_prefill,
     stop_hit,
 )
