@@ -73,4 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(dict(source="stdlib", suffixes=(".py",), tokenizer="byte"))
     config.output_dir = "checkpoints/target"
     config.workdir = "workdirs/target"
+    # Devices: data parallel over `data`, tensor parallel over `model` (rules: "megatron", or "fsdp"
+    # to split parameters and optimizer state over `data` too); 1 x 1 trains on one device.
+    config.mesh = ml_collections.ConfigDict(dict(data=1, model=1, rules="megatron"))
     return config

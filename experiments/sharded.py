@@ -45,7 +45,7 @@ from efficient.cache import DenseKVCache  # noqa: E402
 from efficient.decoding import generate  # noqa: E402
 from efficient.models import forward, jit_forward, resolve_model_path  # noqa: E402
 from efficient.parallel import (  # noqa: E402
-    FSDP_RULES,
+    NAMED_RULES,
     AxisRules,
     ModelSharding,
     build_cache,
@@ -66,7 +66,6 @@ from experiments.common import (  # noqa: E402
 )
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_RULES = {"megatron": None, "fsdp": FSDP_RULES}
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -181,8 +180,8 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
     for shape in config.meshes:
         if len(shape) != 2 or shape[0] * shape[1] != config.devices:
             raise ValueError(f"config.meshes: {tuple(shape)} is not a (data, model) shape over {config.devices} devices")
-    if config.rules not in _RULES:
-        raise ValueError(f"config.rules must be one of {sorted(_RULES)}, got {config.rules!r}")
+    if config.rules not in NAMED_RULES:
+        raise ValueError(f"config.rules must be one of {sorted(NAMED_RULES)}, got {config.rules!r}")
     model = load_model(config.model.path, dtype=config.model.dtype)
     tokenizer = load_tokenizer_for(config.model.path, "auto", model.config.vocab_size)
     documents = load_documents("stdlib", (".py",), "test")
@@ -193,7 +192,7 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
     reference["logits"] = np.asarray(jit_forward(model)(jnp.asarray(prompts), cache=cache)[0])
     rows = []
     for shape in config.meshes:
-        row = measure_mesh(graphdef, state, tuple(shape), _RULES[config.rules], prompts, reference, config)
+        row = measure_mesh(graphdef, state, tuple(shape), NAMED_RULES[config.rules], prompts, reference, config)
         rows.append(row)
         log(f"[sharded] mesh {row['mesh']}: tokens equal {row['tokens_equal']}, max |dlogit| "
             f"{row['max_logit_diff']:.1e}, params {row['param_mib']:.1f} MiB/device, decode {row['decode_ms']:.1f} ms")

@@ -15,12 +15,14 @@ import shlex
 import sys
 from pathlib import Path
 
+import jax
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
 from efficient.data import ByteTokenizer, Corpus, Document, Tokenizer, load_tokenizer
 from efficient.models import ModelConfig, RopeConfig
+from efficient.parallel import NAMED_RULES, AxisRules, ModelSharding, make_mesh
 from efficient.train import TrainConfig, TrainResult, train
 from experiments.common import parse_config_flags
 
@@ -75,8 +77,23 @@ def run(config: ml_collections.ConfigDict, *, workdir: str | None = None, output
         name=config.name,
         command=command,
         init_from=init_from,
+        sharding=sharding_from(config.get("mesh")),
         extra_record={"data": config.data.to_dict()},
     )
+
+
+def sharding_from(mesh: ml_collections.ConfigDict | None) -> ModelSharding | None:
+    """The run's `ModelSharding` (None for one device); errors name `config.mesh`."""
+    if mesh is None or mesh.data * mesh.model == 1:
+        return None
+    if mesh.rules not in NAMED_RULES:
+        raise ValueError(f"config.mesh.rules must be one of {sorted(NAMED_RULES)}, got {mesh.rules!r}")
+    devices = jax.devices()
+    if mesh.data * mesh.model > len(devices):
+        raise ValueError(f"config.mesh: data={mesh.data} x model={mesh.model} needs {mesh.data * mesh.model} devices, "
+                         f"this machine has {len(devices)}")
+    grid = make_mesh(data=mesh.data, model=mesh.model, devices=devices[: mesh.data * mesh.model])
+    return ModelSharding(grid, AxisRules.of(NAMED_RULES[mesh.rules]))
 
 
 def main(argv: list[str]) -> None:

@@ -12,13 +12,14 @@ from efficient.parallel.params import (
     place_params,
     shard_model,
 )
-from efficient.parallel.rules import DEFAULT_RULES, FSDP_RULES, LOGICAL_AXES, AxisRules, ModelSharding
+from efficient.parallel.rules import DEFAULT_RULES, FSDP_RULES, LOGICAL_AXES, NAMED_RULES, AxisRules, ModelSharding
 
 __all__ = [
     "DEFAULT_RULES",
     "FSDP_RULES",
     "LOGICAL_AXES",
     "MESH_AXES",
+    "NAMED_RULES",
     "AxisRules",
     "ModelSharding",
     "build_cache",

@@ -30,6 +30,7 @@ DEFAULT_RULES: dict[str, str | None] = {"batch": "data", "heads": "model", "kv_h
 # FSDP / ZeRO-3 (Rajbhandari et al., 2020): parameters (and so optimizer state) also split
 # along the model dimension over "data"; XLA gathers each layer's weights where used.
 FSDP_RULES: dict[str, str | None] = {**DEFAULT_RULES, "embed": "data"}
+NAMED_RULES = {"megatron": DEFAULT_RULES, "fsdp": FSDP_RULES}  # what an experiment config names
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,11 +76,11 @@ def _check_resume(meta: dict[str, Any], config: TrainConfig, model_config: Model
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled(model_config: ModelConfig, config: TrainConfig) -> tuple[Any, Any, Any]:
+def _compiled(model_config: ModelConfig, config: TrainConfig, sharding: Any = None) -> tuple[Any, Any, Any]:
     """(optimizer, train fns, jitted init) of a run; cached so repeated runs in one process reuse
     the compiled programs."""
     optimizer = make_optimizer(config)
-    fns = make_train_fns(model_config, optimizer, config.compute_dtype, config.microbatches)
+    fns = make_train_fns(model_config, optimizer, config.compute_dtype, config.microbatches, sharding=sharding)
 
     def init() -> tuple[Any, Any]:
         params = nnx.split(LlamaModel(model_config, rngs=nnx.Rngs(config.seed)))[1]
@@ -100,6 +100,22 @@ def _warm_start(folder: str | Path, model_config: ModelConfig, init: Callable[[]
     params_like, _ = jax.eval_shape(init)
     params = jax.tree_util.tree_map(lambda like, x: x.astype(like.dtype), params_like, nnx.split(loaded)[1])
     return params, optimizer.init(params)
+
+
+def _place_state(params: Any, opt_state: Any, optimizer: Any, model_config: ModelConfig, sharding: Any
+                 ) -> tuple[Any, Any]:
+    """Parameters moved to their shards and the optimizer state to the shards its fresh
+    init takes for them (its moments follow the parameters)."""
+    from efficient.parallel.params import place_params  # noqa: PLC0415 (parallel imports models)
+
+    params = place_params(params, model_config, sharding)
+    fresh = jax.jit(optimizer.init)(params)
+
+    def target(like: jax.Array) -> jax.sharding.Sharding:  # scalars (the step count): replicated
+        spread = isinstance(like.sharding, jax.sharding.NamedSharding) and like.sharding.mesh == sharding.mesh
+        return like.sharding if spread else sharding.replicated()
+
+    return params, jax.tree.map(lambda x, like: jax.device_put(x, target(like)), opt_state, fresh)
 
 
 def _prior_tokens(folder: str | Path | None) -> int:
@@ -128,6 +144,7 @@ def train(
     command: str = "",
     extra_record: dict[str, Any] | None = None,
     init_from: str | Path | None = None,
+    sharding: Any = None,
     log: Logger = _stderr,
 ) -> TrainResult:
     """Trains (or resumes) to `config.steps`, or stops early at `stop_at_step`.
@@ -135,6 +152,9 @@ def train(
     init_from: an HF checkpoint folder whose weights start a fresh run (a warm
     restart: new optimizer state and schedule); ignored when `workdir` holds a
     checkpoint to resume. Its recorded tokens are added to `tokens_seen_total`.
+    sharding: an `efficient.parallel.ModelSharding` (or a mesh): data parallel over the
+    rules' batch axis, parameters and optimizer state split by the rules (FSDP_RULES: also
+    over "data"); checkpoints are saved from and resumed into the shards.
 
     Checkpoints go to `workdir`; when the run reaches `config.steps` and
     `output_dir` is given, the bf16 HF folder and TRAINING.md/training.json go there.
@@ -150,7 +170,11 @@ def train(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
 
-    optimizer, fns, init = _compiled(model_config, config)
+    if sharding is not None:
+        from efficient.parallel.params import as_sharding  # noqa: PLC0415 (parallel imports models)
+
+        sharding = as_sharding(sharding)
+    optimizer, fns, init = _compiled(model_config, config, sharding)
     schedule = lr_schedule(config)
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
 
@@ -167,6 +191,8 @@ def train(
         log(f"warm start from {init_from}")
     else:
         params, opt_state = init()
+    if sharding is not None:
+        params, opt_state = _place_state(params, opt_state, optimizer, model_config, sharding)
 
     val = validation_set(val_docs, tokenizer, config.seq_len, config.eval_max_windows)
     batches = _batches(train_docs, tokenizer, config, skip=step)

@@ -69,3 +69,50 @@ def test_orbax_restores_a_sharded_run_into_its_shards(tmp_path) -> None:  # noqa
     for got, want in zip(jax.tree.leaves(restored.params), jax.tree.leaves(params), strict=True):
         assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_the_training_loop_runs_sharded_and_resumes_into_its_shards(tmp_path) -> None:  # noqa: ANN001
+    """train() on an FSDP 4x2 mesh, stopped and resumed from its sharded checkpoint, ends
+    where the one-device run ends."""
+    import sysconfig
+    from pathlib import Path
+
+    from efficient.data import ByteTokenizer
+    from efficient.train import TrainConfig, train
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    docs = [(stdlib / name).read_text() for name in ("bisect.py", "colorsys.py")]
+    config = TrainConfig(batch_size=8, seq_len=16, steps=4, peak_lr=3e-3, warmup_steps=1, eval_every=0,
+                         checkpoint_every=2, log_every=2, eval_max_windows=2)
+    model_config = CONFIG.replace(vocab_size=259, max_position_embeddings=64)
+    quiet = lambda _: None  # noqa: E731
+    single = train(model_config, config, docs, docs, ByteTokenizer(), workdir=tmp_path / "one", log=quiet)
+    sharding = ModelSharding(make_mesh(data=4, model=2), AxisRules.of(FSDP_RULES))
+    part = train(model_config, config, docs, docs, ByteTokenizer(), workdir=tmp_path / "mesh", stop_at_step=2,
+                 sharding=sharding, log=quiet)
+    assert part.step == 2
+    resumed = train(model_config, config, docs, docs, ByteTokenizer(), workdir=tmp_path / "mesh", sharding=sharding,
+                    log=quiet)
+    assert resumed.step == 4
+    for got, want in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(single.params), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    kernel = resumed.params["layers"]["mlp"]["up_proj"]["kernel"][...]
+    assert tuple(kernel.sharding.spec) == (None, "data", "model")
+
+
+def test_the_training_config_names_its_mesh() -> None:
+    from configs import train_target
+    from experiments.train import sharding_from
+
+    mesh = train_target.get_config().mesh
+    assert sharding_from(mesh) is None  # 1 x 1: one device
+    mesh.data, mesh.model, mesh.rules = 4, 2, "fsdp"
+    sharding = sharding_from(mesh)
+    assert dict(sharding.mesh.shape) == {"data": 4, "model": 2, "sequence": 1}
+    assert sharding.rules == AxisRules.of(FSDP_RULES)
+    mesh.data = 8
+    with pytest.raises(ValueError, match="config.mesh: data=8 x model=2 needs 16 devices"):
+        sharding_from(mesh)
+    mesh.data, mesh.rules = 4, "zero"
+    with pytest.raises(ValueError, match="config.mesh.rules must be one of"):
+        sharding_from(mesh)
