@@ -5,7 +5,8 @@
 Part 1, per (data x model) mesh shape: the model sharded by the config's rules, a batch of
 held-out stdlib prompts generated greedily (tokens equal to one device's?), the prefill
 logits' largest difference from one device's, the most bytes of parameters and of the
-dense cache that any device holds (against total / model-axis size), prefill and
+dense cache that any device holds (against total / model-axis size), the temporary memory
+per device of the compiled prefill and decode programs (XLA's memory analysis), prefill and
 one-token decode step times (medians; simulated devices share this CPU, so these show
 overheads, not speed-ups), and the collectives in the compiled decode step (with the
 largest all-gather, which must stay far below a layer's cache).
@@ -99,11 +100,17 @@ def hlo_collectives(hlo: str) -> dict[str, Any]:
     return {"counts": counts, "bytes": sizes}
 
 
-def _decode_hlo(model: Any, cache: Any) -> str:
+def _compiled_forward(model: Any, cache: Any, tokens: jax.Array) -> Any:
+    """The compiled forward of `tokens` through `cache` (its HLO text and memory analysis)."""
     graphdef, params = nnx.split(model)
-    step = jax.jit(lambda p, t, c: forward(nnx.merge(graphdef, p), t, cache=c))
-    tokens = jnp.zeros((cache.batch_size, 1), jnp.int32)
-    return step.lower(params, tokens, cache).compile().as_text()
+    step = jax.jit(lambda p, t, c: forward(nnx.merge(graphdef, p), t, cache=c), donate_argnums=2)  # as jit_forward
+    return step.lower(params, tokens, cache).compile()
+
+
+def _temp_mib(compiled: Any) -> float:
+    """Temporary memory per device of a compiled program (XLA's memory analysis), MiB."""
+    memory = compiled.memory_analysis()
+    return float("nan") if memory is None else memory.temp_size_in_bytes / 2**20
 
 
 def measure_mesh(graphdef: Any, state: Any, shape: tuple[int, int], rules: dict | None, prompts: np.ndarray,
@@ -122,7 +129,9 @@ def measure_mesh(graphdef: Any, state: Any, shape: tuple[int, int], rules: dict 
     diff = float(np.max(np.abs(np.asarray(logits) - reference["logits"])))
     cache_total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
     cache_bytes = max(device_bytes(cache).values())
-    hlo = hlo_collectives(_decode_hlo(model, cache))
+    decode_program = _compiled_forward(model, cache, jnp.zeros((prompts.shape[0], 1), jnp.int32))
+    prefill_program = _compiled_forward(model, cache, jnp.asarray(prompts))
+    hlo = hlo_collectives(decode_program.as_text())
     layer_cache = cache.k[0].size * cache.k.dtype.itemsize if not cache.per_layer else cache.k[0].size * 4
     largest_gather = max(hlo["bytes"]["all-gather"], default=0)
     prefill_ms = _median_ms(lambda: step(jnp.asarray(prompts), cache=build_cache(
@@ -141,7 +150,9 @@ def measure_mesh(graphdef: Any, state: Any, shape: tuple[int, int], rules: dict 
                 param_mib=max(device_bytes(params).values()) / 2**20, param_share=max(device_bytes(params).values())
                 / (total_params / model_axis), cache_mib=cache_bytes / 2**20,
                 cache_share=cache_bytes / (cache_total / (data * model_axis)), prefill_ms=prefill_ms,
-                decode_ms=decode_ms, collectives=hlo["counts"], largest_all_gather_bytes=largest_gather,
+                decode_ms=decode_ms, prefill_temp_mib=_temp_mib(prefill_program),
+                decode_temp_mib=_temp_mib(decode_program), collectives=hlo["counts"],
+                largest_all_gather_bytes=largest_gather,
                 layer_cache_bytes=layer_cache)
 
 
@@ -213,7 +224,8 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
     columns = (("mesh", "mesh", "s"), ("tokens_equal", "tokens =", ""), ("max_logit_diff", "max|dlogit|", ".1e"),
                ("param_mib", "params MiB/dev", ".1f"), ("param_share", "/ (total/model)", ".2f"),
                ("cache_mib", "cache MiB/dev", ".2f"), ("cache_share", "/ (total/devices)", ".2f"),
-               ("prefill_ms", "prefill ms", ".1f"), ("decode_ms", "decode ms", ".1f"))
+               ("prefill_ms", "prefill ms", ".1f"), ("decode_ms", "decode ms", ".1f"),
+               ("prefill_temp_mib", "prefill temp MiB/dev", ".1f"), ("decode_temp_mib", "decode temp MiB/dev", ".2f"))
     attention_columns = (("method", "method", "s"), ("devices", "n", "d"), ("sent_mib", "MiB sent/dev", ".2f"),
                          ("memory_mib", "MiB/dev fwd+bwd", ".1f"))
     table = (format_table(rows, columns) + "\n\n" + format_table(attention_rows, attention_columns)

@@ -272,8 +272,9 @@ def _run_layers(
     masks = [cache.view_mask(mask, spec.window) if maps_mask else mask for spec in specs]
     # A cache that scores its keys (eviction) gets the attention mass of each layer's queries.
     key_stats = getattr(cache, "key_stats", None) if cache is not None else None
-    # A model sharded with a sequence rule prefills with ring attention (Liu et al., 2023): each
-    # device keeps its tokens' queries and passes its keys and values around the sequence axis.
+    # A model sharded with a sequence rule prefills with ring attention (Liu et al., 2023: each
+    # device keeps its tokens' queries and passes its keys and values around the sequence axis)
+    # or DeepSpeed-Ulysses (all-to-all from tokens to heads), as its ModelSharding says.
     ring = (sharding is not None and sharding.sequence_axis() is not None and key_stats is None
             and (cache is None or attend_new_only) and positions.shape[1] % sharding.mesh.shape[
                 sharding.sequence_axis()] == 0)
@@ -290,7 +291,7 @@ def _run_layers(
         def branch(j: int) -> Callable[[jax.Array], jax.Array]:
             def run(q: jax.Array) -> jax.Array:
                 if ring and view is not None and masks[j] is None:  # a prefill's own tokens, split by tokens
-                    return sharding.ring_attention(q, view.k, view.v, positions, specs[j])
+                    return sharding.sequence_attention(q, view.k, view.v, positions, specs[j])
                 seen = view if view is not None else cache.view(index, window=specs[j].window)
                 return attention(q, seen, spec=specs[j], q_positions=positions, mask=masks[j],
                                  key_stats=key_stats, implementation=implementation)

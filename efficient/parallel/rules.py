@@ -67,10 +67,14 @@ class ModelSharding:
 
     mesh: Mesh
     rules: AxisRules = AxisRules()
+    sequence_parallel: str = "ring"  # a prefill split by tokens attends by "ring" or "ulysses"
 
     def __post_init__(self) -> None:
         if not isinstance(self.mesh, Mesh):
             raise TypeError(f"ModelSharding: mesh must be a jax.sharding.Mesh, got {type(self.mesh).__name__}")
+        if self.sequence_parallel not in ("ring", "ulysses"):
+            raise ValueError(f"ModelSharding: sequence_parallel must be 'ring' or 'ulysses', got "
+                             f"{self.sequence_parallel!r}")
         self.rules.check(self.mesh)
 
     def spec(self, axes: tuple[str | None, ...], shape: tuple[int, ...],
@@ -110,11 +114,13 @@ class ModelSharding:
         axis = self.rules.mesh_axis("seq")
         return axis if axis is not None and self.mesh.shape[axis] > 1 else None
 
-    def ring_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, spec: object
-                       ) -> jax.Array:
-        """Self-attention of a prefill's new tokens with ring attention over the sequence axis
-        (batch and heads split as the rules say, where they divide)."""
-        from efficient.parallel.ring_attention import ring_attention  # it imports the attention package
+    def sequence_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, spec: object
+                           ) -> jax.Array:
+        """Self-attention of a prefill's new tokens split over the sequence axis, by ring
+        attention or DeepSpeed-Ulysses (`sequence_parallel`), batch and heads split as the
+        rules say where they divide."""
+        from efficient.parallel.ring_attention import ring_attention  # they import the attention package
+        from efficient.parallel.ulysses import ulysses_attention
 
         def axis_for(logical: str, *sizes: int) -> str | None:
             axis = self.rules.mesh_axis(logical)
@@ -122,9 +128,10 @@ class ModelSharding:
                 return None
             return axis
 
-        return ring_attention(q, k, v, mesh=self.mesh, q_positions=positions, kv_positions=positions, spec=spec,
-                              axis=self.sequence_axis(), batch_axis=axis_for("batch", q.shape[0]),
-                              head_axis=axis_for("heads", q.shape[2], k.shape[2]))
+        method = ring_attention if self.sequence_parallel == "ring" else ulysses_attention
+        return method(q, k, v, mesh=self.mesh, q_positions=positions, kv_positions=positions, spec=spec,
+                      axis=self.sequence_axis(), batch_axis=axis_for("batch", q.shape[0]),
+                      head_axis=axis_for("heads", q.shape[2], k.shape[2]))
 
     def constrain_cache(self, cache: object) -> object:
         """`cache` constrained field by field (batch on "data", KV heads on "model")."""

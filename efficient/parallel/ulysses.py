@@ -40,21 +40,25 @@ def ulysses_attention(
     q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], *,
     mesh: Mesh, q_positions: Int[Array, "B T"], kv_positions: Int[Array, "B S"],
     spec: AttentionSpec = AttentionSpec(), axis: str = "sequence", batch_axis: str | None = None,
-    implementation: str | tuple[str, ...] = "xla",
+    head_axis: str | None = None, implementation: str | tuple[str, ...] = "xla",
 ) -> Float[Array, "B T N H"]:
-    """Attention with q, k, v split along tokens over mesh axis `axis`, computed head-split
-    after an all-to-all; equal to the dense oracle with the same positions. KV heads that
-    the axis does not divide are repeated to the query heads first (GQA expanded)."""
+    """Attention with q, k, v split along tokens over mesh axis `axis` (and optionally the
+    batch over `batch_axis` and the heads over `head_axis`), computed head-split after an
+    all-to-all; equal to the dense oracle with the same positions. KV heads that the axes
+    do not divide are repeated to the query heads first (GQA expanded)."""
     n = check_sequence_split(mesh, axis, {"q": q.shape[1], "kv": k.shape[1]}, "ulysses_attention")
     heads, kv_heads = q.shape[2], k.shape[2]
     if heads % kv_heads:
         raise ValueError(f"ulysses_attention: query heads N={heads} must be a multiple of KV heads K={kv_heads}")
-    if heads % n:
-        raise ValueError(f"ulysses_attention: query heads N={heads} cannot be split across the {n} devices of "
-                         f"mesh axis {axis!r}; use ring_attention, which splits tokens only")
-    if kv_heads % n:
+    split = n * (mesh.shape[head_axis] if head_axis is not None else 1)
+    if heads % split:
+        raise ValueError(f"ulysses_attention: query heads N={heads} cannot be split across the {split} devices of "
+                         f"mesh axes {axis!r}{f' x {head_axis!r}' if head_axis else ''}; use ring_attention, "
+                         "which splits tokens only")
+    if kv_heads % split:
         k, v = (jnp.repeat(x, heads // kv_heads, axis=2) for x in (k, v))
-    tokens = PartitionSpec(batch_axis, axis)
+    tokens, per_head = PartitionSpec(batch_axis, axis), PartitionSpec(batch_axis, axis, head_axis)
     local = functools.partial(_ulysses_local, spec=spec, axis=axis, implementation=implementation)
-    return jax.shard_map(local, mesh=mesh, in_specs=(tokens,) * 5, out_specs=tokens, check_vma=False)(
+    return jax.shard_map(local, mesh=mesh, in_specs=(per_head, per_head, per_head, tokens, tokens),
+                         out_specs=per_head, check_vma=False)(
         q, k, v, jnp.asarray(q_positions, jnp.int32), jnp.asarray(kv_positions, jnp.int32))

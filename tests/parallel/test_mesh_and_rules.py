@@ -29,6 +29,8 @@ def test_rules_naming_a_missing_axis_or_unknown_logical_axis_are_refused() -> No
         AxisRules.of({"tokens": "sequence"})
     with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
         ModelSharding("2x4")
+    with pytest.raises(ValueError, match="sequence_parallel must be 'ring' or 'ulysses', got 'tree'"):
+        ModelSharding(make_mesh(sequence=8), sequence_parallel="tree")
 
 
 def test_megatron_parameter_axes() -> None:

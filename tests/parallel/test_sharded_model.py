@@ -120,16 +120,21 @@ def test_decode_step_never_gathers_the_cache() -> None:
     assert all(size < layer_share for size in gathered), gathered
 
 
-@pytest.mark.parametrize("mesh_shape", [dict(data=2, sequence=4), dict(model=2, sequence=4)])
-def test_a_sequence_rule_prefills_with_ring_attention(mesh_shape: dict, reference: dict) -> None:
+@pytest.mark.parametrize(("mesh_shape", "method"), [(dict(data=2, sequence=4), "ring"),
+                                                    (dict(model=2, sequence=4), "ring"),
+                                                    (dict(model=2, sequence=2, data=2), "ulysses")])
+def test_a_sequence_rule_prefills_with_ring_attention_or_ulysses(mesh_shape: dict, method: str,
+                                                                 reference: dict) -> None:
     """Tokens split over "sequence": the prefill's attention is ring attention (its
-    collective-permutes are in the compiled program), logits and greedy tokens as one device's."""
+    collective-permutes are in the compiled program) or Ulysses (its all-to-alls), logits and
+    greedy tokens as one device's."""
     rules = AxisRules.of({**DEFAULT_RULES, "seq": "sequence"})
-    model = shard_model(_model(), ModelSharding(make_mesh(**mesh_shape), rules))
+    model = shard_model(_model(), ModelSharding(make_mesh(**mesh_shape), rules, sequence_parallel=method))
     graphdef, params = nnx.split(model)
     prefill = jax.jit(lambda p, t: forward(nnx.merge(graphdef, p), t)[0])
     tokens = reference["tokens"][:, :8]
-    assert "collective-permute" in prefill.lower(params, tokens).compile().as_text()
+    op = "collective-permute" if method == "ring" else "all-to-all"
+    assert op in prefill.lower(params, tokens).compile().as_text()
     want, _ = forward(_model(), tokens)
     np.testing.assert_allclose(np.asarray(prefill(params, tokens)), np.asarray(want), atol=2e-5, rtol=2e-5)
     assert generate(model, PROMPTS, max_new_tokens=10).sequences() == reference["greedy"]
