@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from efficient.models.checks import check_model
 from efficient.models.config import ModelConfig
 from efficient.parallel.rules import AxisRules, ModelSharding
 
@@ -91,8 +92,8 @@ def shard_model(model: nnx.Module, sharding: ModelSharding | jax.sharding.Mesh,
     """Move every parameter of `model` to its shards and attach the sharding (in place;
     returns `model`). Each device then holds its slice only, once the caller drops other
     references to the unsharded arrays."""
+    config = check_model(model, "shard_model")
     sharding = as_sharding(sharding, rules)
-    config = model.config
     nnx.update(model, place_params(nnx.state(model, nnx.Param), config, sharding))
     model.sharding = sharding
     return model

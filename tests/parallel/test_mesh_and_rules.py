@@ -8,7 +8,7 @@ from helpers.sharded import CONFIG
 from jax.sharding import PartitionSpec as P
 
 from efficient.cache import DenseKVCache
-from efficient.parallel import AxisRules, ModelSharding, cache_shardings, make_mesh, param_axes
+from efficient.parallel import AxisRules, ModelSharding, cache_shardings, make_mesh, param_axes, shard_model
 import efficient.variants  # noqa: F401  (registers the caches)
 from efficient.registry import get_cache
 
@@ -31,6 +31,8 @@ def test_rules_naming_a_missing_axis_or_unknown_logical_axis_are_refused() -> No
         ModelSharding("2x4")
     with pytest.raises(ValueError, match="sequence_parallel must be 'ring' or 'ulysses', got 'tree'"):
         ModelSharding(make_mesh(sequence=8), sequence_parallel="tree")
+    with pytest.raises(TypeError, match="shard_model: model must be an efficient.models.DecoderModel"):
+        shard_model(CONFIG, make_mesh(data=8))
 
 
 def test_megatron_parameter_axes() -> None:
