@@ -20,7 +20,6 @@ plus backward (XLA's memory analysis: arguments + temporaries), which should fal
 from __future__ import annotations
 
 import os
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -56,6 +55,7 @@ from efficient.parallel import (  # noqa: E402
     shard_model,
     ulysses_attention,
 )
+from efficient.parallel.hlo import hlo_collectives  # noqa: E402
 from experiments.common import (  # noqa: E402
     ExperimentResult,
     code_prompts,
@@ -66,7 +66,6 @@ from experiments.common import (  # noqa: E402
     machine_info,
 )
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -77,27 +76,6 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
-
-
-def hlo_collectives(hlo: str) -> dict[str, Any]:
-    """Counts of each collective in a compiled HLO text, and each op's result bytes per
-    device (a tuple result, as XLA emits for a combined or decomposed op, summed; of an
-    async start's (operand, result, ...) tuple only the result)."""
-    counts = {name: 0 for name in COLLECTIVES}
-    sizes: dict[str, list[int]] = {name: [] for name in COLLECTIVES}
-    itemsize = {"f32": 4, "s32": 4, "bf16": 2, "f16": 2, "u32": 4, "pred": 1, "u8": 1, "s8": 1, "u16": 2, "f64": 8}
-    op_pattern = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
-    for line in hlo.splitlines():
-        match = op_pattern.match(line)
-        if not match:
-            continue
-        shapes = re.findall(r"(\w+)\[([\d,]*)\]", match.group(1))
-        if match.group(3) and match.group(2) in ("all-gather", "collective-permute") and len(shapes) > 1:
-            shapes = shapes[1:2]
-        counts[match.group(2)] += 1
-        sizes[match.group(2)].append(sum(int(np.prod([int(d) for d in dims.split(",") if d])) * itemsize.get(dtype, 4)
-                                         for dtype, dims in shapes))
-    return {"counts": counts, "bytes": sizes}
 
 
 def _compiled_forward(model: Any, cache: Any, tokens: jax.Array) -> Any:

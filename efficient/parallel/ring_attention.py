@@ -27,7 +27,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Float, Int
 
 from efficient.attention.reference import grouped_logits, grouped_visibility
-from efficient.attention.spec import AttentionSpec
+from efficient.attention.spec import AttentionSpec, visibility_mask
 
 Stats = tuple[jax.Array, jax.Array, jax.Array]  # running max m, sum l [B K G T], weighted sum [B K G T H]
 
@@ -246,21 +246,11 @@ def ring_work(q_positions: np.ndarray, kv_positions: np.ndarray, num_shards: int
     "critical_path" (the sum over hops of the busiest device's pairs: hops are
     synchronous, so this is the time). Causal contiguous blocks leave the last device
     busiest at every hop; zig-zag blocks even the work out."""
-    q_positions, kv_positions = np.asarray(q_positions), np.asarray(kv_positions)
     c = sub_blocks
-    qb = q_positions.reshape(q_positions.shape[0], num_shards * c, -1)
-    kb = kv_positions.reshape(kv_positions.shape[0], num_shards * c, -1)
-    visible = np.zeros((num_shards * c, num_shards * c), bool)
-    for i in range(num_shards * c):
-        qp = qb[:, i, :, None]
-        for j in range(num_shards * c):
-            kp = kb[:, j, None, :]
-            seen = (qp >= 0) & (kp >= 0)
-            if spec.causal:
-                seen &= kp <= qp
-            if spec.window is not None:
-                seen &= qp - kp < spec.window
-            visible[i, j] = bool(seen.any())
+    seen = np.asarray(visibility_mask(spec, jnp.asarray(q_positions), jnp.asarray(kv_positions)))  # B T S
+    b, t, s = seen.shape
+    blocks = num_shards * c
+    visible = seen.reshape(b, blocks, t // blocks, blocks, s // blocks).any(axis=(0, 2, 4))  # [q block, kv block]
     work = np.zeros((num_shards, num_shards), int)  # [hop, device]
     for hop in range(num_shards):
         for device in range(num_shards):

@@ -12,7 +12,7 @@ import pytest
 
 from configs import sharded as sharded_config
 from experiments.run import run_experiment
-from experiments.sharded import hlo_collectives
+from efficient.parallel.hlo import hlo_collectives
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8 simulated devices tests/conftest.py sets up")

@@ -4,7 +4,6 @@ shards; each device holds its share; the decode step never gathers the cache."""
 
 from __future__ import annotations
 
-import re
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ from efficient.decoding import Greedy, generate, speculative_generate
 from efficient.decoding.drafters.prompt_lookup import PromptLookupDrafter
 from efficient.models import LlamaModel, forward, from_pretrained, jit_forward, save_pretrained
 from efficient.parallel import DEFAULT_RULES, AxisRules, ModelSharding, cache_shardings, device_bytes, make_mesh, shard_model
+from efficient.parallel.hlo import hlo_collectives
 import efficient.variants  # noqa: F401  (registers the caches)
 from efficient.registry import get_cache
 
@@ -114,9 +114,8 @@ def test_decode_step_never_gathers_the_cache() -> None:
     graphdef, params = nnx.split(model)
     step = jax.jit(lambda p, t, c: forward(nnx.merge(graphdef, p), t, cache=c))
     hlo = step.lower(params, tokens, cache).compile().as_text()
-    gathered = [int(np.prod([int(d) for d in dims.split(",") if d]))
-                for dims in re.findall(r"= \w+\[([\d,]*)\][^ ]* all-gather", hlo)]
-    layer_share = 8 * 4 * 256 * 8 // 8  # one layer's keys [B, K, S, H] over 8 devices
+    gathered = hlo_collectives(hlo)["bytes"]["all-gather"]
+    layer_share = 4 * 8 * 4 * 256 * 8 // 8  # bytes of one layer's float32 keys [B, K, S, H] over 8 devices
     assert all(size < layer_share for size in gathered), gathered
 
 
