@@ -103,8 +103,9 @@ def stop_hit(tokens: Int[Array, " B"], stop_ids: Int[Array, " S"]) -> jax.Array:
 
 def prefill_in_chunks(model, tokens: Int[Array, "B T"], positions: Int[Array, "B T"],  # noqa: ANN001
                       prompt_lengths: Int[Array, " B"], cache: KVCache,
-                      implementation: str | tuple[str, ...] | None) -> tuple[jax.Array, KVCache]:
-    """A prefill into an empty cache; logits [B, 1, V] at each row's last prompt token.
+                      implementation: str | tuple[str, ...] | None) -> tuple[jax.Array, KVCache, jax.Array]:
+    """A prefill into an empty cache; logits [B, 1, V] and the final-normed hidden state
+    [B, 1, D] at each row's last prompt token.
 
     A cache that holds only so many tokens per forward (an evicting cache:
     `max_tokens_per_fresh_forward`) is prefilled in chunks of that size: the first
@@ -116,10 +117,10 @@ def prefill_in_chunks(model, tokens: Int[Array, "B T"], positions: Int[Array, "B
     chunk = getattr(cache, "max_tokens_per_fresh_forward", None)
     if chunk is None or t <= chunk:
         return forward(model, tokens, positions=positions, cache=cache, logits_indices=last[:, None],
-                       implementation=implementation, fresh_cache=True)
-    logits, cache = forward(model, tokens[:, :chunk], positions=positions[:, :chunk], cache=cache,
-                            logits_indices=jnp.clip(last, 0, chunk - 1)[:, None],
-                            implementation=implementation, fresh_cache=True)
+                       implementation=implementation, fresh_cache=True, return_hidden=True)
+    logits, cache, hidden = forward(model, tokens[:, :chunk], positions=positions[:, :chunk], cache=cache,
+                                    logits_indices=jnp.clip(last, 0, chunk - 1)[:, None],
+                                    implementation=implementation, fresh_cache=True, return_hidden=True)
     rest = -(-(t - chunk) // chunk)
     pad = chunk + rest * chunk - t
     tokens = jnp.pad(tokens[:, chunk:], ((0, 0), (0, pad)))
@@ -129,16 +130,17 @@ def prefill_in_chunks(model, tokens: Int[Array, "B T"], positions: Int[Array, "B
           chunk + chunk * jnp.arange(rest, dtype=jnp.int32))
 
     def step(carry: tuple, x: tuple) -> tuple[tuple, None]:
-        logits, cache = carry
+        logits, cache, hidden = carry
         ids, pos, start = x
-        out, cache = forward(model, ids, positions=pos, cache=cache,
-                             logits_indices=jnp.clip(last - start, 0, chunk - 1)[:, None],
-                             implementation=implementation)
+        out, cache, out_hidden = forward(model, ids, positions=pos, cache=cache,
+                                         logits_indices=jnp.clip(last - start, 0, chunk - 1)[:, None],
+                                         implementation=implementation, return_hidden=True)
         inside = (last >= start) & (last < start + chunk)
-        return (jnp.where(inside[:, None, None], out, logits), cache), None
+        return (jnp.where(inside[:, None, None], out, logits), cache,
+                jnp.where(inside[:, None, None], out_hidden, hidden)), None
 
-    (logits, cache), _ = jax.lax.scan(step, (logits, cache), xs)
-    return logits, cache
+    (logits, cache, hidden), _ = jax.lax.scan(step, (logits, cache, hidden), xs)
+    return logits, cache, hidden
 
 
 @jax.jit(static_argnums=0, donate_argnums=4)
@@ -148,13 +150,14 @@ def _prefill(static: LoopStatic, params: nnx.State, tokens, prompt_lengths, cach
     t = tokens.shape[1]
     index = jnp.arange(t, dtype=jnp.int32)[None, :]
     positions = jnp.where(index < prompt_lengths[:, None], index, -1)
-    logits, cache = prefill_in_chunks(model, tokens, positions, prompt_lengths, cache, static.implementation)
+    logits, cache, hidden = prefill_in_chunks(model, tokens, positions, prompt_lengths, cache,
+                                              static.implementation)
     # Drop the padded slots: each row continues at its own length. Trailing padding past
     # the capacity was never written (the cache drops writes past its capacity), so a
     # prompt's bucket needs no cache slots beyond its real length.
     cache = cache.truncate(prompt_lengths)
     key, sub = jax.random.split(key)
-    return sample_tokens(static.rule, logits[:, 0], sub), cache, key
+    return sample_tokens(static.rule, logits[:, 0], sub), cache, key, hidden[:, 0]
 
 
 @jax.jit(static_argnums=0, donate_argnums=5)
@@ -274,13 +277,14 @@ def prepare_request(
 
 
 def run_prefill(static: LoopStatic, params: nnx.State, request: Request, cache: KVCache,
-                key: jax.Array | int | None) -> tuple[jax.Array, KVCache, jax.Array, float]:
-    """The jitted prefill; returns (first tokens, cache, key, seconds)."""
+                key: jax.Array | int | None) -> tuple[jax.Array, KVCache, jax.Array, float, jax.Array]:
+    """The jitted prefill; returns (first tokens, cache, key, seconds, final-normed hidden
+    state [B, D] at each row's last prompt token)."""
     start = time.perf_counter()
-    first, cache, rng = _prefill(static, params, jnp.asarray(request.batch.tokens),
+    first, cache, rng, hidden = _prefill(static, params, jnp.asarray(request.batch.tokens),
                                  jnp.asarray(request.batch.lengths), cache, _as_key(key))
     first.block_until_ready()
-    return first, cache, rng, time.perf_counter() - start
+    return first, cache, rng, time.perf_counter() - start, hidden
 
 
 def generate(
@@ -325,7 +329,7 @@ def generate(
     static = LoopStatic(graphdef=graphdef, rule=sampling, implementation=request.implementation,
                      pad_id=request.pad_id, out_len=bucket_length(int(max_new.max()), 16))
     lengths = jnp.asarray(batch.lengths)
-    first, kv_cache, rng, prefill_seconds = run_prefill(static, params, request, kv_cache, key)
+    first, kv_cache, rng, prefill_seconds, _ = run_prefill(static, params, request, kv_cache, key)
     start = time.perf_counter()
     out, num_generated, stopped, steps, _ = _decode_loop(
         static, params, first, lengths, jnp.asarray(max_new, jnp.int32), kv_cache, rng, request.stop_ids

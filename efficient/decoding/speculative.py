@@ -121,22 +121,23 @@ def _verify(model: LlamaModel, static: _SpecStatic, tree: DraftTree, last_token:
     """One target forward over root + tree, then acceptance."""
     tokens, positions, tree_mask, ancestors, depths, valid = verification_inputs(
         tree, last_token, last_position, active)
-    logits, cache = forward(model, tokens, positions=positions, cache=cache, tree_mask=tree_mask,
-                            implementation=static.implementation)
+    logits, cache, hidden = forward(model, tokens, positions=positions, cache=cache, tree_mask=tree_mask,
+                                    implementation=static.implementation, return_hidden=True)
     verdict = accept_tree(static.rule, logits, tree, valid, key, static.typical, ancestors=ancestors, depths=depths)
-    return tokens, logits, verdict, depths, valid, cache
+    return tokens, logits, hidden, verdict, depths, valid, cache
 
 
-def _pad_nodes(w: int, tokens: jax.Array, logits: jax.Array, verdict: Verdict, depths: jax.Array,
-               valid: jax.Array) -> tuple:
-    """Pad a narrow verification's node axis to the tree's width (missing nodes, logits 0, path -1)."""
+def _pad_nodes(w: int, tokens: jax.Array, logits: jax.Array, hidden: jax.Array, verdict: Verdict,
+               depths: jax.Array, valid: jax.Array) -> tuple:
+    """Pad a narrow verification's node axis to the tree's width (missing nodes, logits and
+    hidden 0, path -1)."""
     pad = w - valid.shape[1]
 
     def nodes(x: jax.Array, value: object) -> jax.Array:
         return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=value)
 
     verdict = Verdict(path=nodes(verdict.path, -1), num_accepted=verdict.num_accepted, next_token=verdict.next_token)
-    return nodes(tokens, 0), nodes(logits, 0.0), verdict, nodes(depths, 0), nodes(valid, False)
+    return nodes(tokens, 0), nodes(logits, 0.0), nodes(hidden, 0.0), verdict, nodes(depths, 0), nodes(valid, False)
 
 
 def _root_only(model: LlamaModel, static: _SpecStatic, tree: DraftTree, last_token: jax.Array,
@@ -144,14 +145,14 @@ def _root_only(model: LlamaModel, static: _SpecStatic, tree: DraftTree, last_tok
     """No row has a draft: a plain one-token decode step, shaped like `_verify`'s outputs."""
     b = last_token.shape[0]
     positions = jnp.where(active, last_position, -1)[:, None]
-    logits, cache = forward(model, last_token[:, None].astype(jnp.int32), positions=positions, cache=cache,
-                            implementation=static.implementation)
+    logits, cache, hidden = forward(model, last_token[:, None].astype(jnp.int32), positions=positions,
+                                    cache=cache, implementation=static.implementation, return_hidden=True)
     next_token = sample_tokens(static.rule, logits[:, 0], key)
     verdict = Verdict(path=jnp.full((b, 0), -1, jnp.int32), num_accepted=jnp.zeros((b,), jnp.int32),
                       next_token=next_token)
     tokens = last_token[:, None].astype(jnp.int32)
     empty = jnp.zeros((b, 0), jnp.int32)
-    return _pad_nodes(tree.size, tokens, logits, verdict, empty, empty.astype(bool)) + (cache,)
+    return _pad_nodes(tree.size, tokens, logits, hidden, verdict, empty, empty.astype(bool)) + (cache,)
 
 
 def _as_chain(tree: DraftTree) -> DraftTree:
@@ -180,9 +181,9 @@ def _verify_narrowest(model: LlamaModel, static: _SpecStatic, drafter: Drafter, 
             if width == 0:
                 return _root_only(model, static, tree, last_token, last_position, active, cache, key)
             narrow = jax.tree_util.tree_map(lambda x: x[:, :width], tree)
-            tokens, logits, verdict, depths, valid, cache = _verify(
+            tokens, logits, hidden, verdict, depths, valid, cache = _verify(
                 model, static, narrow, last_token, last_position, active, cache, key)
-            return _pad_nodes(w, tokens, logits, verdict, depths, valid) + (cache,)
+            return _pad_nodes(w, tokens, logits, hidden, verdict, depths, valid) + (cache,)
         return run
 
     return jax.lax.switch(branch, [run_width(width) for width in widths], cache)
@@ -190,7 +191,7 @@ def _verify_narrowest(model: LlamaModel, static: _SpecStatic, drafter: Drafter, 
 
 @jax.jit(static_argnums=0, donate_argnums=(7,))
 def _speculative_loop(static: _SpecStatic, params, drafter: Drafter, tokens, first, prompt_lengths,  # noqa: ANN001, ANN202
-                      max_new, cache, key, stop_ids):
+                      max_new, cache, key, stop_ids, prompt_hidden):
     TRACE_COUNTS["speculative"] += 1
     model = nnx.merge(static.graphdef, params)
     b = first.shape[0]
@@ -199,7 +200,8 @@ def _speculative_loop(static: _SpecStatic, params, drafter: Drafter, tokens, fir
     history = _initial_history(tokens, prompt_lengths, first, cache.capacity, static.pad_id)
     key, init_key = jax.random.split(key)
     drafter_state = drafter.init(PromptContext(tokens=tokens, lengths=prompt_lengths, history=history,
-                                               first_token=first, target=model, rule=static.rule, key=init_key))
+                                               first_token=first, target=model, rule=static.rule, key=init_key,
+                                               hidden=prompt_hidden))
     out = jnp.full((b, static.out_len), static.pad_id, jnp.int32).at[:, 0].set(first)
     ones = jnp.ones((b,), jnp.int32)
     zeros_d = jnp.zeros((depth_slots,), jnp.int32)
@@ -225,7 +227,7 @@ def _speculative_loop(static: _SpecStatic, params, drafter: Drafter, tokens, fir
             tree = _as_chain(tree)
         committed = s.cache.lengths
         cache = cache.truncate(committed)
-        verify_tokens, logits, verdict, depths, valid, cache = _verify_narrowest(
+        verify_tokens, logits, hidden, verdict, depths, valid, cache = _verify_narrowest(
             model, static, drafter, tree, last_token, last_position, active, cache, accept_key)
         count = jnp.where(active, verdict.num_accepted, 0)
         # Keep the root and the accepted path (slot of verify token t = committed + t).
@@ -252,7 +254,7 @@ def _speculative_loop(static: _SpecStatic, params, drafter: Drafter, tokens, fir
         history = s.history.at[rows[:, None], hist_cols].set(new_tokens, mode="drop")
         num_generated = s.num_generated + num_new
         done = s.done | (first_stop < num_new) | (num_generated >= max_new)
-        outcome = VerifyOutcome(tree=tree, valid=valid, logits=logits, path=verdict.path,
+        outcome = VerifyOutcome(tree=tree, valid=valid, logits=logits, hidden=hidden, path=verdict.path,
                                 num_accepted=count, new_tokens=new_tokens, num_new=num_new, history=history,
                                 last_position=last_position + num_new)
         drafter_state = drafter.update(drafter_state, ctx, outcome)
@@ -328,13 +330,13 @@ def speculative_generate(
     out_len = bucket_length(int(max_new.max()), 16)
     prefill_static = LoopStatic(graphdef=graphdef, rule=sampling, implementation=request.implementation,
                                    pad_id=request.pad_id, out_len=out_len)
-    first, kv_cache, rng, prefill_seconds = run_prefill(prefill_static, params, request, kv_cache, key)
+    first, kv_cache, rng, prefill_seconds, prompt_hidden = run_prefill(prefill_static, params, request, kv_cache, key)
     static = _SpecStatic(graphdef=graphdef, rule=sampling, implementation=request.implementation,
                          pad_id=request.pad_id, out_len=out_len, typical=typical)
     start = time.perf_counter()
     out, num_generated, stopped, counters, _ = _speculative_loop(
         static, params, drafter, jnp.asarray(batch.tokens), first, jnp.asarray(batch.lengths),
-        jnp.asarray(max_new, jnp.int32), kv_cache, rng, request.stop_ids)
+        jnp.asarray(max_new, jnp.int32), kv_cache, rng, request.stop_ids, prompt_hidden)
     out, num_generated, stopped, counters = jax.device_get((out, num_generated, stopped, counters))
     decode_seconds = time.perf_counter() - start
     steps, accepted, row_steps, proposed_d, accepted_d = counters

@@ -121,8 +121,11 @@ def forward(
     implementation: str | tuple[str, ...] | None = None,
     skip_layers: tuple[int, ...] | Bool[Array, " L"] = (),
     fresh_cache: bool = False,
-) -> tuple[Float[Array, "B I V"], KVCache | None]:
-    """Run the decoder over `tokens`; returns float32 logits and the updated cache.
+    return_hidden: bool = False,
+) -> tuple[Float[Array, "B I V"], KVCache | None] | tuple[Float[Array, "B I V"], KVCache | None, Float[Array, "B I D"]]:
+    """Run the decoder over `tokens`; returns float32 logits and the updated cache
+    (and, with `return_hidden`, the final-normed hidden state the LM head reads, at the
+    same token indices as the logits: what Medusa heads and feature-level drafters read).
 
     positions: per-token positions (default: following the cache's last
         position, or 0..T-1 without a cache). Negative = padding.
@@ -194,7 +197,10 @@ def forward(
         ):
             raise ValueError(f"logits_indices must lie in [0, {t}), got {np.asarray(logits_indices).tolist()}")
         x = jnp.take_along_axis(x, logits_indices[:, :, None], axis=1)
-    return model.logits(model.norm(x)), cache
+    hidden = model.norm(x)
+    if return_hidden:
+        return model.logits(hidden), cache, hidden
+    return model.logits(hidden), cache
 
 
 def skip_mask(skip_layers: tuple[int, ...] | Bool[Array, " L"], num_layers: int) -> Bool[Array, " L"] | None:

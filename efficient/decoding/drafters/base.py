@@ -41,6 +41,9 @@ class PromptContext:
     target: LlamaModel
     rule: SamplingRule
     key: jax.Array = dataclasses.field(default_factory=lambda: jax.random.key(0))
+    # The target's final-normed hidden state at each row's last prompt token (whose logits
+    # gave first_token): what Medusa-style heads draft from.
+    hidden: Float[Array, "B D"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,7 @@ class VerifyOutcome:
     tree: DraftTree
     valid: Bool[Array, "B W"]  # node existence after ancestry closure
     logits: Float[Array, "B T V"]  # target logits at the root (0) and node i (1 + i)
+    hidden: Float[Array, "B T D"] | None  # the target's final-normed hidden state, same indices
     path: Int[Array, "B W"]  # accepted node ids, -1 after num_accepted
     num_accepted: Int[Array, " B"]
     new_tokens: Int[Array, "B W1"]  # accepted tokens then the target's next token

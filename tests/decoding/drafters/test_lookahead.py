@@ -118,7 +118,7 @@ def test_update_shifts_window_records_the_iteration_and_freezes_inactive_rows() 
                            active=jnp.asarray([True, False]), key=jax.random.key(0), target=None, cache=None,
                            rule=Greedy())
         tree, _, _ = drafter.propose(state, ctx)
-        outcome = VerifyOutcome(tree=tree, valid=tree.valid, logits=logits, path=None,
+        outcome = VerifyOutcome(tree=tree, valid=tree.valid, logits=logits, hidden=None, path=None,
                                 num_accepted=_i32([1, 0]), new_tokens=None, num_new=_i32([2, 0]),
                                 history=history, last_position=_i32([6, 7]))
         return tree, drafter.update(state, ctx, outcome)

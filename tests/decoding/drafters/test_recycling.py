@@ -117,7 +117,7 @@ def test_update_recycles_root_and_nodes_across_the_batch() -> None:
                      valid=jnp.asarray([[True, False], [True, True]]))
     logits = jax.random.normal(jax.random.key(0), (2, 3, v))
     # Row 0 accepts node 0 (token 5); row 1 rejects its node 0 (also token 5) and accepts node 1.
-    outcome = VerifyOutcome(tree=tree, valid=tree.valid, logits=logits, path=jnp.asarray([[0, -1], [1, -1]]),
+    outcome = VerifyOutcome(tree=tree, valid=tree.valid, logits=logits, hidden=None, path=jnp.asarray([[0, -1], [1, -1]]),
                             num_accepted=jnp.asarray([1, 1]), new_tokens=jnp.zeros((2, 3), jnp.int32),
                             num_new=jnp.asarray([2, 2]), history=ctx.history, last_position=jnp.asarray([3, 3]))
     new = np.asarray(drafter.update(matrix, ctx, outcome))
