@@ -35,6 +35,11 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     # Loaded only when a selected decoder needs "draft_model"; "": none (those decoders are skipped).
     # The byte-level pair: --config.model.path=checkpoints/target --config.draft.path=checkpoints/draft
     c.draft = ml_collections.ConfigDict(dict(path="", dtype="float32"))
+    # Medusa heads for the target (configs/train_medusa.py exports them); loaded only when
+    # spec_medusa runs; heads trained for another model are refused (the decoder is skipped).
+    # tree_sizes: also run spec_medusa at these fixed tree sizes (spec_medusa_w<size>), beside the
+    # size its goodput estimate picks.
+    c.medusa = ml_collections.ConfigDict(dict(path="checkpoints/medusa-smollm2", tree_sizes=()))
     # source: "stdlib" or a folder of text files; split: the prompts' split (train / validation / test / all).
     c.data = ml_collections.ConfigDict(dict(source="stdlib", suffixes=(".py",), split="test"))
     # kinds: any of completion, repetitive, editing (efficient/data/code_tasks.py).

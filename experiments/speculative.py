@@ -15,13 +15,15 @@ the decoder's `GenerateStats`), decode-only time, wall time of the calls
 for each, mean accepted tokens per verification (`SpeculativeStats`), target
 forwards, acceptance by depth, and whether the output equals greedy's
 (lossless greedy decoders must; reported, not asserted). Decoders' `needs`
-are served from "draft_model" and "calibration_tokens"; a decoder needing
+are served from "draft_model", "calibration_tokens" and "medusa_heads"
+(config.medusa.path); a decoder needing
 anything else is skipped with the reason. Run through `experiments.run`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import platform
@@ -39,6 +41,8 @@ from efficient import variants
 from efficient.data import Tokenizer
 from efficient.data.code_tasks import TASK_KINDS, CodePrompt, build_prompts, completion_prompts
 from efficient.decoding import GenerateOutput
+from efficient.decoding.drafters import LoadedHeads, load_medusa_heads
+from efficient.decoding.speculative_variants import medusa_width_choices
 from efficient.eval import prefix_agreement
 from efficient.models import LlamaModel
 from experiments.common import (
@@ -112,6 +116,8 @@ class Settings:
     layer_loop: str
     draft_path: str
     draft_dtype: str
+    medusa_path: str
+    medusa_tree_sizes: tuple[int, ...]
     source: str
     suffixes: tuple[str, ...] | None
     split: str
@@ -123,6 +129,9 @@ class Settings:
     peer: PeerSettings
 
     def __post_init__(self) -> None:
+        for w in self.medusa_tree_sizes:
+            if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+                raise ValueError(f"config.medusa.tree_sizes: each size must be an int >= 1, got {w!r}")
         for b in self.generation.batch_sizes:
             if self.tasks.prompts_per_kind % b:
                 raise ValueError(f"config.generation.batch_sizes: {b} does not divide "
@@ -135,7 +144,9 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
     return Settings(
         model_path=str(config.model.path), tokenizer=config.model.tokenizer, dtype=config.model.dtype,
         layer_loop=config.model.layer_loop, draft_path=str(config.draft.path), draft_dtype=config.draft.dtype,
-        source=config.data.source, suffixes=tuple(config.data.suffixes) if config.data.suffixes else None,
+        medusa_path=str(config.medusa.path), medusa_tree_sizes=tuple(config.medusa.tree_sizes),
+        source=config.data.source,
+        suffixes=tuple(config.data.suffixes) if config.data.suffixes else None,
         split=config.data.split, seed=int(config.seed),
         tasks=TaskSettings(**{**config.tasks.to_dict(), "kinds": tuple(config.tasks.kinds)}),
         generation=GenerationSettings(max_new_tokens=gen.max_new_tokens, batch_sizes=tuple(gen.batch_sizes),
@@ -158,6 +169,19 @@ def select_decoders(names: str) -> list[variants.DecoderVariant]:
     except ValueError as err:
         raise ValueError(f"config.decoders: {err}") from err
     return [d for d in chosen if d.name != "greedy"]
+
+
+def with_medusa_sizes(decoders: list[variants.DecoderVariant],
+                      sizes: tuple[int, ...]) -> list[variants.DecoderVariant]:
+    """spec_medusa (tree sized by goodput) followed by one fixed-size copy per `sizes` entry
+    (`spec_medusa_w<size>`), to check the goodput choice against measured speed."""
+    out = []
+    for d in decoders:
+        out.append(d)
+        if d.name == "spec_medusa":
+            out += [dataclasses.replace(d, name=f"spec_medusa_w{w}", fn=functools.partial(d.fn, tree_size=w),
+                                        description=f"{d.description} (fixed at {w} nodes)") for w in sizes]
+    return out
 
 
 @dataclasses.dataclass
@@ -391,7 +415,7 @@ def _peer(s: Settings, prompts: dict[str, list[CodePrompt]], greedy_outputs: dic
 
 def run(config: ml_collections.ConfigDict) -> ExperimentResult:
     s = settings_from(config)
-    decoders = select_decoders(s.decoders)
+    decoders = with_medusa_sizes(select_decoders(s.decoders), s.medusa_tree_sizes)
     log = _Log()
     model = load_model(s.model_path, dtype=s.dtype, layer_loop=s.layer_loop)
     tokenizer = load_tokenizer_for(s.model_path, s.tokenizer, model.config.vocab_size)
@@ -415,14 +439,23 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
             cached["calibration"] = np.asarray([p.ids for p in rows], np.int32)
         return cached["calibration"]
 
+    def medusa_heads() -> LoadedHeads:
+        if not s.medusa_path:
+            raise LookupError("no Medusa heads configured (config.medusa.path is empty)")
+        if "medusa" not in cached:
+            cached["medusa"] = load_medusa_heads(s.medusa_path, model.config)
+        return cached["medusa"]
+
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     greedy_outputs: dict[tuple[str, int], list[list[int]]] = {}
     rows, skipped = benchmark(model, prompts, s, decoders,
-                              {"draft_model": draft_model, "calibration_tokens": calibration_tokens}, log,
+                              {"draft_model": draft_model, "calibration_tokens": calibration_tokens,
+                               "medusa_heads": medusa_heads}, log,
                               greedy_outputs)
     peer_rows = _peer(s, prompts, greedy_outputs, log)
     metrics: dict[str, Any] = dict(
         rows=rows, summary=summarize(rows), skipped=skipped, transformers_prompt_lookup=peer_rows,
+        medusa_goodput=medusa_width_choices(),
         decoders={d.name: dict(lossless=d.lossless, sampling=d.sampling, description=d.description,
                                paper=d.paper, needs=list(d.needs)) for d in decoders},
         model=dict(path=s.model_path, parameters=model.config.num_parameters(), dtype=s.dtype, layer_loop=s.layer_loop,

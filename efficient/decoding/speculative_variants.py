@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from efficient.decoding.drafters import (
@@ -22,9 +23,12 @@ from efficient.decoding.drafters import (
     calibrate_skip_layers,
 )
 from efficient.cache.protocol import CacheFactory
-from efficient.decoding.generate import GenerateOutput
+from efficient.decoding.drafters.medusa import LoadedHeads, MedusaDrafter, expected_accepted, lm_head_rows, medusa_tree
+from efficient.decoding.generate import GenerateOutput, generate
+from efficient.decoding.goodput import WidthChoice, choose_width, verification_seconds
 from efficient.decoding.sampling import Greedy
 from efficient.decoding.speculative import speculative_generate
+from efficient.eval.timing import median_seconds
 from efficient.models import LlamaModel
 from efficient.registry import Decoder, register_decoder
 
@@ -113,3 +117,53 @@ register_decoder("spec_prompt_lookup", speculative_decoder(_prompt_lookup), loss
 register_decoder("spec_recycling", speculative_decoder(_recycling), lossless=True,
                  description="Token Recycling: 25-node tree from the recycled top-k adjacency matrix",
                  paper="Luo et al. 2024 (Token Recycling)")
+
+
+_WIDTHS: dict[tuple[int, int, int, int], tuple[LlamaModel, WidthChoice]] = {}
+MEDUSA_WIDTHS = (1, 2, 4, 8, 16, 32)
+
+
+def medusa_width(model: LlamaModel, loaded: LoadedHeads, *, batch: int, context: int) -> WidthChoice:
+    """The Medusa tree size of largest goodput for this model, batch and context (SmartSpec):
+    verification measured here, acceptance estimated from the heads' held-out accuracy, the
+    heads' own cost measured too. Cached per (model, heads, batch, context rounded up to 64)."""
+    context = -(-context // 64) * 64
+    key = (id(model), id(loaded), batch, context)
+    cached = _WIDTHS.get(key)
+    if cached is not None and cached[0] is model:
+        return cached[1]
+    seconds = verification_seconds(model, (0, *MEDUSA_WIDTHS), batch=batch, context=context)
+    expected = {w: expected_accepted(loaded.accuracy, medusa_tree(loaded.accuracy, w)) for w in MEDUSA_WIDTHS}
+    head_weight = lm_head_rows(model, loaded.heads.vocab)
+    top = int(loaded.accuracy.shape[1])
+    draft = jax.jit(lambda h: jax.lax.top_k(loaded.heads.logits(h, head_weight), top)[1])
+    hidden = jnp.zeros((batch, model.config.hidden_size), jnp.float32)
+    choice = choose_width(expected, seconds, draft_seconds=median_seconds(draft, hidden))
+    _WIDTHS[key] = (model, choice)
+    return choice
+
+
+def medusa_width_choices() -> list[dict[str, object]]:
+    """Every goodput choice made in this process: batch, context and the `WidthChoice` table."""
+    return [{"batch": key[2], "context": key[3], **choice.as_dict()} for key, (_, choice) in _WIDTHS.items()]
+
+
+def _medusa(model: LlamaModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+            cache: CacheFactory | None = None, key: jax.Array | int | None = None,
+            stop_tokens: Sequence[int] = (), medusa_heads: LoadedHeads, tree_size: int = 0) -> GenerateOutput:
+    """Medusa-1 heads drafting a static tree; `tree_size` 0: chosen by goodput (plain greedy
+    decoding when no tree is expected to pay)."""
+    if tree_size == 0:
+        context = max(len(p) for p in prompts) + max_new_tokens // 2
+        tree_size = medusa_width(model, medusa_heads, batch=len(prompts), context=context).width
+        if tree_size == 0:
+            return generate(model, prompts, max_new_tokens=max_new_tokens, cache=cache, key=key,
+                            stop_tokens=stop_tokens)
+    drafter = MedusaDrafter.create(model, medusa_heads.heads, accuracy=medusa_heads.accuracy, tree_size=tree_size)
+    return speculative_generate(model, prompts, drafter=drafter, max_new_tokens=max_new_tokens, sampling=Greedy(),
+                                cache=cache, key=key, stop_tokens=stop_tokens)
+
+
+register_decoder("spec_medusa", _medusa, lossless=True, needs=("medusa_heads",),
+                 description="Medusa-1 heads (trained by self-distillation) drafting a static tree sized by goodput",
+                 paper="Cai et al. 2024 (Medusa); Liu et al. 2024 (SmartSpec)")

@@ -11,13 +11,18 @@ from efficient import variants
 from efficient.cache import DenseKVCache
 from efficient.data import ByteTokenizer, eval_windows
 from efficient.decoding import GenerateOutput, generate
+from efficient.decoding.drafters import LoadedHeads, MedusaHeads
 from efficient.eval import cache_memory, perplexity
 
 BYTE_MODEL = dict(vocab_size=259, eos_token_ids=(258,), pad_token_id=256)
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]]
 # What the harness can hand a decoder that declares `needs`.
 RESOURCES = {"draft_model": lambda: tiny_model(seed=1, **BYTE_MODEL),
-             "calibration_tokens": lambda: np.arange(2 * 24, dtype=np.int32).reshape(2, 24) % 250}
+             "calibration_tokens": lambda: np.arange(2 * 24, dtype=np.int32).reshape(2, 24) % 250,
+             # Untrained (zero) Medusa heads for the tiny model, with made-up accuracies: the tree
+             # and the goodput choice are exercised, the heads are not good.
+             "medusa_heads": lambda: LoadedHeads(MedusaHeads.init(3, 32, np.arange(200)),
+                                                 np.asarray([[0.6, 0.2], [0.4, 0.1], [0.3, 0.1]]), {})}
 
 
 def test_built_in_variants_are_registered() -> None:

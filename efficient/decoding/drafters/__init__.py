@@ -3,6 +3,14 @@
 from efficient.decoding.drafters.base import DraftContext, Drafter, PromptContext, VerifyOutcome
 from efficient.decoding.drafters.draft_model import DraftModelDrafter
 from efficient.decoding.drafters.lookahead import LookaheadDrafter
+from efficient.decoding.drafters.medusa import (
+    LoadedHeads,
+    MedusaDrafter,
+    MedusaHeads,
+    load_medusa_heads,
+    medusa_tree,
+    save_medusa_heads,
+)
 from efficient.decoding.drafters.prompt_lookup import PromptLookupDrafter
 from efficient.decoding.drafters.recycling import TokenRecyclingDrafter
 from efficient.decoding.drafters.layer_skip import (
@@ -18,7 +26,10 @@ __all__ = [
     "DraftModelDrafter",
     "Drafter",
     "LayerSkipDrafter",
+    "LoadedHeads",
     "LookaheadDrafter",
+    "MedusaDrafter",
+    "MedusaHeads",
     "PromptContext",
     "PromptLookupDrafter",
     "SkipCalibration",
@@ -27,4 +38,7 @@ __all__ = [
     "calibrate_skip_layers",
     "estimated_speedup",
     "fixed_cost_fraction",
+    "load_medusa_heads",
+    "medusa_tree",
+    "save_medusa_heads",
 ]
