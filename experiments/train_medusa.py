@@ -17,7 +17,7 @@ from efficient.train.distill import (
     write_teacher_forced,
 )
 from efficient.train.export import machine_info
-from efficient.train.medusa import train_medusa
+from efficient.train.medusa import evaluate_heads, train_medusa
 from experiments.common import (
     ExperimentResult,
     code_prompts,
@@ -39,12 +39,7 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
     tokenizer = load_tokenizer_for(config.model.path, config.model.tokenizer, target.config.vocab_size)
     d = config.data
     docs = load_documents(d.source, tuple(d.suffixes), "train", key="config.data")
-    prompts: list[list[int]] = []
-    seed = 1
-    while len(prompts) < d.prompts:  # up to prompts_per_seed documents per seed, at a seeded line each
-        count = min(d.prompts_per_seed, d.prompts - len(prompts))
-        prompts += code_prompts(docs, tokenizer, count, d.prompt_tokens, seed=seed)
-        seed += 1
+    prompts = seeded_prompts(docs, tokenizer, d.prompts, d.prompt_tokens, d.prompts_per_seed)
     workdir = Path(config.workdir)
     write_self_distillation(target, prompts, workdir / "data", new_tokens=d.new_tokens, batch_size=d.batch_size,
                             log=_log)
@@ -59,24 +54,50 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
     h = config.heads
     run_ = train_medusa(target, train_data, val_data, num_heads=h.num_heads, draft_vocab=h.draft_vocab,
                         config=train_config, workdir=workdir / "heads", ranks=h.ranks, log=_log)
+    # The accuracy the tree and the goodput choice use: continuations of prompts from held-out
+    # documents (the validation split), not held-in rows (whose documents training has seen).
+    held_out_docs = load_documents(d.source, tuple(d.suffixes), "validation", key="config.data")
+    usable = sum(len(tokenizer.encode(doc.text)) >= d.prompt_tokens for doc in held_out_docs)
+    held_out = seeded_prompts(held_out_docs, tokenizer, d.heldout_prompts, d.prompt_tokens,
+                              min(d.prompts_per_seed, usable))
+    write_self_distillation(target, held_out, workdir / "heldout", new_tokens=d.new_tokens,
+                            batch_size=min(d.batch_size, len(held_out)), log=_log)
+    accuracy, coverage = evaluate_heads(target, run_.heads, load_self_distillation(workdir / "heldout", target.config),
+                                        h.ranks)
     command = " ".join(["python -m experiments.run", *sys.argv[1:]])
     record = {**run_.record, "data": d.to_dict(), "model_path": str(config.model.path), "machine": machine_info(),
-              "command": command}
-    meta = {"target": run_.record["target"], "accuracy": run_.accuracy.tolist(), "coverage": run_.coverage,
-            "record": record}
+              "command": command, "accuracy_held_in_rows": run_.record["accuracy"],
+              "coverage_held_in_rows": run_.coverage, "accuracy": accuracy.tolist(), "coverage": coverage}
+    meta = {"target": run_.record["target"], "accuracy": accuracy.tolist(), "coverage": coverage, "record": record}
     out = save_medusa_heads(run_.heads, config.output_dir, meta)
-    trees = [{"tree_size": w, "expected_accepted": expected_accepted(run_.accuracy, medusa_tree(run_.accuracy, w))}
+    trees = [{"tree_size": w, "expected_accepted": expected_accepted(accuracy, medusa_tree(accuracy, w)),
+              "expected_accepted_held_in_rows": expected_accepted(run_.accuracy, medusa_tree(run_.accuracy, w))}
              for w in TREE_SIZES]
-    (out / "TRAINING.md").write_text(_markdown(record, run_.accuracy, trees))
-    rows = [{"head": k + 1, **{f"rank{r}": float(run_.accuracy[k, r]) for r in range(min(4, run_.accuracy.shape[1]))},
-             "top4": float(np.sum(run_.accuracy[k, :4]))} for k in range(run_.accuracy.shape[0])]
-    columns = [("head", "head", "d")] + [(f"rank{r}", f"rank {r}", ".3f") for r in range(min(4, run_.accuracy.shape[1]))]
-    columns.append(("top4", "top-4", ".3f"))
-    metrics = {"record": record, "accuracy": run_.accuracy.tolist(), "coverage": run_.coverage, "trees": trees,
+    (out / "TRAINING.md").write_text(_markdown(record, accuracy, trees))
+    shown = min(4, accuracy.shape[1])
+    rows = [{"head": k + 1, **{f"rank{r}": float(accuracy[k, r]) for r in range(shown)},
+             "top4": float(np.sum(accuracy[k, :4])), "top1_held_in": float(run_.accuracy[k, 0])}
+            for k in range(accuracy.shape[0])]
+    columns = [("head", "head", "d")] + [(f"rank{r}", f"rank {r}", ".3f") for r in range(shown)]
+    columns += [("top4", "top-4", ".3f"), ("top1_held_in", "top-1 held-in rows", ".3f")]
+    metrics = {"record": record, "accuracy": accuracy.tolist(), "coverage": coverage, "trees": trees,
                "output_dir": str(out)}
     table = format_table(rows, columns) + "\n" + "\n".join(
         f"tree {t['tree_size']}: estimated {t['expected_accepted']:.2f} tokens per verification" for t in trees)
     return ExperimentResult(metrics=metrics, table=table)
+
+
+def seeded_prompts(docs: list, tokenizer: object, count: int, length: int, per_seed: int) -> list[list[int]]:
+    """`count` prompts of `length` tokens: up to `per_seed` documents per seed (1, 2, ...), each
+    at a line the seed picks (`code_prompts`)."""
+    if per_seed < 1:
+        raise ValueError(f"config.data: no document holds {length} tokens")
+    prompts: list[list[int]] = []
+    seed = 1
+    while len(prompts) < count:
+        prompts += code_prompts(docs, tokenizer, min(per_seed, count - len(prompts)), length, seed=seed)
+        seed += 1
+    return prompts
 
 
 def text_windows(docs: list, tokenizer: object, count: int, length: int, seed: int) -> list[list[int]]:
@@ -108,13 +129,19 @@ def _markdown(record: dict, accuracy: np.ndarray, trees: list[dict]) -> str:
         f"{record['wall_time_s']:.0f} s on {record['machine']['processor']} "
         f"({record['machine']['cpus_usable']} CPUs usable), final train loss {record['final_train_loss']:.3f}",
         "",
-        "Held-out accuracy (the head's rank-r candidate is the target's token):",
+        "Accuracy on held-out documents (the validation split's continuations; the head's rank-r candidate is "
+        "the target's token), which the tree and the goodput choice use:",
         "",
         "| head | " + " | ".join(f"rank {r}" for r in range(accuracy.shape[1])) + " |",
         "|---" * (accuracy.shape[1] + 1) + "|",
     ]
     for k in range(accuracy.shape[0]):
         lines.append(f"| {k + 1} | " + " | ".join(f"{a:.3f}" for a in accuracy[k]) + " |")
-    lines += ["", "Estimated tokens per verification (Medusa's independence estimate):", ""]
-    lines += [f"- tree of {t['tree_size']} nodes: {t['expected_accepted']:.2f}" for t in trees]
+    held_in = record["accuracy_held_in_rows"]
+    lines += ["", "Top-1 on the held-in documents' held-out rows (the continuations of other lines of documents "
+              "training saw): " + ", ".join(f"head {k + 1} {row[0]:.3f}" for k, row in enumerate(held_in)),
+              "", "Estimated tokens per verification (Medusa's independence estimate; from held-in rows in brackets):",
+              ""]
+    lines += [f"- tree of {t['tree_size']} nodes: {t['expected_accepted']:.2f} ({t['expected_accepted_held_in_rows']:.2f})"
+              for t in trees]
     return "\n".join(lines) + "\n"

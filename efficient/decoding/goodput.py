@@ -70,7 +70,7 @@ def verification_seconds(model: object, widths: Sequence[int], *, batch: int, co
         tokens = jnp.ones((batch, t), jnp.int32)
         positions = jnp.broadcast_to(context + jnp.arange(t, dtype=jnp.int32), (batch, t))
         tree_mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (batch, t, t))
-        out[w] = median_seconds(step, params, tokens, positions, tree_mask, cache, iters=iters)
+        out[w] = median_seconds(step, params, tokens, positions, tree_mask, cache, warmup=2, iters=iters)
     return out
 
 

@@ -97,6 +97,17 @@ def rank_accuracy(heads: MedusaHeads, head_weight: Float[Array, "Vd D"], hidden:
     return hits / np.maximum(present, 1)[:, None]
 
 
+def evaluate_heads(target: Any, heads: MedusaHeads, data: DistillationSet, ranks: int) -> tuple[np.ndarray, float]:
+    """(accuracy [K, ranks] as `rank_accuracy`, coverage: the fraction of head 1's labels inside
+    the draft vocabulary) of `heads` on `data`."""
+    vocab_size = target.config.vocab_size
+    labels = label_indices(data.tokens, heads.num_heads, np.asarray(heads.vocab), vocab_size, data.follows)
+    accuracy = rank_accuracy(heads, jnp.asarray(lm_head_rows(target, heads.vocab), jnp.float32), data.hidden,
+                             labels, ranks)
+    first = labels[..., 0][labels[..., 0] != -1]
+    return accuracy, float(np.mean(first >= 0))
+
+
 def _batch(data: DistillationSet, labels: np.ndarray, config: TrainConfig, step: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([config.data_seed, step])
     r, n = data.tokens.shape
@@ -128,8 +139,6 @@ def train_medusa(
     heads0 = MedusaHeads.init(num_heads, model_config.hidden_size, vocab)
     head_weight = jnp.asarray(lm_head_rows(target, heads0.vocab), jnp.float32)
     labels = label_indices(train_data.tokens, num_heads, vocab, model_config.vocab_size, train_data.follows)
-    val_labels = label_indices(validation_data.tokens, num_heads, vocab, model_config.vocab_size,
-                               validation_data.follows)
     optimizer = make_optimizer(config)
     params = {"weight": heads0.weight, "bias": heads0.bias}
     opt_state = optimizer.init(params)
@@ -168,8 +177,7 @@ def train_medusa(
                                                         "final_train_loss": recent_loss()})
     checkpointer.close()
     heads = MedusaHeads(weight=params["weight"], bias=params["bias"], vocab=heads0.vocab)
-    accuracy = rank_accuracy(heads, head_weight, validation_data.hidden, val_labels, ranks)
-    coverage = float(np.mean(val_labels[..., 0][val_labels[..., 0] != -1] >= 0))
+    accuracy, coverage = evaluate_heads(target, heads, validation_data, ranks)
     record = {
         "target": target_fingerprint(model_config), "num_heads": num_heads, "draft_vocab": draft_vocab,
         "train_config": config.to_dict(), "train_positions": train_data.num_positions,
