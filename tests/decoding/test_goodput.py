@@ -11,14 +11,16 @@ from efficient.decoding.goodput import choose_width, verification_seconds
 
 def test_the_width_of_largest_expected_tokens_per_second_is_chosen() -> None:
     seconds = {0: 1.0, 2: 1.2, 8: 2.0}
-    choice = choose_width({2: 1.8, 8: 3.0}, seconds, draft_seconds=0.1)
-    assert choice.goodput == pytest.approx({0: 1.0, 2: 1.8 / 1.3, 8: 3.0 / 2.1})
+    choice = choose_width({2: 1.8, 8: 2.5}, seconds, draft_seconds=0.1)
+    assert choice.goodput == pytest.approx({0: 1.0, 2: 1.8 / 1.3, 8: 2.5 / 2.1})
     assert choice.width == 2 and choice.seconds[2] == pytest.approx(1.3) and choice.seconds[0] == 1.0
 
 
-def test_plain_decoding_is_chosen_when_no_width_pays() -> None:
+def test_plain_decoding_is_chosen_when_no_width_pays_by_the_margin() -> None:
     choice = choose_width({1: 1.1, 4: 1.5}, {0: 1.0, 1: 1.2, 4: 1.6})
     assert choice.width == 0 and choice.expected[0] == 1.0
+    assert choose_width({2: 1.04}, {0: 1.0, 2: 1.0}).width == 0  # 4% better: within the 5% margin
+    assert choose_width({2: 1.04}, {0: 1.0, 2: 1.0}, margin=0.0).width == 2
 
 
 def test_verification_is_measured_at_every_width() -> None:
@@ -31,6 +33,8 @@ def test_bad_arguments_are_refused() -> None:
         choose_width({2: 2.0}, {2: 1.0})
     with pytest.raises(ValueError, match=r"missing for widths \[4\]"):
         choose_width({2: 2.0}, {0: 1.0, 2: 1.0, 4: 1.0})
+    with pytest.raises(ValueError, match="margin"):
+        choose_width({2: 2.0}, {0: 1.0, 2: 1.0}, margin=1.5)
     with pytest.raises(ValueError, match="draft_seconds"):
         choose_width({2: 2.0}, {0: 1.0, 2: 1.0}, draft_seconds=-1.0)
     model = tiny_model()
