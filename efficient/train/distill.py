@@ -125,10 +125,22 @@ def _prepare_folder(folder: str | Path, meta: dict[str, Any]) -> Path:
     return folder
 
 
-def _save_part(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.rename(path)
+def _write_parts(folder: Path, rows: Sequence[Sequence[int]], batch_size: int,
+                 part: Callable[[Sequence[Sequence[int]]], tuple[dict[str, np.ndarray], str]],
+                 log: Callable[[str], None]) -> None:
+    """`part(rows)` for each whole batch of rows not yet on disk, saved as part-<i>.npz (written
+    to a temporary name first, so an interrupted part is redone)."""
+    parts = len(rows) // batch_size
+    for i in range(parts):
+        path = folder / f"part-{i:05d}.npz"
+        if path.exists():
+            continue
+        start = time.perf_counter()
+        arrays, what = part(rows[i * batch_size:(i + 1) * batch_size])
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.rename(path)
+        log(f"part {i + 1}/{parts}: {what} in {time.perf_counter() - start:.1f} s")
 
 
 def _log(line: str) -> None:
@@ -160,20 +172,17 @@ def write_self_distillation(
             "batch_size": batch_size}
     folder = _prepare_folder(folder, meta)
     graphdef, params = nnx.split(target)
-    parts = len(prompts) // batch_size
-    for part in range(parts):
-        path = folder / f"part-{part:05d}.npz"
-        if path.exists():
-            continue
-        start = time.perf_counter()
-        rows = [list(p) for p in prompts[part * batch_size:(part + 1) * batch_size]]
+
+    def part(rows: Sequence[Sequence[int]]) -> tuple[dict[str, np.ndarray], str]:
+        rows = [list(p) for p in rows]
         out = generate(target, rows, max_new_tokens=new_tokens, stop_tokens=())
         generated = np.asarray(out.tokens)[:, :new_tokens].astype(np.int32)  # R N
         # Hidden i (position prompt_len - 1 + i) is where the target chose generated[i].
         sequence = np.concatenate([np.asarray(rows, np.int32), generated[:, :-1]], axis=1)
         hidden = _hidden_states(graphdef, params, jnp.asarray(sequence))[0][:, prompt_len - 1:]
-        _save_part(path, hidden=np.asarray(hidden, np.float16), tokens=generated)
-        log(f"part {part + 1}/{parts}: {len(rows)} x {new_tokens} tokens in {time.perf_counter() - start:.1f} s")
+        return {"hidden": np.asarray(hidden, np.float16), "tokens": generated}, f"{len(rows)} x {new_tokens} tokens"
+
+    _write_parts(folder, prompts, batch_size, part, log)
     return folder
 
 
@@ -198,20 +207,17 @@ def write_teacher_forced(
     folder = _prepare_folder(folder, {"target": target_fingerprint(config), "window_tokens": n,
                                       "batch_size": batch_size, "kind": "teacher_forced"})
     graphdef, params = nnx.split(target)
-    parts = len(windows) // batch_size
-    for part in range(parts):
-        path = folder / f"part-{part:05d}.npz"
-        if path.exists():
-            continue
-        start = time.perf_counter()
-        text = np.asarray(windows[part * batch_size:(part + 1) * batch_size], np.int32)
+
+    def part(rows: Sequence[Sequence[int]]) -> tuple[dict[str, np.ndarray], str]:
+        text = np.asarray(rows, np.int32)
         hidden, chosen = _hidden_states(graphdef, params, jnp.asarray(text))
         chosen = np.asarray(chosen)
         follows = np.zeros(text.shape, bool)
         follows[:, :-1] = text[:, 1:] == chosen[:, :-1]
-        _save_part(path, hidden=np.asarray(hidden, np.float16), tokens=chosen, follows=follows)
-        log(f"part {part + 1}/{parts}: {len(text)} x {n} tokens in {time.perf_counter() - start:.1f} s, "
-            f"greedy path followed at {follows[:, :-1].mean():.3f} of positions")
+        arrays = {"hidden": np.asarray(hidden, np.float16), "tokens": chosen, "follows": follows}
+        return arrays, f"{len(text)} x {n} tokens, greedy path followed at {follows[:, :-1].mean():.3f} of positions"
+
+    _write_parts(folder, windows, batch_size, part, log)
     return folder
 
 
