@@ -23,7 +23,7 @@ from efficient.decoding.drafters import (
     calibrate_skip_layers,
 )
 from efficient.cache.protocol import CacheFactory
-from efficient.decoding.drafters.medusa import LoadedHeads, MedusaDrafter, expected_accepted, lm_head_rows, medusa_tree
+from efficient.decoding.drafters.medusa import LoadedHeads, MedusaDrafter, expected_accepted, medusa_tree
 from efficient.decoding.generate import GenerateOutput, generate
 from efficient.decoding.goodput import WidthChoice, choose_width, verification_seconds
 from efficient.decoding.sampling import Greedy
@@ -148,7 +148,7 @@ def medusa_width(model: LlamaModel, loaded: LoadedHeads, *, batch: int, context:
             out = speculative_generate(model, calibration, drafter=drafter, max_new_tokens=CALIBRATION_NEW_TOKENS,
                                        stop_tokens=())
             expected[w] = out.stats.mean_accepted_tokens
-    head_weight = lm_head_rows(model, loaded.heads.vocab)
+    head_weight = model.lm_head_rows(loaded.heads.vocab)
     top = int(loaded.accuracy.shape[1])
     draft = jax.jit(lambda h: jax.lax.top_k(loaded.heads.logits(h, head_weight), top)[1])
     hidden = jnp.zeros((batch, model.config.hidden_size), jnp.float32)

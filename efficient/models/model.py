@@ -51,6 +51,13 @@ class DecoderModel(nnx.Module):
         scale = get_family(self.config.model_type).embed_scale(self.config)
         return x if scale is None else x * jnp.asarray(scale, x.dtype)
 
+    def lm_head_rows(self, ids: Int[Array, " I"]) -> Float[Array, "I D"]:
+        """The LM head's rows for token `ids` (the tied embedding, or the untied kernel's columns):
+        what a drafter head scoring a sub-vocabulary with the target's head reads."""
+        if self.config.tie_embeddings:
+            return self.embed_tokens.embedding[...][ids]
+        return self.lm_head.kernel[...].T[ids]
+
     def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         """LM head in float32 accumulation (then final soft-capping, Gemma); float32 logits."""
         if self.config.tie_embeddings:

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
-from efficient.decoding.drafters.medusa import MedusaHeads, frequent_vocab, lm_head_rows
+from efficient.decoding.drafters.medusa import MedusaHeads, frequent_vocab
 from efficient.train.checkpoint import Checkpointer
 from efficient.train.config import TrainConfig
 from efficient.train.distill import DistillationSet, target_fingerprint
@@ -102,7 +102,7 @@ def evaluate_heads(target: Any, heads: MedusaHeads, data: DistillationSet, ranks
     the draft vocabulary) of `heads` on `data`."""
     vocab_size = target.config.vocab_size
     labels = label_indices(data.tokens, heads.num_heads, np.asarray(heads.vocab), vocab_size, data.follows)
-    accuracy = rank_accuracy(heads, jnp.asarray(lm_head_rows(target, heads.vocab), jnp.float32), data.hidden,
+    accuracy = rank_accuracy(heads, jnp.asarray(target.lm_head_rows(heads.vocab), jnp.float32), data.hidden,
                              labels, ranks)
     first = labels[..., 0][labels[..., 0] != -1]
     return accuracy, float(np.mean(first >= 0))
@@ -137,7 +137,7 @@ def train_medusa(
                          "positions stored per row")
     vocab = frequent_vocab(train_data.tokens, draft_vocab, model_config.vocab_size)
     heads0 = MedusaHeads.init(num_heads, model_config.hidden_size, vocab)
-    head_weight = jnp.asarray(lm_head_rows(target, heads0.vocab), jnp.float32)
+    head_weight = jnp.asarray(target.lm_head_rows(heads0.vocab), jnp.float32)
     labels = label_indices(train_data.tokens, num_heads, vocab, model_config.vocab_size, train_data.follows)
     optimizer = make_optimizer(config)
     params = {"weight": heads0.weight, "bias": heads0.bias}

@@ -78,13 +78,6 @@ class MedusaHeads:
         return jnp.einsum("...kd,vd->...kv", self.features(hidden), head_weight.astype(jnp.float32))
 
 
-def lm_head_rows(target: Any, ids: Int[Array, " Vd"]) -> Float[Array, "Vd D"]:
-    """The target LM head's rows for token `ids` (tied embedding or untied head)."""
-    if target.config.tie_embeddings:
-        return target.embed_tokens.embedding[...][ids]
-    return target.lm_head.kernel[...].T[ids]
-
-
 def frequent_vocab(tokens: np.ndarray, size: int, vocab_size: int) -> np.ndarray:
     """The `size` most frequent ids of `tokens` (ties by id), padded with the lowest unused ids."""
     if not isinstance(size, int) or not 0 < size <= vocab_size:
@@ -156,7 +149,7 @@ class MedusaDrafter:
         if accuracy.ndim != 2 or accuracy.shape[0] != heads.num_heads:
             raise ValueError(f"accuracy must be [{heads.num_heads} heads, ranks], got shape {accuracy.shape}")
         depth, parent, rank = medusa_tree(accuracy, tree_size)
-        return MedusaDrafter(heads=heads, head_weight=lm_head_rows(target, heads.vocab), depth=depth,
+        return MedusaDrafter(heads=heads, head_weight=target.lm_head_rows(heads.vocab), depth=depth,
                              parent=parent, rank=rank, hidden_size=config.hidden_size,
                              vocab_size=config.vocab_size)
 
