@@ -40,6 +40,8 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     # tree_sizes: also run spec_medusa at these fixed tree sizes (spec_medusa_w<size>), beside the
     # size its goodput estimate picks.
     c.medusa = ml_collections.ConfigDict(dict(path="checkpoints/medusa-smollm2", tree_sizes=()))
+    # The EAGLE-style feature drafter (configs/train_eagle.py exports it), for spec_eagle, likewise.
+    c.eagle = ml_collections.ConfigDict(dict(path="checkpoints/eagle-smollm2", tree_sizes=()))
     # source: "stdlib" or a folder of text files; split: the prompts' split (train / validation / test / all).
     c.data = ml_collections.ConfigDict(dict(source="stdlib", suffixes=(".py",), split="test"))
     # kinds: any of completion, repetitive, editing (efficient/data/code_tasks.py).

@@ -15,8 +15,8 @@ the decoder's `GenerateStats`), decode-only time, wall time of the calls
 for each, mean accepted tokens per verification (`SpeculativeStats`), target
 forwards, acceptance by depth, and whether the output equals greedy's
 (lossless greedy decoders must; reported, not asserted). Decoders' `needs`
-are served from "draft_model", "calibration_tokens" and "medusa_heads"
-(config.medusa.path); a decoder needing
+are served from "draft_model", "calibration_tokens", "medusa_heads"
+(config.medusa.path) and "feature_drafter" (config.eagle.path); a decoder needing
 anything else is skipped with the reason. Run through `experiments.run`.
 """
 
@@ -41,8 +41,8 @@ from efficient import variants
 from efficient.data import Tokenizer
 from efficient.data.code_tasks import TASK_KINDS, CodePrompt, build_prompts, completion_prompts
 from efficient.decoding import GenerateOutput
-from efficient.decoding.drafters import LoadedHeads, load_medusa_heads
-from efficient.decoding.speculative_variants import medusa_width_choices
+from efficient.decoding.drafters import LoadedFeatureDrafter, LoadedHeads, load_feature_drafter, load_medusa_heads
+from efficient.decoding.speculative_variants import width_choices
 from efficient.eval import prefix_agreement
 from efficient.models import LlamaModel
 from experiments.common import (
@@ -118,6 +118,8 @@ class Settings:
     draft_dtype: str
     medusa_path: str
     medusa_tree_sizes: tuple[int, ...]
+    eagle_path: str
+    eagle_tree_sizes: tuple[int, ...]
     source: str
     suffixes: tuple[str, ...] | None
     split: str
@@ -129,9 +131,10 @@ class Settings:
     peer: PeerSettings
 
     def __post_init__(self) -> None:
-        for w in self.medusa_tree_sizes:
-            if not isinstance(w, int) or isinstance(w, bool) or w < 1:
-                raise ValueError(f"config.medusa.tree_sizes: each size must be an int >= 1, got {w!r}")
+        for name, sizes in (("medusa", self.medusa_tree_sizes), ("eagle", self.eagle_tree_sizes)):
+            for w in sizes:
+                if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+                    raise ValueError(f"config.{name}.tree_sizes: each size must be an int >= 1, got {w!r}")
         for b in self.generation.batch_sizes:
             if self.tasks.prompts_per_kind % b:
                 raise ValueError(f"config.generation.batch_sizes: {b} does not divide "
@@ -145,6 +148,7 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
         model_path=str(config.model.path), tokenizer=config.model.tokenizer, dtype=config.model.dtype,
         layer_loop=config.model.layer_loop, draft_path=str(config.draft.path), draft_dtype=config.draft.dtype,
         medusa_path=str(config.medusa.path), medusa_tree_sizes=tuple(config.medusa.tree_sizes),
+        eagle_path=str(config.eagle.path), eagle_tree_sizes=tuple(config.eagle.tree_sizes),
         source=config.data.source,
         suffixes=tuple(config.data.suffixes) if config.data.suffixes else None,
         split=config.data.split, seed=int(config.seed),
@@ -171,16 +175,16 @@ def select_decoders(names: str) -> list[variants.DecoderVariant]:
     return [d for d in chosen if d.name != "greedy"]
 
 
-def with_medusa_sizes(decoders: list[variants.DecoderVariant],
-                      sizes: tuple[int, ...]) -> list[variants.DecoderVariant]:
-    """spec_medusa (tree sized by goodput) followed by one fixed-size copy per `sizes` entry
-    (`spec_medusa_w<size>`), to check the goodput choice against measured speed."""
+def with_fixed_sizes(decoders: list[variants.DecoderVariant],
+                     sizes: dict[str, tuple[int, ...]]) -> list[variants.DecoderVariant]:
+    """Each decoder named in `sizes` (tree sized by goodput) followed by one fixed-size copy per
+    size (`<name>_w<size>`), to check the goodput choice against measured speed."""
     out = []
     for d in decoders:
         out.append(d)
-        if d.name == "spec_medusa":
-            out += [dataclasses.replace(d, name=f"spec_medusa_w{w}", fn=functools.partial(d.fn, tree_size=w),
-                                        description=f"{d.description} (fixed at {w} nodes)") for w in sizes]
+        out += [dataclasses.replace(d, name=f"{d.name}_w{w}", fn=functools.partial(d.fn, tree_size=w),
+                                    description=f"{d.description} (fixed at {w} nodes)")
+                for w in sizes.get(d.name, ())]
     return out
 
 
@@ -415,7 +419,8 @@ def _peer(s: Settings, prompts: dict[str, list[CodePrompt]], greedy_outputs: dic
 
 def run(config: ml_collections.ConfigDict) -> ExperimentResult:
     s = settings_from(config)
-    decoders = with_medusa_sizes(select_decoders(s.decoders), s.medusa_tree_sizes)
+    decoders = with_fixed_sizes(select_decoders(s.decoders),
+                                {"spec_medusa": s.medusa_tree_sizes, "spec_eagle": s.eagle_tree_sizes})
     log = _Log()
     model = load_model(s.model_path, dtype=s.dtype, layer_loop=s.layer_loop)
     tokenizer = load_tokenizer_for(s.model_path, s.tokenizer, model.config.vocab_size)
@@ -446,16 +451,23 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
             cached["medusa"] = load_medusa_heads(s.medusa_path, model.config)
         return cached["medusa"]
 
+    def feature_drafter() -> LoadedFeatureDrafter:
+        if not s.eagle_path:
+            raise LookupError("no feature drafter configured (config.eagle.path is empty)")
+        if "eagle" not in cached:
+            cached["eagle"] = load_feature_drafter(s.eagle_path, model.config)
+        return cached["eagle"]
+
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     greedy_outputs: dict[tuple[str, int], list[list[int]]] = {}
     rows, skipped = benchmark(model, prompts, s, decoders,
                               {"draft_model": draft_model, "calibration_tokens": calibration_tokens,
-                               "medusa_heads": medusa_heads}, log,
+                               "medusa_heads": medusa_heads, "feature_drafter": feature_drafter}, log,
                               greedy_outputs)
     peer_rows = _peer(s, prompts, greedy_outputs, log)
     metrics: dict[str, Any] = dict(
         rows=rows, summary=summarize(rows), skipped=skipped, transformers_prompt_lookup=peer_rows,
-        medusa_goodput=medusa_width_choices(),
+        medusa_goodput=width_choices("medusa"), eagle_goodput=width_choices("eagle"),
         decoders={d.name: dict(lossless=d.lossless, sampling=d.sampling, description=d.description,
                                paper=d.paper, needs=list(d.needs)) for d in decoders},
         model=dict(path=s.model_path, parameters=model.config.num_parameters(), dtype=s.dtype, layer_loop=s.layer_loop,

@@ -37,33 +37,13 @@ def _log(line: str) -> None:
 def run(config: ml_collections.ConfigDict) -> ExperimentResult:
     target = load_model(config.model.path, dtype=config.model.dtype or None)
     tokenizer = load_tokenizer_for(config.model.path, config.model.tokenizer, target.config.vocab_size)
+    train_data, val_data, held_out = distillation_data(config, target, tokenizer)
     d = config.data
-    docs = load_documents(d.source, tuple(d.suffixes), "train", key="config.data")
-    prompts = seeded_prompts(docs, tokenizer, d.prompts, d.prompt_tokens, d.prompts_per_seed)
-    workdir = Path(config.workdir)
-    write_self_distillation(target, prompts, workdir / "data", new_tokens=d.new_tokens, batch_size=d.batch_size,
-                            log=_log)
-    data = load_self_distillation(workdir / "data", target.config)
-    train_data, val_data = data.split(d.validation_rows)  # held out: the target's own continuations
-    if d.teacher_windows:
-        windows = text_windows(docs, tokenizer, d.teacher_windows, d.new_tokens, seed=config.seed)
-        write_teacher_forced(target, windows, workdir / "teacher", batch_size=d.batch_size, log=_log)
-        teacher = load_self_distillation(workdir / "teacher", target.config)
-        train_data = DistillationSet.concatenate([train_data, teacher])
     train_config = TrainConfig(**config.train.to_dict())
     h = config.heads
     run_ = train_medusa(target, train_data, val_data, num_heads=h.num_heads, draft_vocab=h.draft_vocab,
-                        config=train_config, workdir=workdir / "heads", ranks=h.ranks, log=_log)
-    # The accuracy the tree and the goodput choice use: continuations of prompts from held-out
-    # documents (the validation split), not held-in rows (whose documents training has seen).
-    held_out_docs = load_documents(d.source, tuple(d.suffixes), "validation", key="config.data")
-    usable = sum(len(tokenizer.encode(doc.text)) >= d.prompt_tokens for doc in held_out_docs)
-    held_out = seeded_prompts(held_out_docs, tokenizer, d.heldout_prompts, d.prompt_tokens,
-                              min(d.prompts_per_seed, usable))
-    write_self_distillation(target, held_out, workdir / "heldout", new_tokens=d.new_tokens,
-                            batch_size=min(d.batch_size, len(held_out)), log=_log)
-    accuracy, coverage = evaluate_heads(target, run_.heads, load_self_distillation(workdir / "heldout", target.config),
-                                        h.ranks)
+                        config=train_config, workdir=Path(config.workdir) / "heads", ranks=h.ranks, log=_log)
+    accuracy, coverage = evaluate_heads(target, run_.heads, held_out, h.ranks)
     command = " ".join(["python -m experiments.run", *sys.argv[1:]])
     record = {**run_.record, "data": d.to_dict(), "model_path": str(config.model.path), "machine": machine_info(),
               "command": command, "accuracy_held_in_rows": run_.record["accuracy"],
@@ -85,6 +65,34 @@ def run(config: ml_collections.ConfigDict) -> ExperimentResult:
     table = format_table(rows, columns) + "\n" + "\n".join(
         f"tree {t['tree_size']}: estimated {t['expected_accepted']:.2f} tokens per verification" for t in trees)
     return ExperimentResult(metrics=metrics, table=table)
+
+
+def distillation_data(config: ml_collections.ConfigDict, target: object, tokenizer: object
+                      ) -> tuple[DistillationSet, DistillationSet, DistillationSet]:
+    """(train, validation rows, held-out documents) of the target's self-distillation data,
+    written to `config.workdir` on first use (data, teacher, heldout) and read back after."""
+    d = config.data
+    docs = load_documents(d.source, tuple(d.suffixes), "train", key="config.data")
+    prompts = seeded_prompts(docs, tokenizer, d.prompts, d.prompt_tokens, d.prompts_per_seed)
+    workdir = Path(config.workdir)
+    write_self_distillation(target, prompts, workdir / "data", new_tokens=d.new_tokens, batch_size=d.batch_size,
+                            log=_log)
+    data = load_self_distillation(workdir / "data", target.config)
+    train_data, val_data = data.split(d.validation_rows)  # held out: the target's own continuations
+    if d.teacher_windows:
+        windows = text_windows(docs, tokenizer, d.teacher_windows, d.new_tokens, seed=config.seed)
+        write_teacher_forced(target, windows, workdir / "teacher", batch_size=d.batch_size, log=_log)
+        teacher = load_self_distillation(workdir / "teacher", target.config)
+        train_data = DistillationSet.concatenate([train_data, teacher])
+    # What trees and goodput choices are built from: continuations of prompts from held-out
+    # documents (the validation split), not held-in rows (whose documents training has seen).
+    held_out_docs = load_documents(d.source, tuple(d.suffixes), "validation", key="config.data")
+    usable = sum(len(tokenizer.encode(doc.text)) >= d.prompt_tokens for doc in held_out_docs)
+    held_out = seeded_prompts(held_out_docs, tokenizer, d.heldout_prompts, d.prompt_tokens,
+                              min(d.prompts_per_seed, usable))
+    write_self_distillation(target, held_out, workdir / "heldout", new_tokens=d.new_tokens,
+                            batch_size=min(d.batch_size, len(held_out)), log=_log)
+    return train_data, val_data, load_self_distillation(workdir / "heldout", target.config)
 
 
 def seeded_prompts(docs: list, tokenizer: object, count: int, length: int, per_seed: int) -> list[list[int]]:

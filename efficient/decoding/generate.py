@@ -83,6 +83,7 @@ class LoopStatic:
     implementation: str | tuple[str, ...] | None
     pad_id: int
     out_len: int  # static width of the generated-token buffer
+    all_prompt_hidden: bool = False  # the prefill returns the hidden state at every prompt token
 
 
 @jax.tree_util.register_dataclass
@@ -103,9 +104,10 @@ def stop_hit(tokens: Int[Array, " B"], stop_ids: Int[Array, " S"]) -> jax.Array:
 
 def prefill_in_chunks(model, tokens: Int[Array, "B T"], positions: Int[Array, "B T"],  # noqa: ANN001
                       prompt_lengths: Int[Array, " B"], cache: KVCache,
-                      implementation: str | tuple[str, ...] | None) -> tuple[jax.Array, KVCache, jax.Array]:
+                      implementation: str | tuple[str, ...] | None,
+                      all_hidden: bool = False) -> tuple[jax.Array, KVCache, jax.Array]:
     """A prefill into an empty cache; logits [B, 1, V] and the final-normed hidden state
-    [B, 1, D] at each row's last prompt token.
+    [B, 1, D] at each row's last prompt token (`all_hidden`: [B, T, D] at every token).
 
     A cache that holds only so many tokens per forward (an evicting cache:
     `max_tokens_per_fresh_forward`) is prefilled in chunks of that size: the first
@@ -115,12 +117,13 @@ def prefill_in_chunks(model, tokens: Int[Array, "B T"], positions: Int[Array, "B
     t = tokens.shape[1]
     last = prompt_lengths - 1
     chunk = getattr(cache, "max_tokens_per_fresh_forward", None)
+    which = "all" if all_hidden else True
     if chunk is None or t <= chunk:
         return forward(model, tokens, positions=positions, cache=cache, logits_indices=last[:, None],
-                       implementation=implementation, fresh_cache=True, return_hidden=True)
+                       implementation=implementation, fresh_cache=True, return_hidden=which)
     logits, cache, hidden = forward(model, tokens[:, :chunk], positions=positions[:, :chunk], cache=cache,
                                     logits_indices=jnp.clip(last, 0, chunk - 1)[:, None],
-                                    implementation=implementation, fresh_cache=True, return_hidden=True)
+                                    implementation=implementation, fresh_cache=True, return_hidden=which)
     rest = -(-(t - chunk) // chunk)
     pad = chunk + rest * chunk - t
     tokens = jnp.pad(tokens[:, chunk:], ((0, 0), (0, pad)))
@@ -134,12 +137,17 @@ def prefill_in_chunks(model, tokens: Int[Array, "B T"], positions: Int[Array, "B
         ids, pos, start = x
         out, cache, out_hidden = forward(model, ids, positions=pos, cache=cache,
                                          logits_indices=jnp.clip(last - start, 0, chunk - 1)[:, None],
-                                         implementation=implementation, return_hidden=True)
+                                         implementation=implementation, return_hidden=which)
         inside = (last >= start) & (last < start + chunk)
+        if all_hidden:
+            return (jnp.where(inside[:, None, None], out, logits), cache, hidden), out_hidden
         return (jnp.where(inside[:, None, None], out, logits), cache,
                 jnp.where(inside[:, None, None], out_hidden, hidden)), None
 
-    (logits, cache, hidden), _ = jax.lax.scan(step, (logits, cache, hidden), xs)
+    (logits, cache, hidden), chunks = jax.lax.scan(step, (logits, cache, hidden), xs)
+    if all_hidden:  # [B, chunk, D] then rest x [B, chunk, D], cut to the prompt's T tokens
+        rest_hidden = chunks.swapaxes(0, 1).reshape(b, rest * chunk, -1)
+        hidden = jnp.concatenate([hidden, rest_hidden], axis=1)[:, :t]
     return logits, cache, hidden
 
 
@@ -151,13 +159,14 @@ def _prefill(static: LoopStatic, params: nnx.State, tokens, prompt_lengths, cach
     index = jnp.arange(t, dtype=jnp.int32)[None, :]
     positions = jnp.where(index < prompt_lengths[:, None], index, -1)
     logits, cache, hidden = prefill_in_chunks(model, tokens, positions, prompt_lengths, cache,
-                                              static.implementation)
+                                              static.implementation, static.all_prompt_hidden)
     # Drop the padded slots: each row continues at its own length. Trailing padding past
     # the capacity was never written (the cache drops writes past its capacity), so a
     # prompt's bucket needs no cache slots beyond its real length.
     cache = cache.truncate(prompt_lengths)
     key, sub = jax.random.split(key)
-    return sample_tokens(static.rule, logits[:, 0], sub), cache, key, hidden[:, 0]
+    return sample_tokens(static.rule, logits[:, 0], sub), cache, key, (
+        hidden if static.all_prompt_hidden else hidden[:, 0])
 
 
 @jax.jit(static_argnums=0, donate_argnums=5)
@@ -279,7 +288,8 @@ def prepare_request(
 def run_prefill(static: LoopStatic, params: nnx.State, request: Request, cache: KVCache,
                 key: jax.Array | int | None) -> tuple[jax.Array, KVCache, jax.Array, float, jax.Array]:
     """The jitted prefill; returns (first tokens, cache, key, seconds, final-normed hidden
-    state [B, D] at each row's last prompt token)."""
+    state [B, D] at each row's last prompt token, or [B, T, D] at every prompt token when
+    `static.all_prompt_hidden`)."""
     start = time.perf_counter()
     first, cache, rng, hidden = _prefill(static, params, jnp.asarray(request.batch.tokens),
                                  jnp.asarray(request.batch.lengths), cache, _as_key(key))

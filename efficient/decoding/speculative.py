@@ -199,9 +199,13 @@ def _speculative_loop(static: _SpecStatic, params, drafter: Drafter, tokens, fir
     depth_slots = drafter.max_depth
     history = _initial_history(tokens, prompt_lengths, first, cache.capacity, static.pad_id)
     key, init_key = jax.random.split(key)
+    every_hidden = None
+    if prompt_hidden.ndim == 3:  # [B, T, D] at every prompt token (a drafter asked for it)
+        every_hidden = prompt_hidden
+        prompt_hidden = jnp.take_along_axis(prompt_hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     drafter_state = drafter.init(PromptContext(tokens=tokens, lengths=prompt_lengths, history=history,
                                                first_token=first, target=model, rule=static.rule, key=init_key,
-                                               hidden=prompt_hidden))
+                                               hidden=prompt_hidden, prompt_hidden=every_hidden))
     out = jnp.full((b, static.out_len), static.pad_id, jnp.int32).at[:, 0].set(first)
     ones = jnp.ones((b,), jnp.int32)
     zeros_d = jnp.zeros((depth_slots,), jnp.int32)
@@ -329,7 +333,8 @@ def speculative_generate(
     graphdef, params = nnx.split(model)
     out_len = bucket_length(int(max_new.max()), 16)
     prefill_static = LoopStatic(graphdef=graphdef, rule=sampling, implementation=request.implementation,
-                                   pad_id=request.pad_id, out_len=out_len)
+                                pad_id=request.pad_id, out_len=out_len,
+                                all_prompt_hidden=bool(getattr(drafter, "reads_prompt_hidden", False)))
     first, kv_cache, rng, prefill_seconds, prompt_hidden = run_prefill(prefill_static, params, request, kv_cache, key)
     static = _SpecStatic(graphdef=graphdef, rule=sampling, implementation=request.implementation,
                          pad_id=request.pad_id, out_len=out_len, typical=typical)

@@ -6,6 +6,7 @@ runs `speculative_generate`: greedy entries reproduce greedy decoding exactly.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +24,9 @@ from efficient.decoding.drafters import (
     calibrate_skip_layers,
 )
 from efficient.cache.protocol import CacheFactory
+from efficient.decoding.drafters.base import DraftContext, PromptContext
+from efficient.decoding.drafters.eagle import EagleDrafter
+from efficient.decoding.drafters.eagle_model import LoadedFeatureDrafter
 from efficient.decoding.drafters.medusa import LoadedHeads, MedusaDrafter, expected_accepted, medusa_tree
 from efficient.decoding.generate import GenerateOutput, generate
 from efficient.decoding.goodput import WidthChoice, choose_width, verification_seconds
@@ -119,49 +123,65 @@ register_decoder("spec_recycling", speculative_decoder(_recycling), lossless=Tru
                  paper="Luo et al. 2024 (Token Recycling)")
 
 
-_WIDTHS: dict[tuple[int, int, int, int, bytes], tuple[LlamaModel, WidthChoice]] = {}
+_WIDTHS: dict[tuple[str, int, int, int, int, bytes], tuple[LlamaModel, WidthChoice]] = {}
 MEDUSA_WIDTHS = (1, 2, 4, 8, 16)
+EAGLE_WIDTHS = (4, 8, 16, 32)
 CALIBRATION_NEW_TOKENS = 32
 
 
-def medusa_width(model: LlamaModel, loaded: LoadedHeads, *, batch: int, context: int,
-                 calibration_tokens: np.ndarray | None = None) -> WidthChoice:
-    """The Medusa tree size of largest goodput for this model, batch and context (SmartSpec):
-    verification of 1 + w tokens and the heads' own cost timed here; tokens per step measured
-    by decoding `calibration_tokens` (held-out rows, as prompts) with each tree size, or, without
-    them, estimated from the heads' held-out accuracy (Medusa's independence estimate, which
-    overestimates: 1.64 against 1.38-1.51 measured for 4 nodes on SmolLM2). Cached per (model,
-    heads, batch, context rounded up to 64, calibration text)."""
+def goodput_width(name: str, model: LlamaModel, resource: object, build: Callable[[int], Drafter],
+                  widths: Sequence[int], *, batch: int, context: int, calibration_tokens: np.ndarray | None,
+                  draft_seconds: Callable[[], float],
+                  estimate: Callable[[int], float] | None = None) -> WidthChoice:
+    """The tree size of largest goodput for this model, batch and context (SmartSpec): the
+    verification of 1 + w tokens and the drafter's own step (`draft_seconds()`) timed here;
+    tokens per step measured by decoding `calibration_tokens` (held-out rows, as prompts) with
+    `build(w)`, or, without them, `estimate(w)`. 0 (plain decoding) unless a width pays by the
+    margin. Cached per (name, model, resource, batch, context rounded up to 64, calibration text)."""
     context = -(-context // 64) * 64
     calibration = None if calibration_tokens is None else np.asarray(calibration_tokens, np.int32)
-    key = (id(model), id(loaded), batch, context, b"" if calibration is None else calibration.tobytes())
+    key = (name, id(model), id(resource), batch, context, b"" if calibration is None else calibration.tobytes())
     cached = _WIDTHS.get(key)
     if cached is not None and cached[0] is model:
         return cached[1]
-    seconds = verification_seconds(model, (0, *MEDUSA_WIDTHS), batch=batch, context=context)
-    if calibration is None:
-        expected = {w: expected_accepted(loaded.accuracy, medusa_tree(loaded.accuracy, w)) for w in MEDUSA_WIDTHS}
-    else:
-        expected = {}
-        for w in MEDUSA_WIDTHS:
-            drafter = MedusaDrafter.create(model, loaded.heads, accuracy=loaded.accuracy, tree_size=w)
-            out = speculative_generate(model, calibration, drafter=drafter, max_new_tokens=CALIBRATION_NEW_TOKENS,
+    if calibration is None and estimate is None:
+        raise ValueError(f"{name}: tokens per step need calibration_tokens or an estimate")
+    seconds = verification_seconds(model, (0, *widths), batch=batch, context=context)
+    expected = {}
+    for w in widths:
+        if calibration is None:
+            expected[w] = estimate(w)
+        else:
+            out = speculative_generate(model, calibration, drafter=build(w), max_new_tokens=CALIBRATION_NEW_TOKENS,
                                        stop_tokens=())
             expected[w] = out.stats.mean_accepted_tokens
-    head_weight = model.lm_head_rows(loaded.heads.vocab)
-    top = int(loaded.accuracy.shape[1])
-    draft = jax.jit(lambda h: jax.lax.top_k(loaded.heads.logits(h, head_weight), top)[1])
-    hidden = jnp.zeros((batch, model.config.hidden_size), jnp.float32)
-    choice = choose_width(expected, seconds, draft_seconds=median_seconds(draft, hidden))
+    choice = choose_width(expected, seconds, draft_seconds=draft_seconds())
     _WIDTHS[key] = (model, choice)
     return choice
 
 
-def medusa_width_choices() -> list[dict[str, object]]:
-    """Every goodput choice made in this process: batch, context, whether tokens per step were
-    measured on calibration text, and the `WidthChoice` table."""
-    return [{"batch": key[2], "context": key[3], "calibrated": bool(key[4]), **choice.as_dict()}
-            for key, (_, choice) in _WIDTHS.items()]
+def width_choices(name: str) -> list[dict[str, object]]:
+    """Every goodput choice `name` made in this process: batch, context, whether tokens per step
+    were measured on calibration text, and the `WidthChoice` table."""
+    return [{"batch": key[3], "context": key[4], "calibrated": bool(key[5]), **choice.as_dict()}
+            for key, (_, choice) in _WIDTHS.items() if key[0] == name]
+
+
+def medusa_width(model: LlamaModel, loaded: LoadedHeads, *, batch: int, context: int,
+                 calibration_tokens: np.ndarray | None = None) -> WidthChoice:
+    """`goodput_width` for Medusa heads; without calibration text, tokens per step are Medusa's
+    independence estimate from the heads' held-out accuracy (which overestimates: 1.64 against
+    1.38-1.51 measured for 4 nodes on SmolLM2)."""
+    head_weight = model.lm_head_rows(loaded.heads.vocab)
+    top = int(loaded.accuracy.shape[1])
+    draft = jax.jit(lambda h: jax.lax.top_k(loaded.heads.logits(h, head_weight), top)[1])
+    hidden = jnp.zeros((batch, model.config.hidden_size), jnp.float32)
+    return goodput_width(
+        "medusa", model, loaded,
+        lambda w: MedusaDrafter.create(model, loaded.heads, accuracy=loaded.accuracy, tree_size=w),
+        MEDUSA_WIDTHS, batch=batch, context=context, calibration_tokens=calibration_tokens,
+        draft_seconds=lambda: median_seconds(draft, hidden),
+        estimate=lambda w: expected_accepted(loaded.accuracy, medusa_tree(loaded.accuracy, w)))
 
 
 def _medusa(model: LlamaModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -185,3 +205,62 @@ def _medusa(model: LlamaModel, prompts: Sequence[Sequence[int]], *, max_new_toke
 register_decoder("spec_medusa", _medusa, lossless=True, needs=("medusa_heads", "calibration_tokens"),
                  description="Medusa-1 heads (trained by self-distillation) drafting a static tree sized by goodput",
                  paper="Cai et al. 2024 (Medusa); Liu et al. 2024 (SmartSpec)")
+
+
+EAGLE_SHAPE = dict(depth=5, beam=4, branch=4)  # EAGLE-2's expansion: 5 levels, top-4 beam, top-4 children
+
+
+def eagle_draft_seconds(model: LlamaModel, drafter: EagleDrafter, *, batch: int, context: int) -> float:
+    """Median seconds of one `propose` (feeding a full step's pending pairs, every level of the
+    dynamic tree) at this batch and context, its state built from zero features."""
+    d = model.config.hidden_size
+    zeros_b = jnp.zeros((batch,), jnp.int32)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    history = jnp.zeros((batch, context + drafter.tree_size + 2), jnp.int32)
+    features = jnp.zeros((batch, context, d), jnp.float32)
+    prompt = PromptContext(tokens=history[:, :context], lengths=lengths, history=history, first_token=zeros_b,
+                           target=model, rule=Greedy(), hidden=features[:, -1], prompt_hidden=features)
+    state = jax.jit(lambda: drafter.init(prompt))()
+    state = dataclasses.replace(state, count=jnp.full((batch,), drafter.max_depth + 1, jnp.int32),
+                                start=lengths - drafter.max_depth)
+    ctx = DraftContext(history=history, last_position=lengths, last_token=zeros_b, active=zeros_b == 0,
+                       key=jax.random.key(0), target=model, cache=None, rule=Greedy())
+    propose = jax.jit(lambda st: drafter.propose(st, ctx)[0].tokens)
+    return median_seconds(propose, state)
+
+
+def eagle_width(model: LlamaModel, loaded: LoadedFeatureDrafter, *, batch: int, context: int,
+                calibration_tokens: np.ndarray) -> WidthChoice:
+    """`goodput_width` for the EAGLE drafter over `EAGLE_WIDTHS` nodes of its dynamic tree."""
+    def build(w: int) -> EagleDrafter:
+        return EagleDrafter.create(model, loaded.model, loaded.vocab, tree_size=w, **EAGLE_SHAPE)
+
+    return goodput_width("eagle", model, loaded, build, EAGLE_WIDTHS, batch=batch, context=context,
+                         calibration_tokens=calibration_tokens,
+                         draft_seconds=lambda: eagle_draft_seconds(model, build(max(EAGLE_WIDTHS)), batch=batch,
+                                                                   context=context))
+
+
+def _eagle(model: LlamaModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+           cache: CacheFactory | None = None, key: jax.Array | int | None = None,
+           stop_tokens: Sequence[int] = (), feature_drafter: LoadedFeatureDrafter, calibration_tokens: np.ndarray,
+           tree_size: int = 0) -> GenerateOutput:
+    """EAGLE-style feature drafter with EAGLE-2's dynamic tree; `tree_size` 0: chosen by goodput
+    with tokens per step measured on `calibration_tokens` (plain greedy when no tree pays)."""
+    if tree_size == 0:
+        context = max(len(p) for p in prompts) + max_new_tokens // 2
+        tree_size = eagle_width(model, feature_drafter, batch=len(prompts), context=context,
+                                calibration_tokens=calibration_tokens).width
+        if tree_size == 0:
+            return generate(model, prompts, max_new_tokens=max_new_tokens, cache=cache, key=key,
+                            stop_tokens=stop_tokens)
+    drafter = EagleDrafter.create(model, feature_drafter.model, feature_drafter.vocab, tree_size=tree_size,
+                                  **EAGLE_SHAPE)
+    return speculative_generate(model, prompts, drafter=drafter, max_new_tokens=max_new_tokens, sampling=Greedy(),
+                                cache=cache, key=key, stop_tokens=stop_tokens)
+
+
+register_decoder("spec_eagle", _eagle, lossless=True, needs=("feature_drafter", "calibration_tokens"),
+                 description="EAGLE-style feature drafter (one trained layer) with EAGLE-2's dynamic tree, sized by "
+                             "goodput",
+                 paper="Li et al. 2024 (EAGLE, EAGLE-2); Liu et al. 2024 (SmartSpec)")

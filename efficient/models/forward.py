@@ -121,11 +121,12 @@ def forward(
     implementation: str | tuple[str, ...] | None = None,
     skip_layers: tuple[int, ...] | Bool[Array, " L"] = (),
     fresh_cache: bool = False,
-    return_hidden: bool = False,
+    return_hidden: bool | str = False,
 ) -> tuple[Float[Array, "B I V"], KVCache | None] | tuple[Float[Array, "B I V"], KVCache | None, Float[Array, "B I D"]]:
     """Run the decoder over `tokens`; returns float32 logits and the updated cache
     (and, with `return_hidden`, the final-normed hidden state the LM head reads, at the
-    same token indices as the logits: what Medusa heads and feature-level drafters read).
+    same token indices as the logits: what Medusa heads read; `return_hidden="all"`: at
+    every token, whatever `logits_indices` says, as a feature-level drafter's prefill needs).
 
     positions: per-token positions (default: following the cache's last
         position, or 0..T-1 without a cache). Negative = padding.
@@ -151,6 +152,9 @@ def forward(
     KV heads, head size, a floating dtype) and the batch.
     """
     config = check_model(model, "forward")
+    if return_hidden not in (False, True, "all") or isinstance(return_hidden, int) and not isinstance(
+            return_hidden, bool):
+        raise ValueError(f"forward: return_hidden must be False, True or 'all', got {return_hidden!r}")
     check_int_array(tokens, "tokens", "forward")
     validate_tokens(tokens, config.vocab_size)
     b, t = tokens.shape
@@ -168,7 +172,31 @@ def forward(
     positions = jnp.asarray(positions, jnp.int32)
     if positions.shape != (b, t):
         raise ValueError(f"positions must have shape {(b, t)}, got {tuple(positions.shape)}")
-    skip = skip_mask(skip_layers, config.num_layers)
+    x, cache = _layers_over(model, model.embed(tokens), positions, cache, mask, tree_mask,
+                            skip_mask(skip_layers, config.num_layers), implementation, fresh_cache)
+    every_hidden = model.norm(x) if return_hidden == "all" else None
+    if logits_indices is not None:
+        if logits_indices.ndim != 2 or logits_indices.shape[0] != b:
+            raise ValueError(f"logits_indices must have shape [{b}, I], got {tuple(logits_indices.shape)}")
+        if _is_concrete(logits_indices) and logits_indices.size and (
+            int(np.min(logits_indices)) < 0 or int(np.max(logits_indices)) >= t
+        ):
+            raise ValueError(f"logits_indices must lie in [0, {t}), got {np.asarray(logits_indices).tolist()}")
+        x = jnp.take_along_axis(x, logits_indices[:, :, None], axis=1)
+    hidden = model.norm(x)
+    if return_hidden:
+        return model.logits(hidden), cache, hidden if every_hidden is None else every_hidden
+    return model.logits(hidden), cache
+
+
+def _layers_over(model: LlamaModel, x: Float[Array, "B T D"], positions: Int[Array, "B T"], cache: KVCache | None,
+                 mask: Bool[Array, "B T S"] | None, tree_mask: Bool[Array, "B T T"] | None,
+                 skip: Bool[Array, " L"] | None, implementation: str | tuple[str, ...] | None,
+                 fresh_cache: bool) -> tuple[Float[Array, "B T D"], KVCache | None]:
+    """Reserve the cache slots, build the mask, run the layers over the input vectors `x`;
+    returns the last layer's output (before the final norm) and the cache."""
+    config = model.config
+    b, t = positions.shape
     # A sharded model (efficient.parallel.shard_model): constraints at layer boundaries.
     sharding = getattr(model, "sharding", None)
     # A prefill into an empty cache with no extra mask attends its new tokens directly.
@@ -184,23 +212,38 @@ def forward(
             cache = sharding.constrain_cache(cache)
     if tree_mask is not None:
         mask = _with_new_token_mask(mask, tree_mask, slots, cache, b, t)
-
-    x, cache = _run_layers(model, model.embed(tokens), positions, cache, slots, mask, skip,
+    x, cache = _run_layers(model, x, positions, cache, slots, mask, skip,
                            implementation or config.attention_implementation, attend_new_only)
     if sharding is not None and cache is not None:
         cache = sharding.constrain_cache(cache)
-    if logits_indices is not None:
-        if logits_indices.ndim != 2 or logits_indices.shape[0] != b:
-            raise ValueError(f"logits_indices must have shape [{b}, I], got {tuple(logits_indices.shape)}")
-        if _is_concrete(logits_indices) and logits_indices.size and (
-            int(np.min(logits_indices)) < 0 or int(np.max(logits_indices)) >= t
-        ):
-            raise ValueError(f"logits_indices must lie in [0, {t}), got {np.asarray(logits_indices).tolist()}")
-        x = jnp.take_along_axis(x, logits_indices[:, :, None], axis=1)
-    hidden = model.norm(x)
-    if return_hidden:
-        return model.logits(hidden), cache, hidden
-    return model.logits(hidden), cache
+    return x, cache
+
+
+def forward_embeddings(
+    model: LlamaModel,
+    inputs: Float[Array, "B T D"],
+    *,
+    positions: Int[Array, "B T"],
+    cache: KVCache | None = None,
+    tree_mask: Bool[Array, "B T T"] | None = None,
+    implementation: str | tuple[str, ...] | None = None,
+    fresh_cache: bool = False,
+) -> tuple[Float[Array, "B T D"], KVCache | None]:
+    """The decoder over input vectors instead of token ids (a feature-level drafter feeds
+    its fused [feature, token embedding] vectors): returns the final-normed hidden state
+    [B, T, D] at every token and the cache; no logits. Arguments as `forward`'s."""
+    config = check_model(model, "forward_embeddings")
+    check_int_array(positions, "positions", "forward_embeddings")
+    check_positions(positions, config, "forward_embeddings")
+    b, t, d = inputs.shape
+    if d != config.hidden_size or positions.shape != (b, t):
+        raise ValueError(f"forward_embeddings: inputs [B, T, D] {tuple(inputs.shape)} and positions "
+                         f"{tuple(positions.shape)} must agree, with D = hidden_size {config.hidden_size}")
+    if cache is not None:
+        check_cache_matches(config, cache, b, "forward_embeddings")
+    x, cache = _layers_over(model, inputs.astype(model.dtype), jnp.asarray(positions, jnp.int32), cache, None,
+                            tree_mask, None, implementation, fresh_cache)
+    return model.norm(x), cache
 
 
 def skip_mask(skip_layers: tuple[int, ...] | Bool[Array, " L"], num_layers: int) -> Bool[Array, " L"] | None:

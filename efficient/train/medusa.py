@@ -15,7 +15,6 @@ over heads of the mean cross-entropy (Medusa-1: the target stays frozen).
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jaxtyping import Array, Float, Int
 
 from efficient.decoding.drafters.medusa import MedusaHeads, frequent_vocab
-from efficient.train.checkpoint import Checkpointer
 from efficient.train.config import TrainConfig
 from efficient.train.distill import DistillationSet, target_fingerprint
-from efficient.train.optimizer import make_optimizer
+from efficient.train.fit import fit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,51 +136,25 @@ def train_medusa(
     heads0 = MedusaHeads.init(num_heads, model_config.hidden_size, vocab)
     head_weight = jnp.asarray(target.lm_head_rows(heads0.vocab), jnp.float32)
     labels = label_indices(train_data.tokens, num_heads, vocab, model_config.vocab_size, train_data.follows)
-    optimizer = make_optimizer(config)
     params = {"weight": heads0.weight, "bias": heads0.bias}
-    opt_state = optimizer.init(params)
-    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
-    step, prior_seconds, prior_loss = 0, 0.0, None
-    if checkpointer.latest_step() is not None:
-        restored = checkpointer.restore(params, opt_state)
-        params, opt_state, step = restored.params, restored.opt_state, restored.step
-        prior_seconds = float(restored.meta.get("wall_time_s", 0.0))
-        prior_loss = restored.meta.get("final_train_loss")
-        log(f"resumed at step {step}")
 
-    @jax.jit
-    def train_step(params, opt_state, hidden, labels):  # noqa: ANN001, ANN202
-        (loss, acc), grads = jax.value_and_grad(medusa_loss, has_aux=True)(params, heads0.vocab, head_weight,
-                                                                          hidden, labels)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, acc
+    def loss(params: dict[str, Array], hidden: Array, labels: Array) -> tuple[Array, dict[str, Array]]:
+        value, top1 = medusa_loss(params, heads0.vocab, head_weight, hidden, labels)
+        return value, {"top-1 by head": top1}
 
-    start = time.perf_counter()
-    losses: list[float] = []
-
-    def recent_loss() -> float | None:
-        return float(np.mean(losses[-max(config.log_every, 1):])) if losses else prior_loss
-
-    while step < config.steps:
+    def draw(step: int) -> tuple[jax.Array, jax.Array]:
         hidden, lab = _batch(train_data, labels, config, step)
-        params, opt_state, loss, acc = train_step(params, opt_state, jnp.asarray(hidden), jnp.asarray(lab))
-        step += 1
-        losses.append(float(loss))
-        if config.log_every and step % config.log_every == 0:
-            log(f"step {step}/{config.steps} loss {np.mean(losses[-config.log_every:]):.3f} "
-                f"top-1 by head {np.round(np.asarray(acc), 3).tolist()} ({time.perf_counter() - start:.0f} s)")
-        if step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-            checkpointer.save(step, params, opt_state, {"wall_time_s": prior_seconds + time.perf_counter() - start,
-                                                        "final_train_loss": recent_loss()})
-    checkpointer.close()
+        return jnp.asarray(hidden), jnp.asarray(lab)
+
+    result = fit(params, loss, draw, config, workdir, log)
+    params, step = result.params, result.steps
     heads = MedusaHeads(weight=params["weight"], bias=params["bias"], vocab=heads0.vocab)
     accuracy, coverage = evaluate_heads(target, heads, validation_data, ranks)
     record = {
         "target": target_fingerprint(model_config), "num_heads": num_heads, "draft_vocab": draft_vocab,
         "train_config": config.to_dict(), "train_positions": train_data.num_positions,
         "validation_positions": validation_data.num_positions, "steps": step,
-        "final_train_loss": recent_loss(),
-        "wall_time_s": prior_seconds + time.perf_counter() - start, "coverage": coverage,
+        "final_train_loss": result.final_loss, "wall_time_s": result.seconds, "coverage": coverage,
         "accuracy": accuracy.tolist(), "top1_by_head": accuracy[:, 0].tolist(),
     }
     return MedusaRun(heads=heads, accuracy=accuracy, coverage=coverage, record=record)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers.speculative import (
+    exact_pair_law,
     RAGGED_PROMPTS,
     SINGLE_PROMPT,
     OracleDrafter,
@@ -123,19 +124,6 @@ def test_cache_after_speculation_equals_plain_prefill() -> None:
     np.testing.assert_allclose(np.asarray(logits[0, -1]), np.asarray(full[0, -1]), atol=1e-4)
 
 
-def _exact_pair_law(model, prompt: list[int], rule: Sample) -> np.ndarray:  # noqa: ANN001
-    """p(x1, x2 | prompt) under the rule's filtered law, by enumeration: [V, V]."""
-    from efficient.decoding.verify import target_probs
-
-    v = model.config.vocab_size
-    logits, _ = forward(model, jnp.asarray([prompt]))
-    p1 = np.asarray(target_probs(rule, logits[:, -1:]))[0, 0]
-    seqs = jnp.asarray([prompt + [x] for x in range(v)])
-    logits2, _ = forward(model, seqs)
-    p2 = np.asarray(target_probs(rule, logits2[:, -1:]))[:, 0]
-    return p1[:, None] * p2
-
-
 @pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
 def test_sampled_output_follows_the_target_law(tree: bool) -> None:
     """Rows of one batch are independent samples: the (x1, x2) pairs and the x3 marginal of
@@ -154,7 +142,7 @@ def test_sampled_output_follows_the_target_law(tree: bool) -> None:
     out = speculative_generate(target, [prompt] * n, drafter=drafter, max_new_tokens=3, sampling=rule, key=4,
                                stop_tokens=())
     seqs = np.asarray(out.tokens)
-    law = np.asarray(_exact_pair_law(target, prompt, rule), np.float64)  # scipy checks sums to 1.5e-8
+    law = np.asarray(exact_pair_law(target, prompt, rule), np.float64)  # scipy checks sums to 1.5e-8
     pairs = seqs[:, 0] * v + seqs[:, 1]
     keep = law.ravel() > 0
     counts = np.bincount(pairs, minlength=v * v)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flax import nnx
 from helpers.tiny import tiny_model
 
 from efficient import variants
 from efficient.cache import DenseKVCache
 from efficient.data import ByteTokenizer, eval_windows
 from efficient.decoding import GenerateOutput, generate
-from efficient.decoding.drafters import LoadedHeads, MedusaHeads
+from efficient.decoding.drafters import FeatureDraftModel, LoadedFeatureDrafter, LoadedHeads, MedusaHeads
 from efficient.eval import cache_memory, perplexity
 
 BYTE_MODEL = dict(vocab_size=259, eos_token_ids=(258,), pad_token_id=256)
@@ -22,7 +23,10 @@ RESOURCES = {"draft_model": lambda: tiny_model(seed=1, **BYTE_MODEL),
              # Untrained (zero) Medusa heads for the tiny model, with made-up accuracies: the tree
              # and the goodput choice are exercised, the heads are not good.
              "medusa_heads": lambda: LoadedHeads(MedusaHeads.init(3, 32, np.arange(200)),
-                                                 np.asarray([[0.6, 0.2], [0.4, 0.1], [0.3, 0.1]]), {})}
+                                                 np.asarray([[0.6, 0.2], [0.4, 0.1], [0.3, 0.1]]), {}),
+             # An untrained feature drafter for the tiny model (its layer copied from the target's last).
+             "feature_drafter": lambda: LoadedFeatureDrafter(
+                 FeatureDraftModel.create(tiny_model(**BYTE_MODEL), rngs=nnx.Rngs(0)), np.arange(200), {})}
 
 
 def test_built_in_variants_are_registered() -> None:

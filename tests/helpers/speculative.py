@@ -9,7 +9,9 @@ import numpy as np
 from efficient.decoding import generate
 from efficient.decoding.drafters import Drafter
 from efficient.decoding.speculative import speculative_generate
-from efficient.models import LlamaModel
+from efficient.decoding.sampling import Sample
+from efficient.decoding.verify import target_probs
+from efficient.models import LlamaModel, forward
 
 # Ragged batch of 3 (lengths 5, 3, 9) and a single prompt, ids inside the tiny vocabulary (61).
 RAGGED_PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18]]
@@ -158,3 +160,14 @@ def accepted_draft_indices(prompt_lengths: Sequence[int]) -> list[set[int]]:
                 first = int(last[b]) - length + 1  # output index of the step's first new token
                 rows[b] |= set(range(first, first + min(int(accepted[b]), int(new[b]))))
     return rows
+
+
+def exact_pair_law(model, prompt: list[int], rule: Sample) -> np.ndarray:  # noqa: ANN001
+    """p(x1, x2 | prompt) under the rule's filtered law, by enumeration: [V, V]."""
+    v = model.config.vocab_size
+    logits, _ = forward(model, jnp.asarray([prompt]))
+    p1 = np.asarray(target_probs(rule, logits[:, -1:]))[0, 0]
+    seqs = jnp.asarray([prompt + [x] for x in range(v)])
+    logits2, _ = forward(model, seqs)
+    p2 = np.asarray(target_probs(rule, logits2[:, -1:]))[:, 0]
+    return p1[:, None] * p2

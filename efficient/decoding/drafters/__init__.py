@@ -2,6 +2,13 @@
 
 from efficient.decoding.drafters.base import DraftContext, Drafter, PromptContext, VerifyOutcome
 from efficient.decoding.drafters.draft_model import DraftModelDrafter
+from efficient.decoding.drafters.eagle import EagleDrafter
+from efficient.decoding.drafters.eagle_model import (
+    FeatureDraftModel,
+    LoadedFeatureDrafter,
+    load_feature_drafter,
+    save_feature_drafter,
+)
 from efficient.decoding.drafters.lookahead import LookaheadDrafter
 from efficient.decoding.drafters.medusa import (
     LoadedHeads,
@@ -25,7 +32,10 @@ __all__ = [
     "DraftContext",
     "DraftModelDrafter",
     "Drafter",
+    "EagleDrafter",
+    "FeatureDraftModel",
     "LayerSkipDrafter",
+    "LoadedFeatureDrafter",
     "LoadedHeads",
     "LookaheadDrafter",
     "MedusaDrafter",
@@ -38,7 +48,9 @@ __all__ = [
     "calibrate_skip_layers",
     "estimated_speedup",
     "fixed_cost_fraction",
+    "load_feature_drafter",
     "load_medusa_heads",
     "medusa_tree",
+    "save_feature_drafter",
     "save_medusa_heads",
 ]

@@ -44,6 +44,9 @@ class PromptContext:
     # The target's final-normed hidden state at each row's last prompt token (whose logits
     # gave first_token): what Medusa-style heads draft from.
     hidden: Float[Array, "B D"] | None = None
+    # The same at every prompt token, for a drafter whose `reads_prompt_hidden` is True (a
+    # feature-level drafter builds its own cache over the prompt's features); None otherwise.
+    prompt_hidden: Float[Array, "B Tp D"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
