@@ -107,12 +107,16 @@ def _initial_history(tokens: jax.Array, lengths: jax.Array, first: jax.Array, ca
     return history.at[jnp.arange(b), lengths].set(first, mode="drop")
 
 
-def verify_widths(tree_size: int, is_chain: bool) -> tuple[int, ...]:
+def verify_widths(tree_size: int, is_chain: bool, prefix_widths: Sequence[int] | None = None) -> tuple[int, ...]:
     """Draft widths the verification forward is compiled for: a chain step runs the
     narrowest that holds every row's draft (on CPU a T-token forward costs far more
-    than a 1-token one once T > 2); a tree always runs at full width."""
+    than a 1-token one once T > 2); a tree runs at full width, or at the narrowest of its
+    drafter's `prefix_widths` (a drafter whose first w nodes are themselves a tree, for
+    each such w, and that leaves the nodes past its chosen width missing)."""
     if not is_chain:
-        return (tree_size,)
+        if prefix_widths is None:
+            return (tree_size,)
+        return tuple(sorted({w for w in prefix_widths if 0 <= w < tree_size} | {tree_size}))
     return tuple(sorted({0, max(1, tree_size // 4), tree_size}))
 
 
@@ -170,10 +174,12 @@ def _verify_narrowest(model: LlamaModel, static: _SpecStatic, drafter: Drafter, 
     """`_verify` at the narrowest compiled width holding every active row's chain (the
     outputs padded back to the tree's width: missing nodes, logits 0, path -1)."""
     w = tree.size
-    widths = verify_widths(w, drafter.is_chain)
+    widths = verify_widths(w, drafter.is_chain, getattr(drafter, "prefix_widths", None))
     if len(widths) == 1:
         return _verify(model, static, tree, last_token, last_position, active, cache, key)
-    needed = jnp.max(jnp.where(active, jnp.sum(tree.valid, axis=1), 0))
+    # The last existing node of any active row: every node before it is kept.
+    last = jnp.max(jnp.where(tree.valid, jnp.arange(1, w + 1)[None, :], 0), axis=1)
+    needed = jnp.max(jnp.where(active, last, 0))
     branch = jnp.sum(jnp.asarray(widths) < needed)
 
     def run_width(width: int):  # noqa: ANN202

@@ -30,6 +30,7 @@ from efficient.decoding.drafters.eagle_model import LoadedFeatureDrafter
 from efficient.decoding.drafters.medusa import LoadedHeads, MedusaDrafter, expected_accepted, medusa_tree
 from efficient.decoding.generate import GenerateOutput, generate
 from efficient.decoding.goodput import WidthChoice, choose_width, verification_seconds
+from efficient.decoding.online_width import OnlineWidth
 from efficient.decoding.sampling import Greedy
 from efficient.decoding.speculative import speculative_generate
 from efficient.eval.timing import median_seconds
@@ -184,22 +185,36 @@ def medusa_width(model: LlamaModel, loaded: LoadedHeads, *, batch: int, context:
         estimate=lambda w: expected_accepted(loaded.accuracy, medusa_tree(loaded.accuracy, w)))
 
 
+def sized_by_goodput(model: LlamaModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                     cache: CacheFactory | None, key: jax.Array | int | None, stop_tokens: Sequence[int],
+                     tree_size: int, choose: Callable[[int, int], int],
+                     build: Callable[[int], Drafter]) -> GenerateOutput:
+    """Greedy speculative decoding with `build(tree_size)`; `tree_size` 0: `choose(batch, context)`
+    picks it (context: the longest prompt + half the new tokens), and 0 from it means plain decoding."""
+    if tree_size == 0:
+        tree_size = choose(len(prompts), max(len(p) for p in prompts) + max_new_tokens // 2)
+        if tree_size == 0:
+            return generate(model, prompts, max_new_tokens=max_new_tokens, cache=cache, key=key,
+                            stop_tokens=stop_tokens)
+    return speculative_generate(model, prompts, drafter=build(tree_size), max_new_tokens=max_new_tokens,
+                                sampling=Greedy(), cache=cache, key=key, stop_tokens=stop_tokens)
+
+
 def _medusa(model: LlamaModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
             cache: CacheFactory | None = None, key: jax.Array | int | None = None,
             stop_tokens: Sequence[int] = (), medusa_heads: LoadedHeads, calibration_tokens: np.ndarray,
             tree_size: int = 0) -> GenerateOutput:
     """Medusa-1 heads drafting a static tree; `tree_size` 0: chosen by goodput with tokens per
     step measured on `calibration_tokens` (plain greedy decoding when no tree is expected to pay)."""
-    if tree_size == 0:
-        context = max(len(p) for p in prompts) + max_new_tokens // 2
-        tree_size = medusa_width(model, medusa_heads, batch=len(prompts), context=context,
-                                 calibration_tokens=calibration_tokens).width
-        if tree_size == 0:
-            return generate(model, prompts, max_new_tokens=max_new_tokens, cache=cache, key=key,
-                            stop_tokens=stop_tokens)
-    drafter = MedusaDrafter.create(model, medusa_heads.heads, accuracy=medusa_heads.accuracy, tree_size=tree_size)
-    return speculative_generate(model, prompts, drafter=drafter, max_new_tokens=max_new_tokens, sampling=Greedy(),
-                                cache=cache, key=key, stop_tokens=stop_tokens)
+    def choose(batch: int, context: int) -> int:
+        return medusa_width(model, medusa_heads, batch=batch, context=context,
+                            calibration_tokens=calibration_tokens).width
+
+    def build(w: int) -> Drafter:
+        return MedusaDrafter.create(model, medusa_heads.heads, accuracy=medusa_heads.accuracy, tree_size=w)
+
+    return sized_by_goodput(model, prompts, max_new_tokens=max_new_tokens, cache=cache, key=key,
+                            stop_tokens=stop_tokens, tree_size=tree_size, choose=choose, build=build)
 
 
 register_decoder("spec_medusa", _medusa, lossless=True, needs=("medusa_heads", "calibration_tokens"),
@@ -245,22 +260,28 @@ def _eagle(model: LlamaModel, prompts: Sequence[Sequence[int]], *, max_new_token
            cache: CacheFactory | None = None, key: jax.Array | int | None = None,
            stop_tokens: Sequence[int] = (), feature_drafter: LoadedFeatureDrafter, calibration_tokens: np.ndarray,
            tree_size: int = 0) -> GenerateOutput:
-    """EAGLE-style feature drafter with EAGLE-2's dynamic tree; `tree_size` 0: chosen by goodput
-    with tokens per step measured on `calibration_tokens` (plain greedy when no tree pays)."""
+    """EAGLE-style feature drafter with EAGLE-2's dynamic tree; `tree_size` 0: the goodput table
+    (tokens per step measured on `calibration_tokens`) picks plain greedy decoding when no width
+    pays, else each step's width with acceptance re-estimated online (`OnlineWidth`)."""
+    def build(w: int, online: OnlineWidth | None = None) -> Drafter:
+        return EagleDrafter.create(model, feature_drafter.model, feature_drafter.vocab, tree_size=w,
+                                   online=online, **EAGLE_SHAPE)
+
     if tree_size == 0:
-        context = max(len(p) for p in prompts) + max_new_tokens // 2
-        tree_size = eagle_width(model, feature_drafter, batch=len(prompts), context=context,
-                                calibration_tokens=calibration_tokens).width
-        if tree_size == 0:
+        choice = eagle_width(model, feature_drafter, batch=len(prompts),
+                             context=max(len(p) for p in prompts) + max_new_tokens // 2,
+                             calibration_tokens=calibration_tokens)
+        if choice.width == 0:
             return generate(model, prompts, max_new_tokens=max_new_tokens, cache=cache, key=key,
                             stop_tokens=stop_tokens)
-    drafter = EagleDrafter.create(model, feature_drafter.model, feature_drafter.vocab, tree_size=tree_size,
-                                  **EAGLE_SHAPE)
+        drafter = build(max(EAGLE_WIDTHS), OnlineWidth.from_choice(choice))
+    else:
+        drafter = build(tree_size)
     return speculative_generate(model, prompts, drafter=drafter, max_new_tokens=max_new_tokens, sampling=Greedy(),
                                 cache=cache, key=key, stop_tokens=stop_tokens)
 
 
 register_decoder("spec_eagle", _eagle, lossless=True, needs=("feature_drafter", "calibration_tokens"),
-                 description="EAGLE-style feature drafter (one trained layer) with EAGLE-2's dynamic tree, sized by "
-                             "goodput",
+                 description="EAGLE-style feature drafter (one trained layer) with EAGLE-2's dynamic tree, its width "
+                             "per step by goodput with acceptance re-estimated online",
                  paper="Li et al. 2024 (EAGLE, EAGLE-2); Liu et al. 2024 (SmartSpec)")

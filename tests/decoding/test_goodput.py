@@ -3,10 +3,15 @@ measured verification costs, and bad arguments."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from helpers.tiny import tiny_model
 
 from efficient.decoding.goodput import choose_width, verification_seconds
+from efficient.decoding.online_width import OnlineWidth
 
 
 def test_the_width_of_largest_expected_tokens_per_second_is_chosen() -> None:
@@ -44,3 +49,24 @@ def test_bad_arguments_are_refused() -> None:
         verification_seconds(model, (1,), batch=1, context=0)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         verification_seconds(model, (8,), batch=1, context=model.config.max_position_embeddings)
+
+
+def test_online_width_follows_the_acceptance_it_sees() -> None:
+    """r = 1 picks the table's best width; low acceptance moves rows to plain steps, from which r
+    relaxes back toward 1 so that drafting is tried again."""
+    online = OnlineWidth.from_choice(choose_width({4: 2.0, 8: 3.0}, {0: 1.0, 4: 1.3, 8: 1.8}))
+    assert online.widths == (0, 4, 8)
+    assert online.choose(jnp.asarray([1.0, 0.1, 0.5])).tolist() == [8, 0, 4]
+    scale = jnp.asarray([1.0, 1.0])
+    after = online.observe(scale, jnp.asarray([4, 4]), jnp.asarray([0, 3]))  # 0 and 3x the expected 1 draft
+    np.testing.assert_allclose(after, [0.7, 1.6], rtol=1e-6)
+    low = jnp.asarray([0.2])
+    relaxed = online.observe(low, jnp.asarray([0]), jnp.asarray([0]))
+    np.testing.assert_allclose(relaxed, [0.2 + 0.05 * 0.8], rtol=1e-6)
+    steps = 0
+    while int(online.choose(low)[0]) == 0:
+        low = online.observe(low, jnp.asarray([0]), jnp.asarray([0]))
+        steps += 1
+    assert 3 <= steps < 40
+    with pytest.raises(ValueError, match="width 0"):
+        OnlineWidth.from_choice(dataclasses.replace(choose_width({4: 2.0}, {0: 1.0, 4: 1.0}), seconds={4: 1.0}))

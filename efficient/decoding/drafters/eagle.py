@@ -21,6 +21,11 @@ the target's feature f_{p-1} and token x_p and predicts f_p. Each step:
    path probability among all candidates form the tree: it grows where the draft
    is confident and stays shallow where it is not.
 
+With `online` (an `OnlineWidth` from the start-up goodput table), each step keeps
+only the best w nodes, w chosen per row from the acceptance seen so far (0: no
+draft, and the loop runs a plain step); nodes are ordered best first, so every
+prefix is a tree and the loop verifies only as many as the widest row kept.
+
 Drafted tokens are point masses (the recursive verifier is lossless for them
 under sampling, as for Medusa's top-k). Drafting scores only the draft
 vocabulary (FR-Spec); the draft model reads the target's own embeddings and
@@ -42,6 +47,7 @@ from efficient.cache.dense import DenseKVCache
 from efficient.cache.protocol import KVCache
 from efficient.decoding.drafters.base import DraftContext, PromptContext, VerifyOutcome
 from efficient.decoding.drafters.eagle_model import FeatureDraftModel
+from efficient.decoding.online_width import OnlineWidth
 from efficient.decoding.tree import DraftTree, check_tree_size
 from efficient.models.model import fit_cache_to_layers
 
@@ -53,6 +59,8 @@ class EagleState:
     features: Float[Array, "B P D"]  # pending pairs: the target's feature f_{start + i - 1}
     start: Int[Array, " B"]  # position of the first pending token (its token is in the history)
     count: Int[Array, " B"]  # pending pairs; the last one's position is the root's
+    scale: Float[Array, " B"]  # online acceptance scale r (`OnlineWidth`; 1 without it)
+    width: Int[Array, " B"]  # nodes the last proposal kept per row
 
 
 @jax.tree_util.register_dataclass
@@ -68,13 +76,16 @@ class EagleDrafter:
     branch: int = dataclasses.field(metadata=dict(static=True))
     hidden_size: int = dataclasses.field(metadata=dict(static=True))
     vocab_size: int = dataclasses.field(metadata=dict(static=True))
+    online: OnlineWidth | None = dataclasses.field(default=None, metadata=dict(static=True))
     reads_prompt_hidden: ClassVar[bool] = True  # the prefill hands `init` every prompt feature
 
     @staticmethod
     def create(target: Any, model: FeatureDraftModel, vocab: np.ndarray, *, tree_size: int = 16, depth: int = 5,
-               beam: int = 4, branch: int = 4) -> EagleDrafter:
+               beam: int = 4, branch: int = 4, online: OnlineWidth | None = None) -> EagleDrafter:
         """A drafter of at most `tree_size` nodes chosen from `depth` levels of `beam` expanded
-        nodes x `branch` children each (EAGLE-2's top-k and depth)."""
+        nodes x `branch` children each (EAGLE-2's top-k and depth). `online`: each step keeps
+        the best nodes up to the width its goodput table picks for the acceptance seen so far
+        (0: no draft, the loop runs a plain step); its widths must not exceed `tree_size`."""
         config = target.config
         check_tree_size(tree_size)
         for name, value in (("depth", depth), ("beam", beam), ("branch", branch)):
@@ -89,6 +100,8 @@ class EagleDrafter:
         if tree_size > candidates:
             raise ValueError(f"tree_size {tree_size} exceeds the {candidates} candidates that depth {depth}, "
                              f"beam {beam} and branch {branch} produce")
+        if online is not None and (not isinstance(online, OnlineWidth) or max(online.widths) > tree_size):
+            raise ValueError(f"online must be an OnlineWidth whose widths are <= tree_size {tree_size}, got {online!r}")
         if model.hidden_size != config.hidden_size:
             raise ValueError(f"the feature drafter has hidden size {model.hidden_size}, the target "
                              f"{config.hidden_size}: it belongs to another model")
@@ -98,7 +111,7 @@ class EagleDrafter:
         return EagleDrafter(params=params, vocab=jnp.asarray(vocab),
                             head_weight=jnp.asarray(target.lm_head_rows(jnp.asarray(vocab)), jnp.float32),
                             graphdef=graphdef, size=int(tree_size), depth=depth, beam=beam, branch=branch,
-                            hidden_size=config.hidden_size, vocab_size=config.vocab_size)
+                            hidden_size=config.hidden_size, vocab_size=config.vocab_size, online=online)
 
     # -------------------------------------------------------------- protocol
     @property
@@ -112,6 +125,12 @@ class EagleDrafter:
     @property
     def is_chain(self) -> bool:
         return False
+
+    @property
+    def prefix_widths(self) -> tuple[int, ...] | None:
+        """Nodes are ordered best first, so every prefix is a tree: with `online`, the loop
+        verifies only as many as the widest row kept."""
+        return None if self.online is None else self.online.widths
 
     def check(self, target_config: Any) -> None:
         if target_config.hidden_size != self.hidden_size or target_config.vocab_size != self.vocab_size:
@@ -141,7 +160,8 @@ class EagleDrafter:
         features = jnp.zeros((b, self.depth + 1, self.hidden_size), jnp.float32).at[:, 0].set(
             prompt.hidden.astype(jnp.float32))
         return EagleState(cache=cache.truncate(prompt.lengths), features=features, start=prompt.lengths,
-                          count=jnp.ones((b,), jnp.int32))
+                          count=jnp.ones((b,), jnp.int32), scale=jnp.ones((b,), jnp.float32),
+                          width=jnp.full((b,), self.size, jnp.int32))
 
     def _log_probs(self, feature: Float[Array, "*B D"]) -> Float[Array, "*B Vd"]:
         logits = jnp.einsum("...d,vd->...v", feature.astype(jnp.float32), self.head_weight)
@@ -151,7 +171,6 @@ class EagleDrafter:
         model = self._model()
         embed = ctx.target.embed
         b, p = state.features.shape[:2]
-        k, m = self.beam, self.branch
         # 1. Feed the pending pairs with the target's true features.
         index = jnp.arange(p, dtype=jnp.int32)[None, :]
         pending = state.start[:, None] + index
@@ -161,7 +180,27 @@ class EagleDrafter:
                            cache=state.cache.truncate(state.start))
         root = jnp.take_along_axis(out, jnp.maximum(state.count - 1, 0)[:, None, None], axis=1)[:, 0]  # B D
         cache = cache.truncate(ctx.last_position + 1)
-        # 2. Depth 1: the root's `branch` children; the beam is the first `beam` of them.
+        width = (jnp.full((b,), self.size, jnp.int32) if self.online is None
+                 else jnp.where(ctx.active, self.online.choose(state.scale), 0))
+
+        def expand(_: None) -> DraftTree:
+            return self._expand(model, embed, root, cache, ctx)
+
+        def nothing(_: None) -> DraftTree:
+            zeros = jnp.zeros((b, self.size), jnp.int32)
+            return DraftTree(tokens=zeros, parents=zeros - 1, valid=zeros > 0)
+
+        tree = (expand(None) if self.online is None
+                else jax.lax.cond(jnp.any(width > 0), expand, nothing, None))
+        tree = dataclasses.replace(tree, valid=tree.valid & (jnp.arange(self.size)[None, :] < width[:, None]))
+        return tree, dataclasses.replace(state, cache=cache, width=width), ctx.cache
+
+    def _expand(self, model: FeatureDraftModel, embed: Any, root: Float[Array, "B D"], cache: KVCache,
+                ctx: DraftContext) -> DraftTree:
+        """EAGLE-2's expansion from the root's predicted feature (see the module docstring)."""
+        b = root.shape[0]
+        k, m = self.beam, self.branch
+        # Depth 1: the root's `branch` children; the beam is the first `beam` of them.
         scores, ids = jax.lax.top_k(self._log_probs(root), m)  # B m (sorted)
         all_scores, all_ids, all_parent = [scores], [ids], [jnp.full((b, m), -1, jnp.int32)]
         beam_gid = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))
@@ -199,20 +238,20 @@ class EagleDrafter:
             beam_input = jnp.take_along_axis(at_beam, (top // m)[:, :, None], axis=1)
             beam_parent = n + top // m
             offset += k * m
-        tree = self._select(jnp.concatenate(all_scores, 1), jnp.concatenate(all_ids, 1),
+        return self._select(jnp.concatenate(all_scores, 1), jnp.concatenate(all_ids, 1),
                             jnp.concatenate(all_parent, 1), ctx.active)
-        return tree, dataclasses.replace(state, cache=cache), ctx.cache
 
     def _select(self, scores: Float[Array, "B G"], ids: Int[Array, "B G"], parent_gid: Int[Array, "B G"],
                 active: Bool[Array, " B"]) -> DraftTree:
-        """The `tree_size` candidates of highest path log-probability, in candidate order (which is
-        by depth, so parents come first), parents re-indexed into the tree (-1: the root)."""
-        _, chosen = jax.lax.top_k(scores, self.size)
-        chosen = jnp.sort(chosen, axis=1)  # B W
+        """The `tree_size` candidates of highest path log-probability, best first (a parent's path
+        probability is at least its child's, and ties keep candidate order, in which parents come
+        first: every prefix is a tree), parents re-indexed into the tree (-1: the root)."""
+        _, chosen = jax.lax.top_k(scores, self.size)  # B W
         parent = jnp.take_along_axis(parent_gid, chosen, axis=1)
         match = parent[:, :, None] == chosen[:, None, :]  # B W W: node i's parent is node j
         found = jnp.any(match, axis=2)
         parents = jnp.where(parent < 0, -1, jnp.where(found, jnp.argmax(match, axis=2), jnp.arange(self.size)))
+        found &= jnp.where(found, jnp.argmax(match, axis=2), 0) < jnp.arange(self.size)  # never after the child
         valid = active[:, None] & ((parent < 0) | found)
         tokens = self.vocab[jnp.take_along_axis(ids, chosen, axis=1)]
         return DraftTree(tokens=tokens.astype(jnp.int32), parents=parents.astype(jnp.int32), valid=valid)
@@ -226,7 +265,10 @@ class EagleDrafter:
         index = jnp.concatenate([jnp.zeros_like(path[:, :1]), jnp.maximum(path, 0) + 1], axis=1)  # B P
         features = jnp.take_along_axis(outcome.hidden, index[:, :, None], axis=1).astype(jnp.float32)
         active = ctx.active
+        scale = state.scale if self.online is None else jnp.where(
+            active, self.online.observe(state.scale, state.width, outcome.num_accepted), state.scale)
         return EagleState(cache=state.cache,
                           features=jnp.where(active[:, None, None], features, state.features),
                           start=jnp.where(active, ctx.last_position + 1, state.start),
-                          count=jnp.where(active, outcome.num_accepted + 1, state.count))
+                          count=jnp.where(active, outcome.num_accepted + 1, state.count),
+                          scale=scale, width=state.width)

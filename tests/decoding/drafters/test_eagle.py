@@ -24,8 +24,9 @@ from efficient.decoding.drafters.eagle_model import (
     save_feature_drafter,
 )
 from efficient.decoding.generate import prefill_in_chunks
+from efficient.decoding.online_width import OnlineWidth
 from efficient.decoding.sampling import Sample
-from efficient.decoding.speculative import speculative_generate
+from efficient.decoding.speculative import speculative_generate, verify_widths
 from efficient.models import forward
 from efficient.models.model import fit_cache_to_layers
 from efficient.train.config import TrainConfig
@@ -107,11 +108,30 @@ def test_tree_keeps_the_candidates_of_highest_path_probability() -> None:
     parent = jnp.asarray([[-1, -1, -1, 0, 0, 0, 1, 1, 1]])
     tree = drafter._select(scores, ids, parent, jnp.asarray([True]))
     vocab = np.asarray(drafter.vocab)
-    np.testing.assert_array_equal(tree.tokens[0], vocab[[0, 1, 3, 6]])
-    np.testing.assert_array_equal(tree.parents[0], [-1, -1, 0, 1])
+    np.testing.assert_array_equal(tree.tokens[0], vocab[[0, 3, 1, 6]])  # best first: every prefix is a tree
+    np.testing.assert_array_equal(tree.parents[0], [-1, 0, -1, 2])
     assert bool(jnp.all(tree.valid))
     inactive = drafter._select(scores, ids, parent, jnp.asarray([False]))
     assert not bool(jnp.any(inactive.valid))
+
+
+@pytest.mark.parametrize("pays", [False, True])
+def test_online_width_drafts_only_when_it_pays(pays: bool) -> None:
+    """A goodput table where no width pays: every step is a plain one (no node verified), the
+    output still greedy's; where width 4 pays: it drafts, verifying at most 4 nodes."""
+    model = tiny_model()
+    seconds = (1.0, 1.0, 1.0) if pays else (1.0, 100.0, 100.0)
+    online = OnlineWidth(widths=(0, 4, 8), seconds=seconds, expected=(1.0, 3.0, 2.0))
+    drafter = _drafter(model, tree_size=8, depth=3, beam=2, branch=3, online=online)
+    assert drafter.prefix_widths == (0, 4, 8)
+    assert verify_widths(8, False, drafter.prefix_widths) == (0, 4, 8) and verify_widths(8, False) == (8,)
+    out = assert_matches_greedy(model, drafter, PROMPTS, max_new_tokens=16)
+    if pays:
+        assert sum(out.stats.proposed_by_depth) > 0
+    else:
+        assert out.stats.proposed_by_depth == (0, 0, 0) and out.stats.draft_tokens_accepted == 0
+    with pytest.raises(ValueError, match="online"):
+        _drafter(model, tree_size=4, depth=3, beam=2, branch=3, online=online)
 
 
 def test_sampled_output_follows_the_target_law() -> None:
