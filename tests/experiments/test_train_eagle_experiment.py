@@ -46,7 +46,7 @@ def test_train_eagle_then_speculative_benchmark(tmp_path: Path) -> None:
     assert {r["decoder"] for r in eagle} == {"spec_eagle", "spec_eagle_w4"}
     assert all(r["identical"] for r in eagle), eagle
     choice = out["eagle_goodput"][0]
-    assert choice["calibrated"] and set(choice["seconds"]) >= {"0", "4", "32"}
+    assert choice["calibrated"] and set(choice["seconds"]) >= {"0", "2", "16"}
     assert str(choice["width"]) == max(choice["goodput"], key=choice["goodput"].get)
 
 

@@ -28,6 +28,7 @@ from efficient.decoding.online_width import OnlineWidth
 from efficient.decoding.sampling import Sample
 from efficient.decoding.speculative import speculative_generate, verify_widths
 from efficient.models import forward
+from efficient.models.forward import forward_embeddings
 from efficient.models.model import fit_cache_to_layers
 from efficient.train.config import TrainConfig
 from efficient.train.distill import (
@@ -71,6 +72,19 @@ def test_chunked_prefill_returns_every_prompt_feature() -> None:
     for row, n in enumerate((11, 7)):
         np.testing.assert_allclose(every[row, :n], each[row, :n], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(logits[row, 0], model.logits(each)[row, n - 1], rtol=1e-4, atol=1e-4)
+
+
+def test_forward_embeddings_refuses_bad_inputs() -> None:
+    model = tiny_model()
+    d = model.config.hidden_size
+    positions = jnp.arange(3)[None]
+    hidden, _ = forward_embeddings(model, model.embed(jnp.asarray([[3, 4, 5]])), positions=positions)
+    np.testing.assert_allclose(hidden, forward(model, jnp.asarray([[3, 4, 5]]), return_hidden=True)[2],
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="hidden_size"):
+        forward_embeddings(model, jnp.zeros((1, 3, d + 1)), positions=positions)
+    with pytest.raises(TypeError, match="positions"):
+        forward_embeddings(model, jnp.zeros((1, 3, d)), positions=positions.astype(jnp.float32))
 
 
 def test_draft_model_with_a_cache_equals_one_forward() -> None:
