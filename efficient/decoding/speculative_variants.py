@@ -230,6 +230,12 @@ register_decoder("spec_medusa", _medusa, lossless=True, needs=("medusa_heads", "
 EAGLE_SHAPE = dict(depth=4, beam=4, branch=4)
 
 
+def eagle_drafter(model: LlamaModel, loaded: LoadedFeatureDrafter, tree_size: int,
+                  online: OnlineWidth | None = None) -> EagleDrafter:
+    """The benchmark's EAGLE drafter (`EAGLE_SHAPE`) with `tree_size` nodes."""
+    return EagleDrafter.create(model, loaded.model, loaded.vocab, tree_size=tree_size, online=online, **EAGLE_SHAPE)
+
+
 def eagle_draft_seconds(model: LlamaModel, drafter: EagleDrafter, *, batch: int, context: int) -> float:
     """Median seconds of one `propose` (feeding a full step's pending pairs, every level of the
     dynamic tree) at this batch and context, its state built from zero features."""
@@ -253,7 +259,7 @@ def eagle_width(model: LlamaModel, loaded: LoadedFeatureDrafter, *, batch: int, 
                 calibration_tokens: np.ndarray) -> WidthChoice:
     """`goodput_width` for the EAGLE drafter over `EAGLE_WIDTHS` nodes of its dynamic tree."""
     def build(w: int) -> EagleDrafter:
-        return EagleDrafter.create(model, loaded.model, loaded.vocab, tree_size=w, **EAGLE_SHAPE)
+        return eagle_drafter(model, loaded, w)
 
     return goodput_width("eagle", model, loaded, build, EAGLE_WIDTHS, batch=batch, context=context,
                          calibration_tokens=calibration_tokens,
@@ -268,10 +274,6 @@ def _eagle(model: LlamaModel, prompts: Sequence[Sequence[int]], *, max_new_token
     """EAGLE-style feature drafter with EAGLE-2's dynamic tree; `tree_size` 0: the goodput table
     (tokens per step measured on `calibration_tokens`) picks plain greedy decoding when no width
     pays, else each step's width with acceptance re-estimated online (`OnlineWidth`)."""
-    def build(w: int, online: OnlineWidth | None = None) -> Drafter:
-        return EagleDrafter.create(model, feature_drafter.model, feature_drafter.vocab, tree_size=w,
-                                   online=online, **EAGLE_SHAPE)
-
     if tree_size == 0:
         choice = eagle_width(model, feature_drafter, batch=len(prompts),
                              context=max(len(p) for p in prompts) + max_new_tokens // 2,
@@ -279,9 +281,9 @@ def _eagle(model: LlamaModel, prompts: Sequence[Sequence[int]], *, max_new_token
         if choice.width == 0:
             return generate(model, prompts, max_new_tokens=max_new_tokens, cache=cache, key=key,
                             stop_tokens=stop_tokens)
-        drafter = build(max(EAGLE_WIDTHS), OnlineWidth.from_choice(choice))
+        drafter = eagle_drafter(model, feature_drafter, max(EAGLE_WIDTHS), OnlineWidth.from_choice(choice))
     else:
-        drafter = build(tree_size)
+        drafter = eagle_drafter(model, feature_drafter, tree_size)
     return speculative_generate(model, prompts, drafter=drafter, max_new_tokens=max_new_tokens, sampling=Greedy(),
                                 cache=cache, key=key, stop_tokens=stop_tokens)
 

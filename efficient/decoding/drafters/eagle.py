@@ -250,8 +250,9 @@ class EagleDrafter:
         parent = jnp.take_along_axis(parent_gid, chosen, axis=1)
         match = parent[:, :, None] == chosen[:, None, :]  # B W W: node i's parent is node j
         found = jnp.any(match, axis=2)
-        parents = jnp.where(parent < 0, -1, jnp.where(found, jnp.argmax(match, axis=2), jnp.arange(self.size)))
-        found &= jnp.where(found, jnp.argmax(match, axis=2), 0) < jnp.arange(self.size)  # never after the child
+        at = jnp.argmax(match, axis=2)
+        parents = jnp.where(parent < 0, -1, jnp.where(found, at, jnp.arange(self.size)))
+        found &= at < jnp.arange(self.size)  # never after the child
         valid = active[:, None] & ((parent < 0) | found)
         tokens = self.vocab[jnp.take_along_axis(ids, chosen, axis=1)]
         return DraftTree(tokens=tokens.astype(jnp.int32), parents=parents.astype(jnp.int32), valid=valid)
