@@ -31,6 +31,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from efficient.attention import AttentionSpec, DenseView, attention
+from efficient.attention.sparse_prefill import dense_keys, sparse_prefill_attention
 from efficient.cache.protocol import KVCache
 from efficient.models.checks import (
     check_cache_matches,
@@ -327,6 +328,8 @@ def _run_layers(
     ring = (sharding is not None and sharding.sequence_axis() is not None and key_stats is None
             and (cache is None or attend_new_only) and positions.shape[1] % sharding.mesh.shape[
                 sharding.sequence_axis()] == 0)
+    # Patterns of MInference-style sparse prefill (efficient.attention.sparse_prefill), if attached.
+    sparse = getattr(model, "sparse_prefill", None)
     if key_stats is not None and attend_new_only and key_stats.tail is not None:
         key_stats = dataclasses.replace(key_stats, tail=None)  # a fresh forward's view is its new tokens
     if key_stats is not None and skip is not None:
@@ -342,6 +345,12 @@ def _run_layers(
                 if ring and view is not None and masks[j] is None:  # a prefill's own tokens, split by tokens
                     return sharding.sequence_attention(q, view.k, view.v, positions, specs[j])
                 seen = view if view is not None else cache.view(index, window=specs[j].window)
+                keys = (dense_keys(seen) if sparse is not None and isinstance(seen, DenseView)
+                        and q.shape[1] >= sparse.min_tokens and masks[j] is None and key_stats is None else None)
+                if keys is not None:  # MInference: the layer's head patterns over a dense view
+                    k, v, kv_positions = keys
+                    return sparse_prefill_attention(q, k, v, positions, kv_positions, sparse, index, spec=specs[j],
+                                                    implementation=implementation)
                 return attention(q, seen, spec=specs[j], q_positions=positions, mask=masks[j],
                                  key_stats=key_stats, implementation=implementation)
             return run

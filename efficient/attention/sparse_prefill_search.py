@@ -1,0 +1,252 @@
+"""MInference's offline pattern search, attention recall, and pattern files.
+
+MInference (Jiang et al. 2024) picks each head's pattern once, offline, by the recall of
+dense attention each candidate keeps on a calibration prompt at a fixed compute budget.
+Here every candidate's layout is built exactly as at prefill time (sparse_layout over the
+calibration prompt's own queries and keys), its density is counted in causal blocks, and
+its recall is the dense attention mass inside its blocks, averaged over queries; each head
+takes the candidate of highest recall among those within the density budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from efficient.attention.block_sparse import BlockSparseLayout
+from efficient.attention.spec import AttentionSpec
+from efficient.attention.sparse_prefill import PATTERNS, HeadPattern, SparsePrefill, sparse_layout
+
+# Candidate budgets as multiples of the target density (a head's measured density decides).
+CANDIDATE_SCALES = {"a_shape": (0.25, 0.5, 1.0, 2.0, 4.0),
+                    "vertical_slash": ((0.02, 0.1), (0.05, 0.2), (0.1, 0.1)),
+                    "block_sparse": (0.2, 0.35, 0.5, 1.0, 2.0, 4.0)}
+
+
+def block_attention_mass(
+    q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], q_positions: Int[Array, "B T"],
+    kv_positions: Int[Array, "B S"], *, spec: AttentionSpec = AttentionSpec(), block: int = 64,
+) -> Float[Array, "B N Tb Sb"]:
+    """Dense attention probabilities summed per (query block, key block), float32: each
+    valid query contributes 1 in total (T, S multiples of `block`). One query block at a time."""
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    kx = jnp.repeat(k, n // kh, axis=2).astype(jnp.float32)
+    kp = kv_positions[:, None, None, :]
+
+    def one(x: tuple[jax.Array, jax.Array]) -> jax.Array:
+        qb, pb = x  # B bq N H, B bq
+        logits = jnp.einsum("bqnh,bsnh->bnqs", qb.astype(jnp.float32), kx) * spec.logit_scale(h)
+        if spec.softcap is not None:
+            logits = spec.softcap * jnp.tanh(logits / spec.softcap)
+        qp = pb[:, None, :, None]
+        visible = (qp >= 0) & (kp >= 0)
+        if spec.causal:
+            visible &= kp <= qp
+        if spec.window is not None:
+            visible &= qp - kp < spec.window
+        probs = jnp.where(visible, jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1), 0.0)
+        return jnp.sum(probs.reshape(b, n, -1, s // block, block), axis=(2, 4))  # B N Sb
+
+    xs = (jnp.moveaxis(q.reshape(b, t // block, block, n, h), 1, 0),
+          jnp.moveaxis(q_positions.reshape(b, t // block, block), 1, 0))
+    return jnp.moveaxis(jax.lax.map(one, xs), 0, 2)
+
+
+def layout_recall(mass: Float[Array, "B N Tb Sb"], layout: BlockSparseLayout,
+                  q_positions: Int[Array, "B T"]) -> Float[Array, "B N"]:
+    """Fraction of the dense attention mass inside the listed blocks, averaged over valid queries."""
+    kept = jnp.sum(mass * layout.block_mask(mass.shape[-1]), axis=(2, 3))
+    return kept / jnp.maximum(jnp.sum(q_positions >= 0, axis=1), 1)[:, None]
+
+
+def causal_density(layout: BlockSparseLayout, q_positions: Int[Array, "B T"], kv_positions: Int[Array, "B S"]
+                   ) -> Float[Array, "B N"]:
+    """Listed blocks over the blocks a dense causal prefill computes (some key visible)."""
+    block = layout.block_q
+    b, t = q_positions.shape
+    qh = jnp.max(jnp.where(q_positions >= 0, q_positions, -1).reshape(b, -1, block), axis=-1)
+    kp = jnp.where(kv_positions >= 0, kv_positions, np.iinfo(np.int32).max).reshape(b, -1, layout.block_k)
+    causal = (qh[:, :, None] >= jnp.min(kp, axis=-1)[:, None, :]) & (qh[:, :, None] >= 0)  # B Tb Sb
+    listed = jnp.sum(layout.block_mask(causal.shape[-1]) & causal[:, None], axis=(2, 3))
+    return listed / jnp.maximum(jnp.sum(causal, axis=(1, 2)), 1)[:, None]
+
+
+def candidates(density: float) -> list[HeadPattern]:
+    """The patterns tried per head for a target density (budgets clipped to 1), dense last."""
+    out = [HeadPattern("a_shape", min(1.0, density * x)) for x in CANDIDATE_SCALES["a_shape"]]
+    out += [HeadPattern("vertical_slash", min(1.0, density * v), min(1.0, density * s))
+            for v, s in CANDIDATE_SCALES["vertical_slash"]]
+    out += [HeadPattern("block_sparse", min(1.0, density * x)) for x in CANDIDATE_SCALES["block_sparse"]]
+    return out + [HeadPattern("dense")]
+
+
+def allocate(recall: np.ndarray, density: np.ndarray, target: float) -> np.ndarray:
+    """A candidate per head [H] (from recall and density [H, C]) maximising the summed recall
+    with the mean density at most `target`: every head starts at its sparsest candidate, then
+    the upgrade of best recall gained per density spent is taken while the budget allows
+    (greedy over the heads' recall-density curves)."""
+    heads = np.arange(recall.shape[0])
+    choice = np.argmin(density, axis=1)
+    budget = target * recall.shape[0]
+    while True:
+        gain = recall - recall[heads, choice][:, None]
+        cost = density - density[heads, choice][:, None]
+        left = budget - density[heads, choice].sum()
+        slope = np.where(cost > 0, gain / np.where(cost > 0, cost, 1.0), np.inf)
+        slope = np.where((gain > 0) & (cost <= left + 1e-12), slope, -np.inf)
+        best = np.unravel_index(np.argmax(slope), slope.shape)
+        if not np.isfinite(slope[best]) and slope[best] < 0:
+            return choice
+        choice[best[0]] = best[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSearch:
+    """What the search measured per (layer, head) for the chosen pattern, and per candidate."""
+
+    recall: np.ndarray  # [L, N] chosen pattern's recall on the calibration prompt
+    density: np.ndarray  # [L, N] its causal-block density
+    candidate_recall: np.ndarray  # [L, N, C]
+    candidate_density: np.ndarray  # [L, N, C]
+
+
+def _padded(q: jax.Array, k: jax.Array, positions: jax.Array, block: int) -> tuple[jax.Array, ...]:
+    from efficient.attention.sparse_prefill import _pad_to
+
+    return _pad_to(q, block, 0), _pad_to(k, block, 0), _pad_to(positions.astype(jnp.int32), block, -1)
+
+
+def search_layer(q: jax.Array, k: jax.Array, positions: jax.Array, spec: AttentionSpec,
+                 tried: list[HeadPattern], block: int, last_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """(recall [N, C], density [N, C]) of every candidate for one layer's q, k (batch 1)."""
+    qx, kx, p = _padded(q, k, positions, block)
+    mass = block_attention_mass(qx, kx, p, p, spec=spec, block=block)
+    n = q.shape[2]
+    recalls, densities = [], []
+    for pattern in tried:
+        kind = jnp.full((n,), PATTERNS.index(pattern.kind), jnp.int32)
+        layout = sparse_layout(qx, kx, p, p, kind, jnp.full((n,), pattern.budget), jnp.full((n,), pattern.budget2),
+                               spec=spec, block=block, last_queries=last_queries,
+                               max_budget=(pattern.budget, pattern.budget2))
+        recalls.append(np.asarray(layout_recall(mass, layout, p))[0])
+        densities.append(np.asarray(causal_density(layout, p, p))[0])
+    return np.stack(recalls, -1), np.stack(densities, -1)
+
+
+def visit_layers(model: object, tokens: Int[Array, "1 T"], visit: Callable[..., Any]) -> list[Any]:
+    """One dense forward over `tokens`, calling `visit(q, k, positions, spec)` on the host with
+    each layer's queries [1, T, N, H] and keys [1, T, K, H] as they are attended, in layer
+    order; returns what each call returned (one entry per layer)."""
+    from efficient.attention.capabilities import CAPABILITIES
+    from efficient.attention.dispatcher import register_implementation, unregister_implementation
+    from efficient.attention.xla import xla_implementation
+    from efficient.models.checks import check_model
+    from efficient.models.forward import forward
+
+    config = check_model(model, "visit_layers")
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[0] != 1:
+        raise ValueError(f"tokens must be one prompt [1, T], got shape {tuple(tokens.shape)}")
+    found: list[Any] = []
+    name = "sparse_prefill_visit"
+
+    def record(q, view, *, spec, q_positions, **kwargs):  # noqa: ANN001, ANN202
+        def host(q: np.ndarray, k: np.ndarray, positions: np.ndarray) -> None:
+            found.append(visit(jnp.asarray(q), jnp.asarray(k), jnp.asarray(positions), spec))
+
+        jax.debug.callback(host, q, view.k, q_positions, ordered=True)
+        return xla_implementation(q, view, spec=spec, q_positions=q_positions, **kwargs)
+
+    previous = getattr(model, "sparse_prefill", None)
+    model.sparse_prefill = None  # the dense forward is the reference
+    register_implementation(name, record, CAPABILITIES["xla"])
+    try:
+        forward(model, tokens, implementation=name, logits_indices=jnp.zeros((1, 1), jnp.int32))
+        jax.effects_barrier()
+    finally:
+        unregister_implementation(name)
+        model.sparse_prefill = previous
+    if len(found) != config.num_layers:
+        raise RuntimeError(f"visit_layers: saw {len(found)} layers, expected {config.num_layers}")
+    return found
+
+
+def search_patterns(model: object, tokens: Int[Array, "1 T"], density: float, *, block: int = 64,
+                    last_queries: int = 64, min_tokens: int = 1024) -> tuple[SparsePrefill, HeadSearch]:
+    """Each head's pattern from one calibration prompt `tokens` [1, T]: every candidate
+    (`candidates(density)`) measured on it, then `allocate`d so that the mean causal-block
+    density over all heads is at most `density` where the sparsest candidates allow it (the
+    sink block and local band alone are 3 blocks per query block: 9% at 4k, 5% at 8k in blocks
+    of 64), heads with diffuse attention getting more blocks, heads with concentrated attention
+    fewer."""
+    if not isinstance(density, float | int) or isinstance(density, bool) or not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    tried = candidates(float(density))
+    found = visit_layers(model, tokens, lambda q, k, p, spec: search_layer(q, k, p, spec, tried, block,
+                                                                           last_queries))
+    recall = np.stack([r for r, _ in found])  # L N C
+    dens = np.stack([d for _, d in found])
+    layers, heads_per_layer, count = recall.shape
+    choice = allocate(recall.reshape(-1, count), dens.reshape(-1, count), float(density)).reshape(layers,
+                                                                                                heads_per_layer)
+    heads = tuple(tuple(tried[c] for c in row) for row in choice)
+    pick = lambda x: np.take_along_axis(x, choice[..., None], -1)[..., 0]  # noqa: E731
+    patterns = SparsePrefill(heads=heads, block=block, last_queries=last_queries, min_tokens=min_tokens)
+    return patterns, HeadSearch(pick(recall), pick(dens), recall, dens)
+
+
+def measure_patterns(model: object, tokens: Int[Array, "1 T"], patterns: SparsePrefill
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, causal-block density), each [L, N], of `patterns` on the prompt `tokens` [1, T]."""
+    kind, budget, budget2 = patterns.table()
+    layer = iter(range(patterns.num_layers))
+
+    def one(q: jax.Array, k: jax.Array, positions: jax.Array, spec: AttentionSpec) -> tuple[np.ndarray, ...]:
+        i = next(layer)
+        qx, kx, p = _padded(q, k, positions, patterns.block)
+        layout = sparse_layout(qx, kx, p, p, jnp.asarray(kind[i]), jnp.asarray(budget[i]), jnp.asarray(budget2[i]),
+                               spec=spec, block=patterns.block, last_queries=patterns.last_queries,
+                               max_budget=(float(budget.max()), float(budget2.max())))
+        mass = block_attention_mass(qx, kx, p, p, spec=spec, block=patterns.block)
+        return np.asarray(layout_recall(mass, layout, p))[0], np.asarray(causal_density(layout, p, p))[0]
+
+    found = visit_layers(model, tokens, one)
+    return np.stack([r for r, _ in found]), np.stack([d for _, d in found])
+
+
+def save_patterns(path: str | Path, patterns: SparsePrefill, config: object, meta: dict[str, Any] | None = None
+                  ) -> Path:
+    """A JSON pattern file with the model's fingerprint (and `meta`: how it was searched)."""
+    from efficient.train.distill import target_fingerprint
+
+    body = {"target": target_fingerprint(config), "block": patterns.block, "last_queries": patterns.last_queries,
+            "min_tokens": patterns.min_tokens,
+            "heads": [[[p.kind, p.budget, p.budget2] for p in row] for row in patterns.heads], "meta": meta or {}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(body, indent=1))
+    return path
+
+
+def load_patterns(path: str | Path, config: object) -> SparsePrefill:
+    """The patterns of `save_patterns`; a file made for another model is refused, naming the field."""
+    from efficient.train.distill import check_fingerprint
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pattern file {str(path)!r} does not exist")
+    body = json.loads(path.read_text())
+    check_fingerprint(body.get("target", {}), config, f"sparse prefill patterns {str(path)!r}")
+    heads = tuple(tuple(HeadPattern(kind, float(a), float(b)) for kind, a, b in row) for row in body["heads"])
+    return SparsePrefill(heads=heads, block=int(body["block"]), last_queries=int(body["last_queries"]),
+                         min_tokens=int(body["min_tokens"]))
+
