@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -25,10 +25,10 @@ from efficient.attention.block_sparse import BlockSparseLayout
 from efficient.attention.spec import AttentionSpec
 from efficient.attention.sparse_prefill import PATTERNS, HeadPattern, SparsePrefill, sparse_layout
 
-# Candidate budgets as multiples of the target density (a head's measured density decides).
-CANDIDATE_SCALES = {"a_shape": (0.25, 0.5, 1.0, 2.0, 4.0),
-                    "vertical_slash": ((0.02, 0.1), (0.05, 0.2), (0.1, 0.1)),
-                    "block_sparse": (0.2, 0.35, 0.5, 1.0, 2.0, 4.0)}
+# Candidate budgets, fractions of the keys S (a head's measured density decides what it costs).
+CANDIDATE_BUDGETS = {"a_shape": (0.01, 0.025, 0.05, 0.1, 0.2, 0.4),
+                     "vertical_slash": ((0.005, 0.01), (0.01, 0.02), (0.02, 0.05), (0.05, 0.1)),
+                     "block_sparse": (0.01, 0.025, 0.05, 0.1, 0.2, 0.4)}
 
 
 def block_attention_mass(
@@ -80,12 +80,11 @@ def causal_density(layout: BlockSparseLayout, q_positions: Int[Array, "B T"], kv
     return listed / jnp.maximum(jnp.sum(causal, axis=(1, 2)), 1)[:, None]
 
 
-def candidates(density: float) -> list[HeadPattern]:
-    """The patterns tried per head for a target density (budgets clipped to 1), dense last."""
-    out = [HeadPattern("a_shape", min(1.0, density * x)) for x in CANDIDATE_SCALES["a_shape"]]
-    out += [HeadPattern("vertical_slash", min(1.0, density * v), min(1.0, density * s))
-            for v, s in CANDIDATE_SCALES["vertical_slash"]]
-    out += [HeadPattern("block_sparse", min(1.0, density * x)) for x in CANDIDATE_SCALES["block_sparse"]]
+def candidates() -> list[HeadPattern]:
+    """The patterns tried per head (CANDIDATE_BUDGETS), dense last."""
+    out = [HeadPattern("a_shape", x) for x in CANDIDATE_BUDGETS["a_shape"]]
+    out += [HeadPattern("vertical_slash", v, s) for v, s in CANDIDATE_BUDGETS["vertical_slash"]]
+    out += [HeadPattern("block_sparse", x) for x in CANDIDATE_BUDGETS["block_sparse"]]
     return out + [HeadPattern("dense")]
 
 
@@ -180,28 +179,34 @@ def visit_layers(model: object, tokens: Int[Array, "1 T"], visit: Callable[..., 
     return found
 
 
-def search_patterns(model: object, tokens: Int[Array, "1 T"], density: float, *, block: int = 64,
-                    last_queries: int = 64, min_tokens: int = 1024) -> tuple[SparsePrefill, HeadSearch]:
+def search_patterns(model: object, tokens: Int[Array, "1 T"], density: float | Sequence[float], *,
+                    block: int = 64, last_queries: int = 64, min_tokens: int = 1024
+                    ) -> tuple[SparsePrefill, HeadSearch] | list[tuple[SparsePrefill, HeadSearch]]:
     """Each head's pattern from one calibration prompt `tokens` [1, T]: every candidate
-    (`candidates(density)`) measured on it, then `allocate`d so that the mean causal-block
-    density over all heads is at most `density` where the sparsest candidates allow it (the
-    sink block and local band alone are 3 blocks per query block: 9% at 4k, 5% at 8k in blocks
-    of 64), heads with diffuse attention getting more blocks, heads with concentrated attention
-    fewer."""
-    if not isinstance(density, float | int) or isinstance(density, bool) or not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density!r}")
-    tried = candidates(float(density))
+    (`candidates()`) measured on it, then `allocate`d so that the mean causal-block density
+    over all heads is at most `density` where the sparsest candidates allow it (the sink block
+    and local band alone are 3 blocks per query block: 9% at 4k, 5% at 8k in blocks of 64),
+    heads with diffuse attention getting more blocks, heads with concentrated attention fewer.
+    A sequence of densities shares the one measuring forward and returns one result each."""
+    densities = [density] if isinstance(density, float | int) else list(density)
+    for d in densities:
+        if not isinstance(d, float | int) or isinstance(d, bool) or not 0.0 < d <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {d!r}")
+    tried = candidates()
     found = visit_layers(model, tokens, lambda q, k, p, spec: search_layer(q, k, p, spec, tried, block,
                                                                            last_queries))
     recall = np.stack([r for r, _ in found])  # L N C
     dens = np.stack([d for _, d in found])
     layers, heads_per_layer, count = recall.shape
-    choice = allocate(recall.reshape(-1, count), dens.reshape(-1, count), float(density)).reshape(layers,
-                                                                                                heads_per_layer)
-    heads = tuple(tuple(tried[c] for c in row) for row in choice)
-    pick = lambda x: np.take_along_axis(x, choice[..., None], -1)[..., 0]  # noqa: E731
-    patterns = SparsePrefill(heads=heads, block=block, last_queries=last_queries, min_tokens=min_tokens)
-    return patterns, HeadSearch(pick(recall), pick(dens), recall, dens)
+    results = []
+    for d in densities:
+        choice = allocate(recall.reshape(-1, count), dens.reshape(-1, count), float(d)).reshape(layers,
+                                                                                              heads_per_layer)
+        heads = tuple(tuple(tried[c] for c in row) for row in choice)
+        pick = lambda x: np.take_along_axis(x, choice[..., None], -1)[..., 0]  # noqa: E731
+        patterns = SparsePrefill(heads=heads, block=block, last_queries=last_queries, min_tokens=min_tokens)
+        results.append((patterns, HeadSearch(pick(recall), pick(dens), recall, dens)))
+    return results[0] if isinstance(density, float | int) else results
 
 
 def measure_patterns(model: object, tokens: Int[Array, "1 T"], patterns: SparsePrefill
