@@ -215,10 +215,9 @@ def plot(summary: list[dict], s: Settings) -> Any:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for n in s.contexts:
-        cells = sorted((r["density"], r) for r in summary if r["context"] == n)
-        xs = [d for d, _ in cells]
+        cells = sorted((r for r in summary if r["context"] == n), key=lambda r: r["density"])
         for ax, key in zip(axes, ("attention_recall", "bits_per_byte", "exact_match"), strict=True):
-            pts = [(x, r[key]) for x, (_, r) in zip(xs, cells, strict=True) if r[key] is not None]
+            pts = [(r["density"], r[key]) for r in cells if r[key] is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"{n} tokens")
     for ax, label in zip(axes, ("attention recall", "bits/byte (every token)", "retrieval exact match"),

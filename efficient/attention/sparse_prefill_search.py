@@ -63,9 +63,10 @@ def block_attention_mass(
 
 def layout_recall(mass: Float[Array, "B N Tb Sb"], layout: BlockSparseLayout,
                   q_positions: Int[Array, "B T"]) -> Float[Array, "B N"]:
-    """Fraction of the dense attention mass inside the listed blocks, averaged over valid queries."""
-    kept = jnp.sum(mass * layout.block_mask(mass.shape[-1]), axis=(2, 3))
-    return kept / jnp.maximum(jnp.sum(q_positions >= 0, axis=1), 1)[:, None]
+    """Fraction of the dense attention mass inside the listed blocks, averaged over valid queries
+    (one minus the mass left out, so that a small loss is not rounded away against 1)."""
+    lost = jnp.sum(jnp.where(layout.block_mask(mass.shape[-1]), 0.0, mass), axis=(2, 3))
+    return 1.0 - lost / jnp.maximum(jnp.sum(q_positions >= 0, axis=1), 1)[:, None]
 
 
 def causal_density(layout: BlockSparseLayout, q_positions: Int[Array, "B T"], kv_positions: Int[Array, "B S"]
@@ -102,7 +103,10 @@ def allocate(recall: np.ndarray, density: np.ndarray, target: float) -> np.ndarr
         left = budget - density[heads, choice].sum()
         slope = np.where(cost > 0, gain / np.where(cost > 0, cost, 1.0), np.inf)
         slope = np.where((gain > 0) & (cost <= left + 1e-12), slope, -np.inf)
-        best = np.unravel_index(np.argmax(slope), slope.shape)
+        # Ties go to the later candidate (dense is last): a sparse shape that happened to list every
+        # block of the calibration prompt is no cheaper than dense and lists fewer on others.
+        flat = np.argmax(slope[:, ::-1])
+        best = (flat // slope.shape[1], slope.shape[1] - 1 - flat % slope.shape[1])
         if not np.isfinite(slope[best]) and slope[best] < 0:
             return choice
         choice[best[0]] = best[1]
