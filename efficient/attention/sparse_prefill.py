@@ -168,10 +168,36 @@ def _estimate_lines(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], q_po
     probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
     probs = jnp.where(visible, probs, 0.0)  # a fully hidden query: zeros, not NaN
     vertical = jnp.sum(probs, axis=2)
-    distance = jnp.clip(qpe - kpe, 0, s - 1) * jnp.ones_like(probs, jnp.int32)
-    slash = jnp.zeros((b, n, s), jnp.float32).at[
+    # Keys at their own slot (a prefill, a dense cache) and the last queries at consecutive
+    # positions: the slash sums are a shear of probs, no scatter (a 9-head scatter over 8k
+    # keys took about 130 ms of XLA:CPU per layer, a third of dense attention).
+    slots = jnp.arange(s, dtype=jnp.int32)[None, :]
+    sheared = (jnp.all((kv_positions == slots) | (kv_positions < 0))
+               & jnp.all((qp == qp[:, :1] - jnp.arange(last)[None, :]) | (qp < 0)))
+    return vertical, jax.lax.cond(sheared, _slash_by_shear, _slash_by_scatter, probs, qp, kv_positions)
+
+
+def _slash_by_shear(probs: Float[Array, "B N Lq S"], qp: Int[Array, "B Lq"], kv_positions: Int[Array, "B S"]
+                    ) -> Float[Array, "B N S"]:
+    """Slash sums when key s sits at position s and query i (of the last, highest first) at
+    qp[:, 0] - i: row i shifted right by i puts every distance qp[:, 0] - j in column j."""
+    b, n, m, s = probs.shape
+    padded = jnp.pad(probs, ((0, 0), (0, 0), (0, 0), (0, m)))  # B N m S+m
+    shifted = padded.reshape(b, n, m * (s + m))[..., :m * (s + m - 1)].reshape(b, n, m, s + m - 1)
+    columns = jnp.sum(shifted, axis=2)  # B N S+m-1: column j = distance qp[:, 0] - j
+    index = qp[:, :1] - jnp.arange(s, dtype=jnp.int32)[None, :]  # B S
+    found = jnp.take_along_axis(columns, jnp.clip(index, 0, s + m - 2)[:, None, :], axis=-1)
+    return jnp.where((index >= 0)[:, None, :], found, 0.0)
+
+
+def _slash_by_scatter(probs: Float[Array, "B N Lq S"], qp: Int[Array, "B Lq"], kv_positions: Int[Array, "B S"]
+                      ) -> Float[Array, "B N S"]:
+    """Slash sums in general: each query-key pair's mass added at its distance."""
+    b, n, _, s = probs.shape
+    distance = jnp.clip(qp[:, None, :, None] - kv_positions[:, None, None, :], 0, s - 1) * jnp.ones_like(
+        probs, jnp.int32)
+    return jnp.zeros((b, n, s), jnp.float32).at[
         jnp.arange(b)[:, None, None, None], jnp.arange(n)[None, :, None, None], distance].add(probs)
-    return vertical, slash
 
 
 def sparse_layout(

@@ -184,3 +184,14 @@ def test_search_meets_its_density_and_pattern_files_round_trip(tmp_path) -> None
 def test_bad_patterns_are_refused(make, match: str) -> None:  # noqa: ANN001
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+def test_slash_sums_by_shear_equal_the_general_scatter() -> None:
+    from efficient.attention.sparse_prefill import _slash_by_scatter, _slash_by_shear
+
+    m, s = 8, 40
+    qp = jnp.asarray([[30 - i for i in range(m)], [5, 4, 3, 2, 1, 0, -1, -1]], jnp.int32)  # row 1: a short prompt
+    kp = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (2, s))
+    probs = jnp.asarray(np.random.default_rng(6).random((2, 3, m, s)), jnp.float32)
+    probs = jnp.where((kp[:, None, None, :] <= qp[:, None, :, None]) & (qp[:, None, :, None] >= 0), probs, 0.0)
+    np.testing.assert_allclose(_slash_by_shear(probs, qp, kp), _slash_by_scatter(probs, qp, kp), atol=1e-6)
