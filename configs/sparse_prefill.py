@@ -5,8 +5,8 @@
 Smoke size (seconds, for tests):
     python -m experiments.run --config configs/sparse_prefill.py:tiny
 
-Head patterns are searched once on a held-in stdlib file (`calibration_tokens`), for every
-target density, and written to `patterns_dir` (load them with
+Head patterns are searched once on held-in stdlib files (`calibration_files` of
+`calibration_tokens` tokens), for every target density, and written to `patterns_dir` (load them with
 efficient.attention.sparse_prefill_search.load_patterns); each context is then measured on
 held-out files and retrieval prompts (see experiments/sparse_prefill.py).
 """
@@ -28,7 +28,8 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(path="checkpoints/target" if tiny else "smollm2", tokenizer="auto",
                                              dtype="float32", layer_loop="scan"))
     c.densities = (0.3,) if tiny else (0.1, 0.2, 0.3)  # target mean causal-block density of the search
-    c.calibration_tokens = 256 if tiny else 4096  # one held-in stdlib file
+    c.calibration_tokens = 256 if tiny else 4096  # the first tokens of the longest held-in stdlib files
+    c.calibration_files = 1 if tiny else 2
     c.contexts = (256,) if tiny else (4096, 8176)  # 8176 + 16 new tokens fit SmolLM2's 8192
     c.tasks = ("classic_passkey",) if tiny else ("classic_passkey", "kv_prose")
     c.depths = (0.5,) if tiny else (0.1, 0.5, 0.9)

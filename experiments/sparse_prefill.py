@@ -3,14 +3,15 @@
     python -m experiments.run --config configs/sparse_prefill.py
     python -m experiments.run --config configs/sparse_prefill.py:tiny --config.model.path=<folder>
 
-The head patterns (efficient/attention/sparse_prefill.py) are searched once on one held-in
-stdlib file of `calibration_tokens` tokens, for every target density at once
-(efficient/attention/sparse_prefill_search.py), and saved beside the results. Then, per
-context length, each method (dense, and MInference at each density) is measured on held-out
-data:
+The head patterns (efficient/attention/sparse_prefill.py) are searched once on
+`calibration_files` held-in stdlib files of `calibration_tokens` tokens, for every target
+density at once (efficient/attention/sparse_prefill_search.py), and written to `patterns_dir`.
+Then, per context length, each method (dense, and MInference at each density) is measured
+on held-out data:
 
-- attention recall (dense attention mass inside the listed blocks, averaged over queries,
-  heads and layers) and causal-block density, on the first held-out file of that length;
+- attention recall (dense attention mass on the keys the index covers: listed blocks and
+  vertical columns, averaged over queries, heads and layers) and density (keys covered over
+  the causal keys, per query block), on the first held-out file of that length;
 - bits/byte of every token of `files` held-out stdlib files of that length, scored from one
   prefill (every token's logits come from the sparse attention);
 - retrieval: exact match on the real-model baseline's tasks (classic passkey, kv_prose),
@@ -63,6 +64,7 @@ class Settings:
     layer_loop: str
     densities: tuple[float, ...]
     calibration_tokens: int
+    calibration_files: int
     contexts: tuple[int, ...]
     tasks: tuple[str, ...]
     depths: tuple[float, ...]
@@ -79,7 +81,8 @@ class Settings:
         for d in self.densities:
             if not 0.0 < d <= 1.0:
                 raise ValueError(f"config.densities: densities must be in (0, 1], got {self.densities!r}")
-        for name in ("calibration_tokens", "max_new_tokens", "timing_repeats", "block", "min_tokens"):
+        for name in ("calibration_tokens", "calibration_files", "max_new_tokens", "timing_repeats", "block",
+                     "min_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"config.{name}: expected a positive int, got {getattr(self, name)!r}")
         if any(n < self.min_tokens for n in self.contexts):
@@ -90,7 +93,8 @@ class Settings:
 def settings_from(config: ml_collections.ConfigDict) -> Settings:
     return Settings(model_path=str(config.model.path), tokenizer=config.model.tokenizer, dtype=config.model.dtype,
                     layer_loop=config.model.layer_loop, densities=tuple(float(d) for d in config.densities),
-                    calibration_tokens=config.calibration_tokens, contexts=tuple(config.contexts),
+                    calibration_tokens=config.calibration_tokens, calibration_files=config.calibration_files,
+                    contexts=tuple(config.contexts),
                     tasks=tuple(config.tasks), depths=tuple(config.depths), max_new_tokens=config.max_new_tokens,
                     files=config.files, timing_repeats=config.timing_repeats, timing_layer=config.timing_layer,
                     block=config.block, min_tokens=config.min_tokens, patterns_dir=config.patterns_dir,
@@ -103,18 +107,22 @@ def method_name(density: float | None) -> str:
 
 def calibrate(model: Any, tokenizer: Any, s: Settings, log: Callable) -> tuple[dict[str, SparsePrefill], dict]:
     """Patterns per density from one held-in file, and what the search measured on it."""
-    files = long_files(load_documents("stdlib", (".py",), "train"), tokenizer, s.calibration_tokens, 1)
-    if not files:
-        raise ValueError(f"config.calibration_tokens: no held-in stdlib file has {s.calibration_tokens} tokens")
-    path, ids = files[0]
+    files = long_files(load_documents("stdlib", (".py",), "train"), tokenizer, s.calibration_tokens,
+                       s.calibration_files)
+    if len(files) < s.calibration_files:
+        raise ValueError(f"config.calibration_tokens: fewer than {s.calibration_files} held-in stdlib files have "
+                         f"{s.calibration_tokens} tokens")
+    path = ", ".join(p for p, _ in files)
     start = time.perf_counter()
-    found = search_patterns(model, jnp.asarray(ids)[None], s.densities, block=s.block, min_tokens=s.min_tokens)
-    patterns, record = {}, dict(file=path, tokens=len(ids), seconds=time.perf_counter() - start, densities={})
+    found = search_patterns(model, jnp.asarray(np.stack([ids for _, ids in files])), s.densities, block=s.block,
+                            min_tokens=s.min_tokens)
+    patterns, record = {}, dict(files=path, tokens=s.calibration_tokens, seconds=time.perf_counter() - start,
+                                densities={})
     for d, (p, head) in zip(s.densities, found, strict=True):
         patterns[method_name(d)] = p
         if s.patterns_dir:
             save_patterns(Path(s.patterns_dir) / f"patterns-{d:g}.json", p, model.config,
-                          meta=dict(calibration_file=path, calibration_tokens=len(ids), target_density=d,
+                          meta=dict(calibration_files=path, calibration_tokens=s.calibration_tokens, target_density=d,
                                     recall=float(head.recall.mean()), density=float(head.density.mean())))
         record["densities"][f"{d:g}"] = dict(counts=p.counts(), recall=float(head.recall.mean()),
                                              density=float(head.density.mean()),

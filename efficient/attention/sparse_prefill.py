@@ -11,11 +11,10 @@ the Pallas TPU kernel skips their DMA):
 - "vertical_slash": the last `last_queries` queries of the prompt are scored against every
   key; the keys with the highest summed attention (vertical lines, `budget` x S of them) and
   the query-key distances with the highest summed attention (slash lines, `budget2` x S of
-  them) are kept. MInference computes the lines token-wise in a dedicated kernel; here every
-  line is widened to the key blocks it passes through for each query block (a vertical line
-  lists its key block, a slash at distance o lists the blocks holding keys at q_pos - o for
-  some query of the block), so the block-sparse primitive computes a superset of the lines
-  and the density is counted in blocks.
+  them) are kept. As in MInference's kernel, vertical lines are read token by token (each
+  head's key columns, gathered once and seen by every query after them) and slash lines by
+  block (a slash at distance o lists, for each query block, the key blocks holding keys at
+  q_pos - o for some query of the block), so slashes are widened to blocks and counted so.
 - "block_sparse": queries and keys mean-pooled per block, the `budget` x Sb key blocks with
   the highest pooled score kept for each query block.
 - "dense": every causal block (a head the search could not make sparse).
@@ -120,9 +119,47 @@ class SparsePrefill:
         budget2 = np.array([[p.budget2 for p in row] for row in self.heads], np.float32)
         return kind, budget, budget2
 
+    def max_budgets(self) -> tuple[float, float, float]:
+        """(vertical lines, slash lines, key blocks): the largest budget of any head of that
+        kind, which sizes the index's top-k (static)."""
+        top = lambda kind, attr: max((getattr(p, attr) for row in self.heads for p in row if p.kind == kind),  # noqa: E731
+                                     default=0.0)
+        return top("vertical_slash", "budget"), top("vertical_slash", "budget2"), top("block_sparse", "budget")
+
     def counts(self) -> dict[str, int]:
         """How many heads use each pattern."""
         return {name: sum(p.kind == name for row in self.heads for p in row) for name in PATTERNS}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PrefillIndex:
+    """What a layer's prefill reads: `layout`, the key blocks per (row, query head, query
+    block), and `columns` [B, N, V], key slots every query of the head reads besides (the
+    vertical lines of vertical-slash heads, token-wise; -1 for none)."""
+
+    layout: BlockSparseLayout
+    columns: Int[Array, "B N V"]
+
+    def covered(self, num_keys: int) -> Bool[Array, "B N Tb S"]:
+        """Which keys each (row, head, query block) reads, before masking."""
+        block = self.layout.block_k
+        listed = jnp.repeat(self.layout.block_mask(num_keys // block), block, axis=-1)  # B N Tb S
+        b, n, _ = self.columns.shape
+        chosen = jnp.zeros((b, n, num_keys + 1), jnp.bool_).at[
+            jnp.arange(b)[:, None, None], jnp.arange(n)[None, :, None],
+            jnp.where(self.columns >= 0, self.columns, num_keys)].set(True)[..., :num_keys]
+        return listed | chosen[:, :, None, :]
+
+
+def _top_indices(score: Float[Array, "B N X"], count: Int[Array, " N"], max_count: int) -> Int[Array, "B N c"]:
+    """The `count[n]` entries of highest score per (row, head), -1 past count or at -inf."""
+    b, n, _ = score.shape
+    if max_count == 0:
+        return jnp.full((b, n, 0), -1, jnp.int32)
+    values, index = jax.lax.top_k(score, max_count)
+    keep = (jnp.arange(max_count)[None, None, :] < count[None, :, None]) & (values > -jnp.inf)
+    return jnp.where(keep, index, -1).astype(jnp.int32)
 
 
 def _top_set(score: Float[Array, "B N X"], count: Int[Array, " N"], max_count: int) -> Bool[Array, "B N X"]:
@@ -204,11 +241,11 @@ def sparse_layout(
     q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], q_positions: Int[Array, "B T"],
     kv_positions: Int[Array, "B S"], kind: Int[Array, " N"], budget: Float[Array, " N"],
     budget2: Float[Array, " N"], *, spec: AttentionSpec = AttentionSpec(), block: int = 64,
-    last_queries: int = 64, max_budget: tuple[float, float] = (1.0, 1.0),
-) -> BlockSparseLayout:
-    """The block layout of each head's pattern (module docstring) for this prompt. T and S
-    must be multiples of `block`; `max_budget` (static) bounds budget and budget2 (the top-k
-    sizes)."""
+    last_queries: int = 64, max_budget: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> PrefillIndex:
+    """The index of each head's pattern (module docstring) for this prompt. T and S must be
+    multiples of `block`; `max_budget` (static) bounds the vertical-slash heads' budget and
+    budget2 and the block-sparse heads' budget (the top-k sizes)."""
     b, t, n, h = q.shape
     s = k.shape[1]
     tb, sb = t // block, s // block
@@ -228,26 +265,26 @@ def sparse_layout(
 
     # vertical_slash from the last queries' attention.
     vertical_score, slash_score = _estimate_lines(q, k, q_positions, kv_positions, spec, last_queries)
-    max_v, max_s = (min(s, math.ceil(m * s)) for m in max_budget)
-    columns = _top_set(jnp.where(kv_positions[:, None, :] >= 0, vertical_score, -jnp.inf),
-                       jnp.ceil(budget * s).astype(jnp.int32), max_v)  # B N S
-    column_blocks = jnp.any(columns.reshape(b, n, sb, block), axis=-1)[:, :, None, :]  # B N 1 Sb
-    distances = _top_set(slash_score, jnp.ceil(budget2 * s).astype(jnp.int32), max_s)  # B N S
+    max_v, max_s = (min(s, math.ceil(m * s)) for m in max_budget[:2])
+    is_lines = kind == VERTICAL_SLASH
+    columns = _top_indices(jnp.where(kv_positions[:, None, :] >= 0, vertical_score, -jnp.inf),
+                           jnp.where(is_lines, jnp.ceil(budget * s), 0).astype(jnp.int32), max_v)  # B N V
+    distances = _top_set(slash_score, jnp.where(is_lines, jnp.ceil(budget2 * s), 0).astype(jnp.int32), max_s)
     running = jnp.concatenate([jnp.zeros((b, n, 1), jnp.int32), jnp.cumsum(distances, axis=-1, dtype=jnp.int32)],
                               axis=-1)  # B N S+1: distances below d
     near = jnp.clip(ql - kh_, 0, s)  # the smallest and largest distance between the blocks
     far = jnp.clip(qh - kl + 1, 0, s)
     near, far = (jnp.broadcast_to(x, (b, n, tb, sb)).reshape(b, n, tb * sb) for x in (near, far))
     slash_hits = (jnp.take_along_axis(running, far, axis=-1) - jnp.take_along_axis(running, near, axis=-1)) > 0
-    vertical_slash = base | column_blocks | slash_hits.reshape(b, n, tb, sb)
+    vertical_slash = base | slash_hits.reshape(b, n, tb, sb)
 
     # block_sparse: mean-pooled queries and keys.
     block_sparse = base | _pooled_top_blocks(q, k, q_positions, kv_positions, causal, budget, spec, block,
-                                             max_budget[0])
+                                             max_budget[2])
 
     per_kind = jnp.stack([a_shape, vertical_slash, block_sparse, jnp.ones_like(a_shape)])  # 4 B N Tb Sb
     chosen = jnp.take_along_axis(per_kind, kind[None, None, :, None, None].astype(jnp.int32), axis=0)[0]
-    return BlockSparseLayout.from_block_mask(chosen & causal, block, block)
+    return PrefillIndex(BlockSparseLayout.from_block_mask(chosen & causal, block, block), columns)
 
 
 def _pooled_top_blocks(q: jax.Array, k: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
@@ -298,40 +335,105 @@ def _pad_to(x: jax.Array, multiple: int, value: float | int) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
+def _column_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K H"],
+                      q_positions: Int[Array, "B T"], kv_positions: Int[Array, "B S"], index: PrefillIndex,
+                      spec: AttentionSpec) -> tuple[Float[Array, "B T N H"], Float[Array, "B T N"]]:
+    """(out float32, lse) of each head's vertical-line columns, each left out for the query
+    blocks whose listed key blocks already hold it (no key counted twice)."""
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    block = index.layout.block_q
+    columns = index.columns
+    slot = jnp.clip(columns, 0, s - 1)  # B N V
+    head = (jnp.arange(n) // (n // kh))[None, :, None]
+    rows = jnp.arange(b)[:, None, None]
+    keys, values = k[rows, slot, head], v[rows, slot, head]  # B N V H
+    kp = jnp.where(columns >= 0, jnp.take_along_axis(kv_positions, slot.reshape(b, -1), axis=1).reshape(slot.shape),
+                   -1)
+    listed = jnp.take_along_axis(index.layout.block_mask(s // block), jnp.broadcast_to(
+        (slot // block)[:, :, None, :], (b, n, t // block, slot.shape[-1])), axis=-1)  # B N Tb V
+    fresh = ~jnp.repeat(listed, block, axis=2)  # B N T V
+    qp, kpe = q_positions[:, None, :, None], kp[:, :, None, :]
+    visible = fresh & (qp >= 0) & (kpe >= 0)
+    if spec.causal:
+        visible &= kpe <= qp
+    if spec.window is not None:
+        visible &= qp - kpe < spec.window
+    logits = jnp.einsum("btnh,bnvh->bntv", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+    logits = logits * spec.logit_scale(h)
+    if spec.softcap is not None:
+        logits = spec.softcap * jnp.tanh(logits / spec.softcap)
+    logits = jnp.where(visible, logits, -jnp.inf)
+    top = jnp.max(logits, axis=-1)
+    safe = jnp.where(jnp.isfinite(top), top, 0.0)
+    p = jnp.where(visible, jnp.exp(logits - safe[..., None]), 0.0)
+    total = jnp.sum(p, axis=-1)
+    out = jnp.einsum("bntv,bnvh->btnh", p.astype(q.dtype), values.astype(q.dtype), preferred_element_type=jnp.float32)
+    out = out / jnp.swapaxes(jnp.where(total > 0, total, 1.0), 1, 2)[..., None]
+    lse = jnp.where(total > 0, safe + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+    return out, jnp.swapaxes(lse, 1, 2)
+
+
+def _merge(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Attention over two disjoint key sets from each one's (out, lse)."""
+    (out_a, lse_a), (out_b, lse_b) = a, b
+    lse = jnp.logaddexp(lse_a, lse_b)
+    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    weight = lambda x: jnp.where(jnp.isfinite(x), jnp.exp(x - safe), 0.0)[..., None]  # noqa: E731
+    return out_a.astype(jnp.float32) * weight(lse_a) + out_b.astype(jnp.float32) * weight(lse_b)
+
+
+def _reference(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
+               index: PrefillIndex, spec: AttentionSpec) -> jax.Array:
+    """The float32 oracle, head by head, its mask the keys the index covers."""
+    from kernels_pallas.flash_attention.reference import masked_attention, visible
+
+    n, kh, block = q.shape[2], k.shape[2], index.layout.block_q
+    vis = visible(q_positions[:, :, None], kv_positions[:, None, :], None, None, causal=spec.causal,
+                  window=spec.window)
+    covered = jnp.repeat(index.covered(k.shape[1]), block, axis=2)  # B N T S
+    outs = []
+    for head in range(n):
+        kv = head // (n // kh)
+        out, _ = masked_attention(q[:, :, head:head + 1], k[:, :, kv:kv + 1], v[:, :, kv:kv + 1],
+                                  vis & covered[:, head], softcap=spec.softcap, scale=spec.scale)
+        outs.append(out)
+    return jnp.concatenate(outs, axis=2)
+
+
 def sparse_prefill_attention(
     q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K H"],
     q_positions: Int[Array, "B T"], kv_positions: Int[Array, "B S"], patterns: SparsePrefill,
     layer: int | Int[Array, ""], *, spec: AttentionSpec = AttentionSpec(),
-    implementation: str | Sequence[str] | None = None, return_layout: bool = False,
-) -> Float[Array, "B T N H"] | tuple[Float[Array, "B T N H"], BlockSparseLayout]:
-    """Attention of q over layer `layer`'s patterns (T and S padded to the block inside).
-    implementation: "reference" runs the oracle with the same block mask; anything else,
-    the block-sparse primitive's default for the backend."""
+    implementation: str | Sequence[str] | None = None, return_index: bool = False,
+) -> Float[Array, "B T N H"] | tuple[Float[Array, "B T N H"], PrefillIndex]:
+    """Attention of q over layer `layer`'s patterns (T and S padded to the block inside):
+    the listed key blocks through the block-sparse primitive, merged with the vertical-line
+    columns by log-sum-exp. implementation: "reference" runs the oracle over the same keys;
+    anything else, the block-sparse primitive's default for the backend."""
     if patterns.num_heads != q.shape[2]:
         raise ValueError(f"sparse prefill patterns hold {patterns.num_heads} heads per layer, the model "
                          f"{q.shape[2]}")
     kind, budget, budget2 = (jnp.asarray(x)[layer] for x in patterns.table())
-    _, table_budget, table_budget2 = patterns.table()
     t = q.shape[1]
     block = patterns.block
     qp = _pad_to(q_positions.astype(jnp.int32), block, -1)
     kp = _pad_to(kv_positions.astype(jnp.int32), block, -1)
     qx, kx, vx = _pad_to(q, block, 0), _pad_to(k, block, 0), _pad_to(v, block, 0)
-    layout = sparse_layout(qx, kx, qp, kp, kind, budget, budget2, spec=spec, block=block,
-                           last_queries=patterns.last_queries,
-                           max_budget=(float(table_budget.max()), float(table_budget2.max())))
+    index = sparse_layout(qx, kx, qp, kp, kind, budget, budget2, spec=spec, block=block,
+                          last_queries=patterns.last_queries, max_budget=patterns.max_budgets())
     names = (implementation,) if isinstance(implementation, str) else tuple(implementation or ())
     if names[:1] == ("reference",):
-        from kernels_pallas.block_sparse_attention.reference import block_sparse_reference
-
-        out, _ = block_sparse_reference(qx, kx, vx, layout.index, layout.count, block_q=block, block_k=block,
-                                        q_positions=qp, kv_positions=kp, causal=spec.causal, window=spec.window,
-                                        softcap=spec.softcap, scale=spec.scale)
-        out = out.astype(q.dtype)
+        out = _reference(qx, kx, vx, qp, kp, index, spec)
     else:
-        out = block_sparse_attention(qx, kx, vx, layout, spec=spec, q_positions=qp, kv_positions=kp)
-    out = out[:, :t]
-    return (out, layout) if return_layout else out
+        blocks = block_sparse_attention(qx, kx, vx, index.layout, spec=spec, q_positions=qp, kv_positions=kp,
+                                        return_lse=True)
+        if index.columns.shape[-1]:
+            out = _merge(blocks, _column_attention(qx, kx, vx, qp, kp, index, spec)).astype(q.dtype)
+        else:
+            out = blocks[0]
+    out = out[:, :t].astype(q.dtype)
+    return (out, index) if return_index else out
 
 
 def set_sparse_prefill(model: object, patterns: SparsePrefill | None) -> object:

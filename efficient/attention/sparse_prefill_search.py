@@ -21,9 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from efficient.attention.block_sparse import BlockSparseLayout
 from efficient.attention.spec import AttentionSpec
-from efficient.attention.sparse_prefill import PATTERNS, HeadPattern, SparsePrefill, sparse_layout
+from efficient.attention.sparse_prefill import PATTERNS, HeadPattern, PrefillIndex, SparsePrefill, sparse_layout
 
 # Candidate budgets, fractions of the keys S (a head's measured density decides what it costs).
 CANDIDATE_BUDGETS = {"a_shape": (0.01, 0.025, 0.05, 0.1, 0.2, 0.4),
@@ -31,14 +30,14 @@ CANDIDATE_BUDGETS = {"a_shape": (0.01, 0.025, 0.05, 0.1, 0.2, 0.4),
                      "block_sparse": (0.01, 0.025, 0.05, 0.1, 0.2, 0.4)}
 
 
-def block_attention_mass(
+def query_block_mass(
     q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], q_positions: Int[Array, "B T"],
     kv_positions: Int[Array, "B S"], *, spec: AttentionSpec = AttentionSpec(), block: int = 64,
-) -> Float[Array, "B N Tb Sb"]:
-    """Dense attention probabilities summed per (query block, key block), float32: each
-    valid query contributes 1 in total (T, S multiples of `block`). One query block at a time."""
+) -> Float[Array, "B N Tb S"]:
+    """Dense attention probabilities summed over each query block, per key, float32: each
+    valid query contributes 1 in total (T a multiple of `block`). One query block at a time."""
     b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
+    kh = k.shape[2]
     kx = jnp.repeat(k, n // kh, axis=2).astype(jnp.float32)
     kp = kv_positions[:, None, None, :]
 
@@ -54,31 +53,31 @@ def block_attention_mass(
         if spec.window is not None:
             visible &= qp - kp < spec.window
         probs = jnp.where(visible, jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1), 0.0)
-        return jnp.sum(probs.reshape(b, n, -1, s // block, block), axis=(2, 4))  # B N Sb
+        return jnp.sum(probs, axis=2)  # B N S
 
     xs = (jnp.moveaxis(q.reshape(b, t // block, block, n, h), 1, 0),
           jnp.moveaxis(q_positions.reshape(b, t // block, block), 1, 0))
     return jnp.moveaxis(jax.lax.map(one, xs), 0, 2)
 
 
-def layout_recall(mass: Float[Array, "B N Tb Sb"], layout: BlockSparseLayout,
-                  q_positions: Int[Array, "B T"]) -> Float[Array, "B N"]:
-    """Fraction of the dense attention mass inside the listed blocks, averaged over valid queries
-    (one minus the mass left out, so that a small loss is not rounded away against 1)."""
-    lost = jnp.sum(jnp.where(layout.block_mask(mass.shape[-1]), 0.0, mass), axis=(2, 3))
+def index_recall(mass: Float[Array, "B N Tb S"], index: PrefillIndex, q_positions: Int[Array, "B T"]
+                 ) -> Float[Array, "B N"]:
+    """Fraction of the dense attention mass on the keys the index covers, averaged over valid
+    queries (one minus the mass left out, so that a small loss is not rounded away against 1)."""
+    lost = jnp.sum(jnp.where(index.covered(mass.shape[-1]), 0.0, mass), axis=(2, 3))
     return 1.0 - lost / jnp.maximum(jnp.sum(q_positions >= 0, axis=1), 1)[:, None]
 
 
-def causal_density(layout: BlockSparseLayout, q_positions: Int[Array, "B T"], kv_positions: Int[Array, "B S"]
+def causal_density(index: PrefillIndex, q_positions: Int[Array, "B T"], kv_positions: Int[Array, "B S"]
                    ) -> Float[Array, "B N"]:
-    """Listed blocks over the blocks a dense causal prefill computes (some key visible)."""
-    block = layout.block_q
+    """Keys covered over the keys a dense causal prefill computes, per query block (a listed
+    block below the diagonal counts its `block` keys, a vertical column one key)."""
+    block = index.layout.block_q
     b, t = q_positions.shape
-    qh = jnp.max(jnp.where(q_positions >= 0, q_positions, -1).reshape(b, -1, block), axis=-1)
-    kp = jnp.where(kv_positions >= 0, kv_positions, np.iinfo(np.int32).max).reshape(b, -1, layout.block_k)
-    causal = (qh[:, :, None] >= jnp.min(kp, axis=-1)[:, None, :]) & (qh[:, :, None] >= 0)  # B Tb Sb
-    listed = jnp.sum(layout.block_mask(causal.shape[-1]) & causal[:, None], axis=(2, 3))
-    return listed / jnp.maximum(jnp.sum(causal, axis=(1, 2)), 1)[:, None]
+    qh = jnp.max(jnp.where(q_positions >= 0, q_positions, -1).reshape(b, -1, block), axis=-1)  # B Tb
+    causal = (kv_positions[:, None, :] >= 0) & (kv_positions[:, None, :] <= qh[:, :, None])  # B Tb S
+    covered = jnp.sum(index.covered(kv_positions.shape[1]) & causal[:, None], axis=(2, 3))
+    return covered / jnp.maximum(jnp.sum(causal, axis=(1, 2)), 1)[:, None]
 
 
 def candidates() -> list[HeadPattern]:
@@ -130,24 +129,24 @@ def _padded(q: jax.Array, k: jax.Array, positions: jax.Array, block: int) -> tup
 
 def search_layer(q: jax.Array, k: jax.Array, positions: jax.Array, spec: AttentionSpec,
                  tried: list[HeadPattern], block: int, last_queries: int) -> tuple[np.ndarray, np.ndarray]:
-    """(recall [N, C], density [N, C]) of every candidate for one layer's q, k (batch 1)."""
+    """(recall [N, C], density [N, C]) of every candidate for one layer's q, k, averaged over rows."""
     qx, kx, p = _padded(q, k, positions, block)
-    mass = block_attention_mass(qx, kx, p, p, spec=spec, block=block)
+    mass = query_block_mass(qx, kx, p, p, spec=spec, block=block)
     n = q.shape[2]
     recalls, densities = [], []
     for pattern in tried:
         kind = jnp.full((n,), PATTERNS.index(pattern.kind), jnp.int32)
-        layout = sparse_layout(qx, kx, p, p, kind, jnp.full((n,), pattern.budget), jnp.full((n,), pattern.budget2),
-                               spec=spec, block=block, last_queries=last_queries,
-                               max_budget=(pattern.budget, pattern.budget2))
-        recalls.append(np.asarray(layout_recall(mass, layout, p))[0])
-        densities.append(np.asarray(causal_density(layout, p, p))[0])
+        index = sparse_layout(qx, kx, p, p, kind, jnp.full((n,), pattern.budget), jnp.full((n,), pattern.budget2),
+                              spec=spec, block=block, last_queries=last_queries,
+                              max_budget=SparsePrefill.uniform(pattern, 1, 1).max_budgets())
+        recalls.append(np.asarray(index_recall(mass, index, p)).mean(0))  # mean over the calibration rows
+        densities.append(np.asarray(causal_density(index, p, p)).mean(0))
     return np.stack(recalls, -1), np.stack(densities, -1)
 
 
-def visit_layers(model: object, tokens: Int[Array, "1 T"], visit: Callable[..., Any]) -> list[Any]:
+def visit_layers(model: object, tokens: Int[Array, "B T"], visit: Callable[..., Any]) -> list[Any]:
     """One dense forward over `tokens`, calling `visit(q, k, positions, spec)` on the host with
-    each layer's queries [1, T, N, H] and keys [1, T, K, H] as they are attended, in layer
+    each layer's queries [B, T, N, H] and keys [B, T, K, H] as they are attended, in layer
     order; returns what each call returned (one entry per layer)."""
     from efficient.attention.capabilities import CAPABILITIES
     from efficient.attention.dispatcher import register_implementation, unregister_implementation
@@ -157,8 +156,8 @@ def visit_layers(model: object, tokens: Int[Array, "1 T"], visit: Callable[..., 
 
     config = check_model(model, "visit_layers")
     tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2 or tokens.shape[0] != 1:
-        raise ValueError(f"tokens must be one prompt [1, T], got shape {tuple(tokens.shape)}")
+    if tokens.ndim != 2 or tokens.shape[0] < 1:
+        raise ValueError(f"tokens must be prompts [B, T], got shape {tuple(tokens.shape)}")
     found: list[Any] = []
     name = "sparse_prefill_visit"
 
@@ -173,7 +172,7 @@ def visit_layers(model: object, tokens: Int[Array, "1 T"], visit: Callable[..., 
     model.sparse_prefill = None  # the dense forward is the reference
     register_implementation(name, record, CAPABILITIES["xla"])
     try:
-        forward(model, tokens, implementation=name, logits_indices=jnp.zeros((1, 1), jnp.int32))
+        forward(model, tokens, implementation=name, logits_indices=jnp.zeros((tokens.shape[0], 1), jnp.int32))
         jax.effects_barrier()
     finally:
         unregister_implementation(name)
@@ -183,11 +182,11 @@ def visit_layers(model: object, tokens: Int[Array, "1 T"], visit: Callable[..., 
     return found
 
 
-def search_patterns(model: object, tokens: Int[Array, "1 T"], density: float | Sequence[float], *,
+def search_patterns(model: object, tokens: Int[Array, "B T"], density: float | Sequence[float], *,
                     block: int = 64, last_queries: int = 64, min_tokens: int = 1024
                     ) -> tuple[SparsePrefill, HeadSearch] | list[tuple[SparsePrefill, HeadSearch]]:
-    """Each head's pattern from one calibration prompt `tokens` [1, T]: every candidate
-    (`candidates()`) measured on it, then `allocate`d so that the mean causal-block density
+    """Each head's pattern from calibration prompts `tokens` [B, T] (MInference uses one):
+    every candidate (`candidates()`) measured on them (recall and density averaged over rows), then `allocate`d so that the mean causal-block density
     over all heads is at most `density` where the sparsest candidates allow it (the sink block
     and local band alone are 3 blocks per query block: 9% at 4k, 5% at 8k in blocks of 64),
     heads with diffuse attention getting more blocks, heads with concentrated attention fewer.
@@ -222,11 +221,11 @@ def measure_patterns(model: object, tokens: Int[Array, "1 T"], patterns: SparseP
     def one(q: jax.Array, k: jax.Array, positions: jax.Array, spec: AttentionSpec) -> tuple[np.ndarray, ...]:
         i = next(layer)
         qx, kx, p = _padded(q, k, positions, patterns.block)
-        layout = sparse_layout(qx, kx, p, p, jnp.asarray(kind[i]), jnp.asarray(budget[i]), jnp.asarray(budget2[i]),
-                               spec=spec, block=patterns.block, last_queries=patterns.last_queries,
-                               max_budget=(float(budget.max()), float(budget2.max())))
-        mass = block_attention_mass(qx, kx, p, p, spec=spec, block=patterns.block)
-        return np.asarray(layout_recall(mass, layout, p))[0], np.asarray(causal_density(layout, p, p))[0]
+        index = sparse_layout(qx, kx, p, p, jnp.asarray(kind[i]), jnp.asarray(budget[i]), jnp.asarray(budget2[i]),
+                              spec=spec, block=patterns.block, last_queries=patterns.last_queries,
+                              max_budget=patterns.max_budgets())
+        mass = query_block_mass(qx, kx, p, p, spec=spec, block=patterns.block)
+        return np.asarray(index_recall(mass, index, p))[0], np.asarray(causal_density(index, p, p))[0]
 
     found = visit_layers(model, tokens, one)
     return np.stack([r for r, _ in found]), np.stack([d for _, d in found])

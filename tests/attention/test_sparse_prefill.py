@@ -1,6 +1,7 @@
 """MInference-style sparse prefill: every pattern at full budget equals dense (attention, a
 model's forward, chunked prefill through a cache); each pattern lists the blocks its rule names
-on hand-built inputs; sparse layouts equal the oracle with the same blocks; no NaN on padding;
+on hand-built inputs; sparse indexes (blocks and vertical columns) equal the oracle over the same
+keys; no NaN on padding;
 the search's allocation keeps its density budget; bad patterns and pattern files refused."""
 
 from __future__ import annotations
@@ -54,20 +55,22 @@ def test_every_pattern_at_full_budget_equals_dense_attention(pattern: HeadPatter
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=2e-5, atol=2e-5)
 
 
-def test_sparse_layouts_equal_the_oracle_with_their_blocks_and_no_nan() -> None:
+def test_sparse_indexes_equal_the_oracle_over_their_keys_and_no_nan() -> None:
     q, k, v, pos = _qkv(1)
     heads = (HeadPattern("a_shape", 0.05), HeadPattern("vertical_slash", 0.03, 0.03),
              HeadPattern("block_sparse", 0.1), HeadPattern("dense"))
     patterns = SparsePrefill(heads=(heads,), block=16, min_tokens=1)
-    layouts = []
+    indexes = []
     for spec in (AttentionSpec(), AttentionSpec(window=24, softcap=5.0)):
-        got, layout = sparse_prefill_attention(q, k, v, pos, pos, patterns, 0, spec=spec, return_layout=True)
+        got, index = sparse_prefill_attention(q, k, v, pos, pos, patterns, 0, spec=spec, return_index=True)
         want = sparse_prefill_attention(q, k, v, pos, pos, patterns, 0, spec=spec, implementation="reference")
         assert np.all(np.isfinite(got))
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
-        layouts.append(layout)
-    per_head = np.asarray(layouts[0].block_mask(6)).sum(axis=(0, 2, 3))
-    assert np.all(per_head[:3] < per_head[3])  # each sparse head lists fewer blocks than the dense one
+        indexes.append(index)
+    per_head = np.asarray(indexes[0].covered(96)).sum(axis=(0, 2, 3))
+    assert np.all(per_head[:3] < per_head[3])  # each sparse head reads fewer keys than the dense one
+    columns = np.asarray(indexes[0].columns)
+    assert np.all(columns[:, 1] >= 0) and np.all(columns[:, [0, 2, 3]] == -1)  # only the vertical-slash head
 
 
 def test_each_pattern_lists_the_blocks_its_rule_names() -> None:
@@ -82,14 +85,12 @@ def test_each_pattern_lists_the_blocks_its_rule_names() -> None:
     q[0, :, 0] = basis[0]
     kind = lambda name: jnp.asarray([["a_shape", "vertical_slash", "block_sparse"].index(name)])  # noqa: E731
     one = lambda x: jnp.asarray([x], jnp.float32)  # noqa: E731
-    layout = sparse_layout(jnp.asarray(q), jnp.asarray(k), pos, pos, kind("vertical_slash"), one(1 / t), one(0.0),
-                           block=block, max_budget=(1 / t, 0.0))
-    listed = np.asarray(layout.block_mask(t // block))[0, 0]
+    index = sparse_layout(jnp.asarray(q), jnp.asarray(k), pos, pos, kind("vertical_slash"), one(1 / t), one(0.0),
+                          block=block, max_budget=(1 / t, 0.0, 0.0))
     base = np.tril(np.ones((8, 8), bool)) & (np.eye(8, dtype=bool) | np.eye(8, k=-1, dtype=bool))
     base[:, 0] = True
-    want = base.copy()
-    want[2:, 2] = True  # key 37 lies in block 2, seen from query block 2 on
-    np.testing.assert_array_equal(listed, want)
+    np.testing.assert_array_equal(np.asarray(index.layout.block_mask(t // block))[0, 0], base)
+    np.testing.assert_array_equal(np.asarray(index.columns)[0, 0], [37])  # the vertical line, token-wise
 
     # A slash: every query attends 70 tokens back. Rotations at H / 2 frequencies (as RoPE):
     # q_i . k_j = 5 * sum_f cos(theta_f (i - j - 70)), largest at distance 70 only.
@@ -97,9 +98,9 @@ def test_each_pattern_lists_the_blocks_its_rule_names() -> None:
     angle_q, angle_k = np.arange(t)[:, None] * theta, (np.arange(t)[:, None] + 70) * theta
     q2 = 5 * np.concatenate([np.cos(angle_q), np.sin(angle_q)], -1)[None, :, None].astype(np.float32)
     k2 = np.concatenate([np.cos(angle_k), np.sin(angle_k)], -1)[None, :, None].astype(np.float32)
-    layout = sparse_layout(jnp.asarray(q2), jnp.asarray(k2), pos, pos, kind("vertical_slash"), one(0.0),
-                           one(1 / t), block=block, max_budget=(0.0, 1 / t))
-    listed = np.asarray(layout.block_mask(t // block))[0, 0]
+    index = sparse_layout(jnp.asarray(q2), jnp.asarray(k2), pos, pos, kind("vertical_slash"), one(0.0),
+                          one(1 / t), block=block, max_budget=(0.0, 1 / t, 0.0))
+    listed = np.asarray(index.layout.block_mask(t // block))[0, 0]
     want = base.copy()
     for i in range(8):  # the keys 70 back from query block i: positions 16i - 70 .. 16i + 15 - 70
         for j in range(8):
@@ -108,17 +109,17 @@ def test_each_pattern_lists_the_blocks_its_rule_names() -> None:
     np.testing.assert_array_equal(listed, want)
 
     # A-shape with a 40-token window: blocks holding a key within 40 before the block's first query.
-    layout = sparse_layout(jnp.asarray(q), jnp.asarray(k), pos, pos, kind("a_shape"), one(40 / t), one(0.0),
-                           block=block)
-    listed = np.asarray(layout.block_mask(t // block))[0, 0]
+    index = sparse_layout(jnp.asarray(q), jnp.asarray(k), pos, pos, kind("a_shape"), one(40 / t), one(0.0),
+                          block=block)
+    listed = np.asarray(index.layout.block_mask(t // block))[0, 0]
     near = 16 * np.arange(8)[None, :] + 15 >= 16 * np.arange(8)[:, None] - 40
     want = base | (np.tril(np.ones((8, 8), bool)) & near)
     np.testing.assert_array_equal(listed, want)
 
     # Block-sparse, one block per query block: the pooled score favours block 2 (key 37).
-    layout = sparse_layout(jnp.asarray(q), jnp.asarray(k), pos, pos, kind("block_sparse"), one(1 / 8), one(0.0),
-                           block=block, max_budget=(1 / 8, 0.0))
-    listed = np.asarray(layout.block_mask(t // block))[0, 0]
+    index = sparse_layout(jnp.asarray(q), jnp.asarray(k), pos, pos, kind("block_sparse"), one(1 / 8), one(0.0),
+                          block=block, max_budget=(0.0, 0.0, 1 / 8))
+    listed = np.asarray(index.layout.block_mask(t // block))[0, 0]
     want = base.copy()
     want[2:, 2] = True
     np.testing.assert_array_equal(listed, want)
