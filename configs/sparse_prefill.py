@@ -38,6 +38,7 @@ def get_config(size: str = "default") -> ml_collections.ConfigDict:
     c.timing_repeats = 1 if tiny else 3
     c.timing_layer = 15  # whose real queries and keys time one layer's attention
     c.block = 32 if tiny else 64
+    c.last_queries = 32 if tiny else 64  # estimate the lines; their query blocks attend densely
     c.min_tokens = 128 if tiny else 1024  # shorter calls prefill densely
     c.patterns_dir = "" if tiny else "checkpoints/minference-smollm2"  # empty: not written
     return c

@@ -73,6 +73,7 @@ class Settings:
     timing_repeats: int
     timing_layer: int
     block: int
+    last_queries: int
     min_tokens: int
     patterns_dir: str
     seed: int
@@ -82,7 +83,7 @@ class Settings:
             if not 0.0 < d <= 1.0:
                 raise ValueError(f"config.densities: densities must be in (0, 1], got {self.densities!r}")
         for name in ("calibration_tokens", "calibration_files", "max_new_tokens", "timing_repeats", "block",
-                     "min_tokens"):
+                     "last_queries", "min_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"config.{name}: expected a positive int, got {getattr(self, name)!r}")
         if any(n < self.min_tokens for n in self.contexts):
@@ -97,7 +98,8 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
                     contexts=tuple(config.contexts),
                     tasks=tuple(config.tasks), depths=tuple(config.depths), max_new_tokens=config.max_new_tokens,
                     files=config.files, timing_repeats=config.timing_repeats, timing_layer=config.timing_layer,
-                    block=config.block, min_tokens=config.min_tokens, patterns_dir=config.patterns_dir,
+                    block=config.block, last_queries=config.last_queries, min_tokens=config.min_tokens,
+                    patterns_dir=config.patterns_dir,
                     seed=config.seed)
 
 
@@ -115,7 +117,7 @@ def calibrate(model: Any, tokenizer: Any, s: Settings, log: Callable) -> tuple[d
     path = ", ".join(p for p, _ in files)
     start = time.perf_counter()
     found = search_patterns(model, jnp.asarray(np.stack([ids for _, ids in files])), s.densities, block=s.block,
-                            min_tokens=s.min_tokens)
+                            last_queries=s.last_queries, min_tokens=s.min_tokens)
     patterns, record = {}, dict(files=path, tokens=s.calibration_tokens, seconds=time.perf_counter() - start,
                                 densities={})
     for d, (p, head) in zip(s.densities, found, strict=True):

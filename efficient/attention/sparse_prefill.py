@@ -21,7 +21,9 @@ the Pallas TPU kernel skips their DMA):
 
 Every sparse pattern also lists the first key block and the blocks within one block before
 each query block (MInference forces its first columns and last diagonals the same way), so
-no query is left without keys. Block geometry comes from positions, not slot indices (a row's
+no query is left without keys; and the query blocks holding the last `last_queries` queries
+attend densely (their scores against every key are computed for the estimate anyway, and
+generation continues from the last one). Block geometry comes from positions, not slot indices (a row's
 padding, a chunk over a cache), and attention inside the listed blocks applies the usual
 masks (efficient.attention.spec), so at full budget every pattern equals dense attention.
 Budgets are fractions of the keys S, so one pattern set serves every prompt length.
@@ -284,6 +286,10 @@ def sparse_layout(
 
     per_kind = jnp.stack([a_shape, vertical_slash, block_sparse, jnp.ones_like(a_shape)])  # 4 B N Tb Sb
     chosen = jnp.take_along_axis(per_kind, kind[None, None, :, None, None].astype(jnp.int32), axis=0)[0]
+    # The query blocks of the last queries attend densely: their scores were computed for the
+    # estimate anyway, and the prompt's last token is the one generation continues from.
+    last = jnp.max(q_positions, axis=1)[:, None, None, None] - last_queries  # B 1 1 1
+    chosen |= qh > last
     return PrefillIndex(BlockSparseLayout.from_block_mask(chosen & causal, block, block), columns)
 
 
