@@ -383,13 +383,10 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
                                 exact_match=float(np.mean(cells)) if cells else None,
                                 bits_per_byte=bpb.get("bits_per_byte"), attention_recall=bpb.get("attention_recall"),
                                 attention_ms=attn.get("ms"), attention_speedup=attn.get("speedup")))
-    fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
-    cells = dict(exact_match=".2f", bits_per_byte=".4f", attention_recall=".4f", attention_ms=".3f",
-                 attention_speedup=".2f")
-    table = format_table([{**r, **{key: fmt(r[key], spec) for key, spec in cells.items()}} for r in summary],
-                         [("context", "context", "d"), ("method", "method", "s"), ("exact_match", "exact", "s"),
-                          ("bits_per_byte", "bits/byte", "s"), ("attention_recall", "recall", "s"),
-                          ("attention_ms", "attn ms", "s"), ("attention_speedup", "attn speedup", "s")])
+    table = format_table(summary, [("context", "context", "d"), ("method", "method", "s"),
+                                   ("exact_match", "exact", ".2f"), ("bits_per_byte", "bits/byte", ".4f"),
+                                   ("attention_recall", "recall", ".4f"), ("attention_ms", "attn ms", ".3f"),
+                                   ("attention_speedup", "attn speedup", ".2f")])
     if step_rows:
         table += "\n\nwhole decode step (ms, speedup over dense):\n" + "\n".join(
             f"  {r['context']} {r['method']}: {r['ms']:.1f} ms, {r['speedup']:.2f}x" for r in step_rows)

@@ -257,16 +257,12 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
         summary.append({**r, "exact_match": float(np.mean(cells)) if cells else None,
                         **{key: t.get(key) for key in ("prefill_s", "prefill_speedup", "attention_ms",
                                                        "attention_speedup")}})
-    fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
-    cells = dict(density=".3f", attention_recall=".4f", min_layer_recall=".3f", bits_per_byte=".4f",
-                 exact_match=".2f", prefill_s=".2f", prefill_speedup=".2f", attention_ms=".1f",
-                 attention_speedup=".2f")
-    table = format_table([{**r, **{key: fmt(r[key], spec) for key, spec in cells.items()}} for r in summary],
-                         [("context", "context", "d"), ("method", "method", "s"), ("density", "density", "s"),
-                          ("attention_recall", "recall", "s"), ("min_layer_recall", "worst layer", "s"),
-                          ("bits_per_byte", "bits/byte", "s"), ("exact_match", "exact", "s"),
-                          ("prefill_s", "prefill s", "s"), ("prefill_speedup", "prefill x", "s"),
-                          ("attention_ms", "attn ms", "s"), ("attention_speedup", "attn x", "s")])
+    table = format_table(summary, [
+        ("context", "context", "d"), ("method", "method", "s"), ("density", "density", ".3f"),
+        ("attention_recall", "recall", ".4f"), ("min_layer_recall", "worst layer", ".3f"),
+        ("bits_per_byte", "bits/byte", ".4f"), ("exact_match", "exact", ".2f"), ("prefill_s", "prefill s", ".2f"),
+        ("prefill_speedup", "prefill x", ".2f"), ("attention_ms", "attn ms", ".1f"),
+        ("attention_speedup", "attn x", ".2f")])
     metrics = dict(summary=summary, retrieval=records, search=search, seconds=time.perf_counter() - start,
                    machine=machine_info(), block=s.block, min_tokens=s.min_tokens)
     return ExperimentResult(metrics=metrics, table=table, figures={"density_accuracy": plot(summary, s)})
