@@ -23,10 +23,15 @@ Every sparse pattern also lists the first key block and the blocks within one bl
 each query block (MInference forces its first columns and last diagonals the same way), so
 no query is left without keys; and the query blocks holding the last `last_queries` queries
 attend densely (their scores against every key are computed for the estimate anyway, and
-generation continues from the last one). Block geometry comes from positions, not slot indices (a row's
-padding, a chunk over a cache), and attention inside the listed blocks applies the usual
-masks (efficient.attention.spec), so at full budget every pattern equals dense attention.
-Budgets are fractions of the keys S, so one pattern set serves every prompt length.
+generation continues from the last one). Block geometry comes from positions, not slot
+indices (a row's padding, a chunk over a cache), and attention inside the listed blocks
+applies the usual masks (efficient.attention.spec), so at full budget every pattern equals
+dense attention. Budgets are fractions of the keys S, so one pattern set serves every
+prompt length.
+
+What it loses: the attention mass on keys outside the index, in every layer of the prefill
+(`sparse_prefill_search.index_recall` measures it against dense attention), and with it the
+prompt's hidden states and cache entries drift from dense ones.
 
 A model carries its pattern set as the static attribute `sparse_prefill`
 (`set_sparse_prefill`); `forward` then runs every call of at least `min_tokens` queries over
