@@ -151,8 +151,8 @@ def quality(model: Any, tokenizer: Any, s: Settings, patterns: dict[str, SparseP
     stop = set(model.config.eos_token_ids)
     for n in s.contexts:
         files = long_files(documents, tokenizer, n + 1, s.files)
-        kept = {name: measure_patterns(model, jnp.asarray(files[0][1][:n])[None], p)
-                for name, p in patterns.items()} if files else {}
+        kept = dict(zip(patterns, measure_patterns(model, jnp.asarray(files[0][1][:n])[None],
+                                                   list(patterns.values())), strict=True)) if files else {}
         nll = {name: 0.0 for name in steps}
         num_bytes = 0
         for _, ids in files:
@@ -202,7 +202,8 @@ def times(model: Any, tokenizer: Any, s: Settings, patterns: dict[str, SparsePre
         prefill = _interleaved({name: (lambda step=step: step(tokens, logits_indices=last)[0])
                                 for name, step in steps.items()}, s.timing_repeats)
         layer = min(s.timing_layer, config.num_layers - 1)
-        q, k, positions, spec = visit_layers(model, tokens, lambda *x: x)[layer]
+        seen = iter(range(config.num_layers))  # keep the timed layer's q and k only, not every layer's
+        q, k, positions, spec = visit_layers(model, tokens, lambda *x: x if next(seen) == layer else None)[layer]
         v = jax.random.normal(jax.random.PRNGKey(s.seed), k.shape, k.dtype)
         fns = {"dense": jax.jit(lambda q, k, v: attention(q, DenseView(k, v, positions), spec=spec,
                                                         q_positions=positions, implementation="xla"))}

@@ -53,7 +53,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 from efficient.attention.block_sparse import BlockSparseLayout, block_sparse_attention
 from efficient.attention.spec import AttentionSpec
-from efficient.attention.views import DenseView
+from efficient.attention.views import DenseView, slot_positions
+from kernels_pallas.flash_attention.reference import visible
 
 PATTERNS = ("a_shape", "vertical_slash", "block_sparse", "dense")
 A_SHAPE, VERTICAL_SLASH, BLOCK_SPARSE, DENSE = range(4)
@@ -170,14 +171,11 @@ def _top_indices(score: Float[Array, "B N X"], count: Int[Array, " N"], max_coun
 
 
 def _top_set(score: Float[Array, "B N X"], count: Int[Array, " N"], max_count: int) -> Bool[Array, "B N X"]:
-    """The `count[n]` entries with the highest score per (row, head), never -inf ones."""
-    if max_count == 0:
-        return jnp.zeros(score.shape, jnp.bool_)
-    values, index = jax.lax.top_k(score, max_count)  # B N c
-    keep = (jnp.arange(max_count)[None, None, :] < count[None, :, None]) & (values > -jnp.inf)
-    b, n, _ = score.shape
-    out = jnp.zeros(score.shape, jnp.bool_)
-    return out.at[jnp.arange(b)[:, None, None], jnp.arange(n)[None, :, None], index].set(keep)  # distinct
+    """`_top_indices` as a mask over X."""
+    b, n, x = score.shape
+    index = _top_indices(score, count, max_count)
+    return jnp.zeros((b, n, x + 1), jnp.bool_).at[
+        jnp.arange(b)[:, None, None], jnp.arange(n)[None, :, None], jnp.where(index >= 0, index, x)].set(True)[..., :x]
 
 
 def _block_ranges(positions: Int[Array, "B T"], block: int) -> tuple[Int[Array, "B Tb"], Int[Array, "B Tb"]]:
@@ -205,12 +203,10 @@ def _estimate_lines(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], q_po
     logits = logits * spec.logit_scale(h)
     if spec.softcap is not None:
         logits = spec.softcap * jnp.tanh(logits / spec.softcap)
-    qpe, kpe = qp[:, None, :, None], kv_positions[:, None, None, :]
-    visible = (qpe >= 0) & (kpe >= 0) & (kpe <= qpe)
-    if spec.window is not None:
-        visible &= qpe - kpe < spec.window
-    probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
-    probs = jnp.where(visible, probs, 0.0)  # a fully hidden query: zeros, not NaN
+    seen = visible(qp[:, None, :, None], kv_positions[:, None, None, :], None, None, causal=spec.causal,
+                   window=spec.window)
+    probs = jax.nn.softmax(jnp.where(seen, logits, -jnp.inf), axis=-1)
+    probs = jnp.where(seen, probs, 0.0)  # a fully hidden query: zeros, not NaN
     vertical = jnp.sum(probs, axis=2)
     # Keys at their own slot (a prefill, a dense cache) and the last queries at consecutive
     # positions: the slash sums are a shear of probs, no scatter (a 9-head scatter over 8k
@@ -323,18 +319,10 @@ def _pooled_top_blocks(q: jax.Array, k: jax.Array, q_positions: jax.Array, kv_po
 def dense_keys(view: DenseView) -> tuple[jax.Array, jax.Array, jax.Array] | None:
     """(k, v [B, S, K, H], kv_positions [B, S]) of a dense view, or None where sparse prefill
     does not apply (per-head positions of an evicting cache)."""
-    k, v = view.k, view.v
-    if view.layout == "BKSH":
-        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-    b, s = k.shape[0], k.shape[1]
-    if view.positions is not None:
-        if view.positions.ndim != 2:
-            return None
-        positions = view.positions.astype(jnp.int32)
-    else:
-        slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        positions = slots if view.lengths is None else jnp.where(slots < view.lengths[:, None], slots, -1)
-    return k, v, positions
+    positions = slot_positions(view)
+    if positions.ndim != 2:
+        return None
+    return (*view.kv("BSKH"), positions)
 
 
 def _pad_to(x: jax.Array, multiple: int, value: float | int) -> jax.Array:
@@ -364,20 +352,16 @@ def _column_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v:
     listed = jnp.take_along_axis(index.layout.block_mask(s // block), jnp.broadcast_to(
         (slot // block)[:, :, None, :], (b, n, t // block, slot.shape[-1])), axis=-1)  # B N Tb V
     fresh = ~jnp.repeat(listed, block, axis=2)  # B N T V
-    qp, kpe = q_positions[:, None, :, None], kp[:, :, None, :]
-    visible = fresh & (qp >= 0) & (kpe >= 0)
-    if spec.causal:
-        visible &= kpe <= qp
-    if spec.window is not None:
-        visible &= qp - kpe < spec.window
+    seen = fresh & visible(q_positions[:, None, :, None], kp[:, :, None, :], None, None, causal=spec.causal,
+                           window=spec.window)
     logits = jnp.einsum("btnh,bnvh->bntv", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
     logits = logits * spec.logit_scale(h)
     if spec.softcap is not None:
         logits = spec.softcap * jnp.tanh(logits / spec.softcap)
-    logits = jnp.where(visible, logits, -jnp.inf)
+    logits = jnp.where(seen, logits, -jnp.inf)
     top = jnp.max(logits, axis=-1)
     safe = jnp.where(jnp.isfinite(top), top, 0.0)
-    p = jnp.where(visible, jnp.exp(logits - safe[..., None]), 0.0)
+    p = jnp.where(seen, jnp.exp(logits - safe[..., None]), 0.0)
     total = jnp.sum(p, axis=-1)
     out = jnp.einsum("bntv,bnvh->btnh", p.astype(q.dtype), values.astype(q.dtype), preferred_element_type=jnp.float32)
     out = out / jnp.swapaxes(jnp.where(total > 0, total, 1.0), 1, 2)[..., None]
@@ -397,19 +381,13 @@ def _merge(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]) -> ja
 def _reference(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
                index: PrefillIndex, spec: AttentionSpec) -> jax.Array:
     """The float32 oracle, head by head, its mask the keys the index covers."""
-    from kernels_pallas.flash_attention.reference import masked_attention, visible
+    from kernels_pallas.block_sparse_attention.reference import masked_attention_per_head
 
-    n, kh, block = q.shape[2], k.shape[2], index.layout.block_q
-    vis = visible(q_positions[:, :, None], kv_positions[:, None, :], None, None, causal=spec.causal,
-                  window=spec.window)
-    covered = jnp.repeat(index.covered(k.shape[1]), block, axis=2)  # B N T S
-    outs = []
-    for head in range(n):
-        kv = head // (n // kh)
-        out, _ = masked_attention(q[:, :, head:head + 1], k[:, :, kv:kv + 1], v[:, :, kv:kv + 1],
-                                  vis & covered[:, head], softcap=spec.softcap, scale=spec.scale)
-        outs.append(out)
-    return jnp.concatenate(outs, axis=2)
+    vis = visible(q_positions[:, None, :, None], kv_positions[:, None, None, :], None, None, causal=spec.causal,
+                  window=spec.window)  # B 1 T S
+    covered = jnp.repeat(index.covered(k.shape[1]), index.layout.block_q, axis=2)  # B N T S
+    out, _ = masked_attention_per_head(q, k, v, vis & covered, softcap=spec.softcap, scale=spec.scale)
+    return out
 
 
 def sparse_prefill_attention(

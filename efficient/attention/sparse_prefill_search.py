@@ -22,6 +22,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from efficient.attention.spec import AttentionSpec
+from kernels_pallas.flash_attention.reference import visible
 from efficient.attention.sparse_prefill import PATTERNS, HeadPattern, PrefillIndex, SparsePrefill, sparse_layout
 
 # Candidate budgets, fractions of the keys S (a head's measured density decides what it costs).
@@ -46,13 +47,8 @@ def query_block_mass(
         logits = jnp.einsum("bqnh,bsnh->bnqs", qb.astype(jnp.float32), kx) * spec.logit_scale(h)
         if spec.softcap is not None:
             logits = spec.softcap * jnp.tanh(logits / spec.softcap)
-        qp = pb[:, None, :, None]
-        visible = (qp >= 0) & (kp >= 0)
-        if spec.causal:
-            visible &= kp <= qp
-        if spec.window is not None:
-            visible &= qp - kp < spec.window
-        probs = jnp.where(visible, jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1), 0.0)
+        seen = visible(pb[:, None, :, None], kp, None, None, causal=spec.causal, window=spec.window)
+        probs = jnp.where(seen, jax.nn.softmax(jnp.where(seen, logits, -jnp.inf), axis=-1), 0.0)
         return jnp.sum(probs, axis=2)  # B N S
 
     xs = (jnp.moveaxis(q.reshape(b, t // block, block, n, h), 1, 0),
@@ -212,23 +208,30 @@ def search_patterns(model: object, tokens: Int[Array, "B T"], density: float | S
     return results[0] if isinstance(density, float | int) else results
 
 
-def measure_patterns(model: object, tokens: Int[Array, "1 T"], patterns: SparsePrefill
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """(recall, causal-block density), each [L, N], of `patterns` on the prompt `tokens` [1, T]."""
-    kind, budget, budget2 = patterns.table()
-    layer = iter(range(patterns.num_layers))
+def measure_patterns(model: object, tokens: Int[Array, "1 T"], patterns: SparsePrefill | Sequence[SparsePrefill]
+                     ) -> tuple[np.ndarray, np.ndarray] | list[tuple[np.ndarray, np.ndarray]]:
+    """(recall, causal-block density), each [L, N], of `patterns` on the prompt `tokens` [1, T];
+    a sequence of pattern sets shares the one forward and each layer's dense attention mass."""
+    sets = [patterns] if isinstance(patterns, SparsePrefill) else list(patterns)
+    layer = iter(range(model.config.num_layers))
 
-    def one(q: jax.Array, k: jax.Array, positions: jax.Array, spec: AttentionSpec) -> tuple[np.ndarray, ...]:
-        i = next(layer)
-        qx, kx, p = _padded(q, k, positions, patterns.block)
-        index = sparse_layout(qx, kx, p, p, jnp.asarray(kind[i]), jnp.asarray(budget[i]), jnp.asarray(budget2[i]),
-                              spec=spec, block=patterns.block, last_queries=patterns.last_queries,
-                              max_budget=patterns.max_budgets())
-        mass = query_block_mass(qx, kx, p, p, spec=spec, block=patterns.block)
-        return np.asarray(index_recall(mass, index, p))[0], np.asarray(causal_density(index, p, p))[0]
+    def one(q: jax.Array, k: jax.Array, positions: jax.Array, spec: AttentionSpec) -> list[tuple[np.ndarray, ...]]:
+        i, masses, out = next(layer), {}, []
+        for p_set in sets:
+            kind, budget, budget2 = p_set.table()
+            qx, kx, p = _padded(q, k, positions, p_set.block)
+            if p_set.block not in masses:
+                masses[p_set.block] = query_block_mass(qx, kx, p, p, spec=spec, block=p_set.block)
+            index = sparse_layout(qx, kx, p, p, jnp.asarray(kind[i]), jnp.asarray(budget[i]),
+                                  jnp.asarray(budget2[i]), spec=spec, block=p_set.block,
+                                  last_queries=p_set.last_queries, max_budget=p_set.max_budgets())
+            out.append((np.asarray(index_recall(masses[p_set.block], index, p))[0],
+                        np.asarray(causal_density(index, p, p))[0]))
+        return out
 
     found = visit_layers(model, tokens, one)
-    return np.stack([r for r, _ in found]), np.stack([d for _, d in found])
+    results = [(np.stack([f[j][0] for f in found]), np.stack([f[j][1] for f in found])) for j in range(len(sets))]
+    return results[0] if isinstance(patterns, SparsePrefill) else results
 
 
 def save_patterns(path: str | Path, patterns: SparsePrefill, config: object, meta: dict[str, Any] | None = None
